@@ -1,0 +1,122 @@
+"""Cases: one fully specified benchmark measurement, and their expansion from a suite.
+
+A suite (see :mod:`harness.suite`) sweeps axes as a cartesian product; every point
+of that product, for every variant entry and every combination of the variant's
+own parameter lists, is one :class:`Case`. A case's identity (``case_id``) is a
+stable hash of everything that defines what is measured, so two runs can be
+paired case by case and an interrupted run can be resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The axes a suite may sweep, with their default single values.
+AXES: dict[str, Any] = {
+    "device": "cpu",
+    "mode": "fwd",
+    "batch": 1,
+    "heads": 8,
+    "kv_heads": None,  # None: equal to heads
+    "seq_len": 1024,
+    "head_dim": 64,
+    "dtype": "float32",
+    "causal": False,
+    "inputs": "gaussian",
+}
+
+DEVICES = ("cpu", "cuda")
+MODES = ("fwd", "bwd", "fwd_bwd")
+DTYPES = ("float32", "bfloat16", "float16")
+INPUT_KINDS = ("gaussian", "structured")
+
+#: Bytes per element of each dtype name.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a variant with its parameters on one shape, dtype, device and mode."""
+
+    variant: str
+    params: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+    device: str = "cpu"
+    mode: str = "fwd"
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 8
+    seq_len: int = 1024
+    head_dim: int = 64
+    dtype: str = "float32"
+    causal: bool = False
+    inputs: str = "gaussian"
+
+    @property
+    def params_json(self) -> str:
+        return json.dumps(self.params, sort_keys=True)
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """Everything that defines what this case measures (its identity)."""
+        d = dataclasses.asdict(self)
+        d["params"] = self.params_json
+        return d
+
+    @property
+    def case_id(self) -> str:
+        blob = json.dumps(self.key, sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:16]
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1: multi-head, heads: multi-query)."""
+        return self.heads // self.kv_heads
+
+    @property
+    def element_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    def label(self) -> str:
+        p = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        head = f"{self.variant}({p})" if p else self.variant
+        kv = f"/{self.kv_heads}" if self.kv_heads != self.heads else ""
+        return (
+            f"{head} {self.device} {self.dtype} {self.mode} "
+            f"B{self.batch} H{self.heads}{kv} L{self.seq_len} D{self.head_dim}"
+            f"{' causal' if self.causal else ''}"
+        )
+
+
+def _product(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+
+
+def expand_cases(suite) -> list[Case]:
+    """Every case of a validated suite, in a stable order (variant entry, then params, then axes)."""
+    from harness.registry import get_variant
+
+    cases: list[Case] = []
+    seen: set[str] = set()
+    for entry in suite.variants:
+        variant = get_variant(entry.name)
+        axes = {name: [AXES[name]] for name in AXES}
+        axes.update({k: [v] for k, v in suite.defaults.items()})
+        axes.update(suite.sweep)
+        axes.update(entry.axes)
+        param_lists = {name: [spec.default] for name, spec in variant.params.items()}
+        param_lists.update(entry.params)
+        for params in _product(param_lists):
+            for point in _product(axes):
+                if point["kv_heads"] is None:
+                    point["kv_heads"] = point["heads"]
+                case = Case(variant=entry.name, params=params, **point)
+                if case.case_id not in seen:
+                    seen.add(case.case_id)
+                    cases.append(case)
+    return cases

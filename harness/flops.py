@@ -1,0 +1,39 @@
+"""FLOP conventions, so that figures compare with published ones.
+
+Exact attention does ``4 * B * H * D`` FLOPs per attended (query, key) pair:
+2·D for the score q·k and 2·D for accumulating p·v. Dense non-causal attention
+attends L² pairs; causal counts L²/2 (the FlashAttention convention, although
+the real lower triangle has L(L+1)/2). Patterned variants (sliding window,
+block-sparse) count the pairs they really attend. The backward pass counts
+2.5× the forward (FlashAttention's convention), so ``fwd_bwd`` counts 3.5×.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.cases import Case
+
+#: FLOPs of a mode, in units of the forward pass.
+MODE_MULTIPLIER = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
+def dense_pairs(seq_len: int, causal: bool) -> float:
+    """Attended pairs of full attention: L², or L²/2 when causal (FlashAttention convention)."""
+    return seq_len * seq_len / 2 if causal else float(seq_len * seq_len)
+
+
+def pair_flops(case: "Case", pairs: float) -> float:
+    """Forward FLOPs of exact attention over ``pairs`` attended (query, key) pairs per head."""
+    return 4.0 * case.batch * case.heads * case.head_dim * pairs
+
+
+def attention_flops(case: "Case") -> float:
+    """Forward FLOPs of exact dense attention (causal counts half)."""
+    return pair_flops(case, dense_pairs(case.seq_len, case.causal))
+
+
+def total_flops(forward_flops: float, mode: str) -> float:
+    """FLOPs of one call in ``mode`` given the forward count."""
+    return forward_flops * MODE_MULTIPLIER[mode]
