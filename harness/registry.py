@@ -247,6 +247,9 @@ def _load_builtins() -> None:
             return
         _LOADED = True
         importlib.import_module("variants")
+        from harness.plugins import load_entry_points
+
+        load_entry_points()
 
 
 def get_variant(name: str) -> Variant:

@@ -1,0 +1,161 @@
+"""The ``bench`` command line: run, list, report.
+
+Exit status: 0 success; 1 the run finished but was interrupted or failed to
+report; 2 bad input (suite file, arguments, results directory), with one line
+per problem and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from harness import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, instead of argparse's usage block
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bench", description="Attention Bench: measure attention implementations on this machine.")
+    p.add_argument("--version", action="version", version=f"attention-bench {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a suite file and write results and a report")
+    run.add_argument("suite", help="suite TOML file")
+    run.add_argument("-o", "--output", metavar="DIR", help="run directory (default results/runs/<run_id>)")
+    run.add_argument("--memory-budget-gib", type=float, metavar="GIB",
+                     help="skip cases whose estimated working set exceeds this (default: 60%% of available memory)")
+    run.add_argument("-v", "--verbose", action="store_true", help="one line per finished case")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    run.add_argument("--no-report", action="store_true", help="skip writing report.html")
+
+    ls = sub.add_parser("list", help="list registered variants and their capabilities")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--plugin", action="append", default=[], metavar="PLUGIN",
+                    help="also load this plugin (python file or module); repeatable")
+
+    rep = sub.add_parser("report", help="re-render a run's report.html from its results")
+    rep.add_argument("run_dir", help="run directory")
+    rep.add_argument("-o", "--output", metavar="FILE", help="where to write the HTML (default RUN_DIR/report.html)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help(sys.stderr)
+        return EXIT_USAGE
+    from harness.registry import RegistryError
+    from harness.store import StoreError
+    from harness.suite import SuiteError
+
+    try:
+        return {"run": cmd_run, "list": cmd_list, "report": cmd_report}[args.command](args)
+    except SuiteError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except (RegistryError, StoreError, FileExistsError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_list(args) -> int:
+    from harness.plugins import load_plugin
+    from harness.registry import list_variants
+
+    for plugin in args.plugin:
+        load_plugin(plugin, Path.cwd())
+    variants = [v.describe() for v in list_variants()]
+    if args.json:
+        print(json.dumps(variants, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(variants)} attention variants", show_lines=False)
+    for col in ("name", "family", "exact", "devices", "dtypes", "causal", "GQA", "backward", "head_dim", "params"):
+        table.add_column(col)
+    for v in variants:
+        causal = "both" if v["causal"] and v["non_causal"] else ("only" if v["causal"] else "no")
+        params = ", ".join(f"{k}={val}" for k, val in v["params"].items())
+        table.add_row(
+            v["name"], v["family"], "yes" if v["exact"] else "approx", ",".join(v["devices"]),
+            ",".join(d.replace("float", "f").replace("bf", "bf") for d in v["dtypes"]), causal,
+            "yes" if v["gqa"] else "no", "yes" if v["backward"] else "no", v["head_dim"], params,
+        )
+    Console(width=200).print(table)
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from reports.render import render_report
+
+    path = render_report(Path(args.run_dir), args.output)
+    print(f"report: {path}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from harness.cases import expand_cases
+    from harness.progress import make_progress
+    from harness.runner import default_memory_budget, finish_run, run_cases, start_run
+    from harness.suite import load_suite
+
+    suite = load_suite(args.suite)
+    cases = expand_cases(suite)
+    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else default_memory_budget()
+    writer = start_run(suite, Path(args.output) if args.output else None, cases)
+    print(f"suite {suite.name}: {len(cases)} cases → {writer.dir}", file=sys.stderr)
+
+    interrupted = {"signal": None}
+
+    def on_signal(signum, frame):
+        if interrupted["signal"] is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        interrupted["signal"] = signal.Signals(signum).name
+        print(f"\n{interrupted['signal']}: finishing the current case, then writing what exists "
+              "(send again to abandon it)", file=sys.stderr)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    t0 = time.monotonic()
+    try:
+        with make_progress(len(cases), verbose=args.verbose, quiet=args.quiet) as progress:
+            run_cases(cases, writer, suite.timing, seed=suite.seed, memory_budget=budget,
+                      progress=progress, stop=lambda: interrupted["signal"] is not None)
+    except KeyboardInterrupt:
+        interrupted["signal"] = interrupted["signal"] or "SIGINT"
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    status = "complete" if interrupted["signal"] is None else f"interrupted ({interrupted['signal']})"
+    rows = finish_run(writer, status, time.monotonic() - t0)
+    _print_summary(rows)
+    if not args.no_report and not rows.empty:
+        from reports.render import render_report
+
+        print(f"report: {render_report(writer.dir)}")
+    print(f"results: {writer.dir / 'results.parquet'}")
+    return EXIT_OK if interrupted["signal"] is None else EXIT_FAILED
+
+
+def _print_summary(rows) -> None:
+    if rows.empty:
+        print("no cases finished", file=sys.stderr)
+        return
+    counts = rows["status"].value_counts()
+    print("cases: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""What the run ran on: machine, library versions, project commit, and a machine fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that matter to attention kernels (AVX2, AVX-512, AMX, BF16...)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def total_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total_memory_bytes()
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """The project's commit and whether its tree was dirty (None when not a git checkout)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = None
+    if commit is not None:
+        status = git("status", "--porcelain", "--untracked-files=no")
+        dirty = bool(status) if status is not None else None
+    return {"commit": commit, "dirty": dirty}
+
+
+def gpu_info() -> dict[str, Any] | None:
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    info = {
+        "name": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "memory_bytes": props.total_memory,
+        "count": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+    except Exception as exc:  # NVML missing or unusable: say so rather than fail
+        info["driver"] = f"unknown ({type(exc).__name__})"
+    return info
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None
+
+
+def fingerprint(machine: dict[str, Any]) -> str:
+    """A short hash of what makes two machines comparable (CPU, cores, memory, GPU)."""
+    gpu = machine.get("gpu") or {}
+    key = "|".join(
+        str(x)
+        for x in (machine["cpu_model"], machine["cpu_count"], machine["memory_bytes"], gpu.get("name"), gpu.get("count"))
+    )
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def capture() -> dict[str, Any]:
+    """Everything run.json records about the environment."""
+    machine = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "memory_bytes": total_memory_bytes(),
+        "gpu": gpu_info(),
+    }
+    machine["fingerprint"] = fingerprint(machine)
+    return {
+        "machine": machine,
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton_version(),
+            "harness": __import__("harness").__version__,
+        },
+        "threads": torch.get_num_threads(),
+        "git": git_commit(),
+    }

@@ -1,0 +1,93 @@
+"""Third-party variants: python files or modules named by a suite, and installed entry points.
+
+A plugin is ordinary Python that calls :func:`harness.register_variant`. It is
+loaded either from a suite's ``plugins = [...]`` list (a ``.py`` path relative to
+the suite file, or an importable module name) or, when installed as a package,
+from the entry-point group ``attention_bench.variants``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from harness.registry import RegistryError, registering_from
+
+ENTRY_POINT_GROUP = "attention_bench.variants"
+_LOADED: dict[str, str] = {}
+
+
+class PluginError(RegistryError):
+    """A plugin could not be loaded (one line naming the plugin)."""
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.endswith(".py") or "/" in spec or "\\" in spec
+
+
+def load_plugin(spec: str, base_dir: Path | str = ".") -> None:
+    """Import plugin ``spec`` once (a file relative to ``base_dir``, or a module name)."""
+    if looks_like_path(spec):
+        path = (Path(base_dir) / spec).resolve()
+        key = str(path)
+        if key in _LOADED:
+            return
+        if not path.is_file():
+            raise PluginError(f"plugin file {spec!r} does not exist (looked in {Path(base_dir)})")
+        module_name = f"attention_bench_plugin_{path.stem}_{abs(hash(key)) % 10**8}"
+        _import(spec, lambda: _import_file(module_name, path))
+    else:
+        key = spec
+        if key in _LOADED:
+            return
+        _import(spec, lambda: importlib.import_module(spec))
+    _LOADED[key] = spec
+
+
+def _import_file(module_name: str, path: Path):
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+def _import(spec: str, do_import) -> None:
+    from harness.registry import _load_builtins
+
+    _load_builtins()  # so a plugin that reuses a built-in name is caught as a duplicate
+    try:
+        with registering_from(f"plugin {spec}"):
+            do_import()
+    except RegistryError as exc:
+        raise PluginError(f"plugin {spec!r}: {exc}") from None
+    except ModuleNotFoundError as exc:
+        raise PluginError(f"plugin {spec!r} failed to import: {exc}") from None
+    except Exception as exc:  # a plugin's own bug: one clear line naming it
+        raise PluginError(f"plugin {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+
+
+def load_entry_points() -> list[str]:
+    """Load every installed ``attention_bench.variants`` entry point; returns their names."""
+    loaded = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        key = f"entry-point:{ep.value}"
+        if key in _LOADED:
+            continue
+        try:
+            with registering_from(f"entry point {ep.name} ({ep.value})"):
+                ep.load()
+        except RegistryError as exc:
+            raise PluginError(f"entry point {ep.name!r}: {exc}") from None
+        except Exception as exc:
+            raise PluginError(f"entry point {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from None
+        _LOADED[key] = ep.name
+        loaded.append(ep.name)
+    return loaded

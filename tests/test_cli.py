@@ -1,0 +1,166 @@
+"""End to end: the CLI in a subprocess on tiny suites; output files, columns, exit codes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import store
+
+REQUIRED_COLUMNS = (
+    "run_id suite variant family params device dtype mode batch heads kv_heads seq_len head_dim causal status "
+    "reason time_ms time_ms_p10 time_ms_p90 reps flops tflops_per_s peak_mem_bytes max_abs_err rel_err"
+).split()
+
+TINY = """
+name = "tiny"
+[defaults]
+heads = 2
+head_dim = 16
+[sweep]
+seq_len = [32, 64]
+causal = [false, true]
+[timing]
+warmup = 1
+min_time_s = 0.0
+min_reps = 2
+max_reps = 3
+[[variant]]
+name = "naive"
+[[variant]]
+name = "sdpa"
+backend = ["flash", "efficient"]
+[[variant]]
+name = "sliding_window"
+window = 8
+[[variant]]
+name = "linear"
+"""
+
+
+def bench(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    suite = tmp / "tiny.toml"
+    suite.write_text(TINY)
+    out = tmp / "out"
+    proc = bench("run", str(suite), "-o", str(out), "--quiet")
+    return proc, out
+
+
+def test_run_writes_results_meta_and_report(tiny_run):
+    proc, out = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"report: {out / 'report.html'}" in proc.stdout
+    rows = pd.read_parquet(out / "results.parquet")
+    assert set(REQUIRED_COLUMNS) <= set(rows.columns)
+    assert len(rows) == 4 * 5  # 5 variant configurations x 2 lengths x 2 causal
+    ok = rows[rows["status"] == "ok"]
+    assert len(ok) == 16
+    assert (ok["time_ms"] > 0).all() and (ok["reps"] >= 2).all() and (ok["flops"] > 0).all()
+    assert (ok["time_ms_p10"] <= ok["time_ms"]).all() and (ok["time_ms"] <= ok["time_ms_p90"]).all()
+    assert (ok["peak_mem_bytes"] > 0).all()
+    exact = ok[ok["exact"]]
+    assert (exact["rel_err"] < 1e-5).all()
+    skipped = rows[rows["status"] == "skipped"]
+    assert len(skipped) == 4 and skipped["reason"].str.contains("runs only on CUDA").all()
+    samples = pd.read_parquet(out / "samples.parquet")
+    assert set(samples["case_id"]) == set(ok["case_id"])
+    assert samples.groupby("case_id").size().min() >= 2
+
+
+def test_run_json_records_environment(tiny_run):
+    _, out = tiny_run
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "complete" and meta["suite"]["name"] == "tiny"
+    env = meta["environment"]
+    assert env["versions"]["torch"] and env["versions"]["python"].startswith("3.")
+    assert env["machine"]["cpu_model"] and env["threads"] >= 1
+    assert "commit" in env["git"]
+    assert meta["started"] <= meta["finished"]
+
+
+def test_report_is_self_contained_html(tiny_run):
+    _, out = tiny_run
+    html = (out / "report.html").read_text()
+    assert html.count("<svg") == 2  # one chart (time, throughput, memory) per configuration: causal or not
+    assert html.count("sequence length L (tokens)") == 6 and "peak memory beyond inputs (MiB)" in html
+    for external in ('src="http', "src='http", 'href="http', "url(http", "@import", "<link"):
+        assert external not in html  # nothing loaded from the network
+    assert "runs only on CUDA" in html  # skipped rows with their reasons
+    assert "Measured scaling exponents" in html
+
+
+def test_report_command_rerenders(tiny_run, tmp_path):
+    _, out = tiny_run
+    target = tmp_path / "again.html"
+    proc = bench("report", str(out), "-o", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_text().count("<svg") == 2
+
+
+def test_report_on_a_non_run_directory_is_a_clear_error(tmp_path):
+    proc = bench("report", str(tmp_path))
+    assert proc.returncode == 2
+    assert "not a run directory" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "run.json").write_text("{broken")
+    proc = bench("report", str(tmp_path))
+    assert proc.returncode == 2 and "damaged" in proc.stderr
+
+
+def test_bad_suite_exits_2_with_one_line_per_problem(tmp_path):
+    suite = tmp_path / "bad.toml"
+    suite.write_text('[sweep]\nseq_len = [0]\n[[variant]]\nname = "naiv"\n')
+    proc = bench("run", str(suite), "-o", str(tmp_path / "never"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        f"{suite}:2: sweep.seq_len: must be a positive integer, got 0",
+        f"{suite}:4: variant[0] (naiv).name: unknown variant 'naiv' (did you mean naive?)",
+    ]
+    assert not (tmp_path / "never").exists()
+
+
+def test_bad_arguments_exit_2_without_traceback():
+    proc = bench("run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_list_and_version():
+    proc = bench("list", "--json")
+    assert proc.returncode == 0
+    names = {v["name"] for v in json.loads(proc.stdout)}
+    assert {"naive", "sdpa", "sliding_window", "linear"} <= names
+    table = bench("list")
+    assert table.returncode == 0 and "sliding_window" in table.stdout
+    version = bench("--version")
+    assert version.returncode == 0 and "attention-bench" in version.stdout
+
+
+def test_error_in_a_variant_becomes_an_error_row(tmp_path):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text(
+        "from harness import register_variant, attention_flops\n"
+        "@register_variant('always_raises', family='test', exact=True, flops=attention_flops)\n"
+        "def always_raises(q, k, v, *, causal):\n"
+        "    raise RuntimeError('kernel exploded\\nsecond line')\n"
+    )
+    suite = tmp_path / "s.toml"
+    suite.write_text(
+        'plugins = ["broken.py"]\n[sweep]\nseq_len = [16]\n[timing]\nmin_time_s = 0.0\nmax_reps = 3\n'
+        '[[variant]]\nname = "always_raises"\n[[variant]]\nname = "naive"\n'
+    )
+    proc = bench("run", str(suite), "-o", str(tmp_path / "out"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    rows = store.read_results(tmp_path / "out").set_index("variant")
+    assert rows.loc["always_raises", "status"] == "error"
+    assert rows.loc["always_raises", "reason"] == "RuntimeError: kernel exploded"
+    assert rows.loc["naive", "status"] == "ok"

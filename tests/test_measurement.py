@@ -1,0 +1,92 @@
+"""Timing rule on a fake clock, memory against known allocations, FLOP conventions."""
+
+import pytest
+import torch
+
+from harness.cases import Case
+from harness.flops import attention_flops, dense_pairs, total_flops
+from harness.memory import peak_from_events, peak_memory_bytes
+from harness.timing import TimingConfig, summarize, time_call
+
+
+class FakeClock:
+    """Each call of the timed function advances time by the next duration in the list."""
+
+    def __init__(self, durations):
+        self.t = 0.0
+        self.durations = list(durations)
+        self.calls = 0
+
+    def __call__(self):
+        return self.t
+
+    def fn(self):
+        self.t += self.durations[min(self.calls, len(self.durations) - 1)]
+        self.calls += 1
+
+
+def test_first_call_is_kept_out_of_the_samples():
+    clock = FakeClock([4.0] + [1 / 64] * 1000)  # a slow first call (compilation), then 1/64 s
+    t = time_call(clock.fn, TimingConfig(warmup=3, min_time_s=0.125, max_reps=100, min_reps=3), clock=clock)
+    assert t.first_call_s == 4.0
+    assert t.warmup_calls == 2
+    assert all(s == 1 / 64 for s in t.samples_s)
+    assert len(t.samples_s) == 8  # stops once the samples add up to min_time_s
+
+
+def test_stops_at_max_reps():
+    clock = FakeClock([0.001] * 1000)
+    t = time_call(clock.fn, TimingConfig(warmup=1, min_time_s=10.0, max_reps=7), clock=clock)
+    assert len(t.samples_s) == 7
+
+
+def test_slow_calls_still_take_min_reps_and_cut_warmup_short():
+    clock = FakeClock([2.0] * 100)
+    t = time_call(clock.fn, TimingConfig(warmup=5, min_time_s=0.5, max_reps=100, min_reps=3), clock=clock)
+    assert t.warmup_calls == 1  # warm-up stops once it has taken min_time_s
+    assert len(t.samples_s) == 3
+
+
+def test_summary_statistics():
+    s = summarize([float(x) for x in range(1, 102)])
+    assert s["median"] == 51 and s["p10"] == 11 and s["p90"] == 91 and s["min"] == 1 and s["max"] == 101
+
+
+def test_peak_from_events_takes_running_maximum():
+    assert peak_from_events([(0, 100), (1, 50), (2, -100), (3, 20), (4, -70)]) == 150
+    assert peak_from_events([]) == 0
+
+
+def test_cpu_peak_memory_sees_a_temporary_that_is_freed():
+    n = 1 << 20
+
+    def fn():
+        tmp = torch.ones(n)  # 4 MiB, freed before return
+        out = tmp.sum()
+        del tmp
+        return out
+
+    peak = peak_memory_bytes(fn, "cpu")
+    assert 4 * n <= peak < 4 * n + 4096
+
+
+def test_naive_peak_memory_is_its_score_and_probability_matrices():
+    from harness import get_variant
+    from harness.inputs import make_qkv
+
+    case = Case("naive", {}, heads=4, kv_heads=4, seq_len=512, head_dim=32)
+    q, k, v = make_qkv(case)
+    with torch.no_grad():
+        peak = peak_memory_bytes(lambda: get_variant("naive")(q, k, v, causal=False), "cpu")
+    scores = case.batch * case.heads * case.seq_len**2 * 4
+    scaled_q = q.numel() * 4  # q·scale, alive until the function returns
+    out = q.numel() * 4
+    # counted from the code: scaled q, scores and probabilities are alive when the output is allocated
+    assert peak == scaled_q + 2 * scores + out
+
+
+def test_flop_conventions():
+    case = Case("naive", {}, batch=2, heads=4, kv_heads=4, seq_len=100, head_dim=16)
+    assert attention_flops(case) == 4 * 2 * 4 * 16 * 100 * 100
+    assert dense_pairs(100, True) == 5000
+    assert total_flops(10.0, "bwd") == 25.0 and total_flops(10.0, "fwd_bwd") == 35.0
