@@ -86,7 +86,7 @@ def sliding_window(q, k, v, *, causal, window=256, block=64):
     offset = slot - left - row  # key - query
     key_pos = start - left + slot
     visible = (offset >= -w) & (offset <= right) & (key_pos >= 0) & (key_pos < L)
-    scores = scores.masked_fill(~visible, masked_value(scores.dtype))
+    scores.masked_fill_(~visible, masked_value(scores.dtype))
 
     probs = torch.softmax(scores, dim=-1)
     out = probs @ vb.unsqueeze(2)  # (B, Hkv, G, nblocks, block, D)
