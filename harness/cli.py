@@ -8,6 +8,7 @@ per problem and no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
 import sys
@@ -23,6 +24,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, instead of argparse's usage block
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+#: Modules that add subcommands: each has ``register(subparsers)`` which adds parsers and sets
+#: ``handler=function(args) -> exit status`` on them with ``set_defaults``.
+COMMAND_MODULES: list[str] = []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render a run's report.html from its results")
     rep.add_argument("run_dir", help="run directory")
     rep.add_argument("-o", "--output", metavar="FILE", help="where to write the HTML (default RUN_DIR/report.html)")
+
+    run.set_defaults(handler=cmd_run)
+    ls.set_defaults(handler=cmd_list)
+    rep.set_defaults(handler=cmd_report)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.suite import SuiteError
 
     try:
-        return {"run": cmd_run, "list": cmd_list, "report": cmd_report}[args.command](args)
+        return args.handler(args)
     except SuiteError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
