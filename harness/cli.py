@@ -39,11 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a suite file and write results and a report")
     run.add_argument("suite", help="suite TOML file")
     run.add_argument("-o", "--output", metavar="DIR", help="run directory (default results/runs/<run_id>)")
-    run.add_argument("--memory-budget-gib", type=float, metavar="GIB",
+    run.add_argument("--memory-budget-gib", type=_positive, metavar="GIB",
                      help="skip cases whose estimated working set exceeds this (default: 60%% of available memory)")
-    run.add_argument("-v", "--verbose", action="store_true", help="one line per finished case")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    run.add_argument("--no-report", action="store_true", help="skip writing report.html")
+    run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (same suite)")
+    run.add_argument("--dry-run", action="store_true", help="check the suite and list its cases; run nothing")
+    _add_execution_options(run)
+
+    res = sub.add_parser("resume", help="continue an interrupted run with the suite it started with")
+    res.add_argument("run_dir", help="run directory")
+    res.add_argument("--memory-budget-gib", type=_positive, metavar="GIB", help="as for bench run")
+    _add_execution_options(res)
 
     ls = sub.add_parser("list", help="list registered variants and their capabilities")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -55,11 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--output", metavar="FILE", help="where to write the HTML (default RUN_DIR/report.html)")
 
     run.set_defaults(handler=cmd_run)
+    res.set_defaults(handler=cmd_resume)
     ls.set_defaults(handler=cmd_list)
     rep.set_defaults(handler=cmd_report)
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return p
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_execution_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--isolation", choices=("process", "none"),
+                   help="run cases in a worker process (default, survives crashes) or in this one")
+    p.add_argument("--case-timeout", type=_positive, metavar="S", help="per-case timeout in seconds (isolation only)")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per finished case")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-report", action="store_true", help="skip writing report.html")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from harness.registry import RegistryError
     from harness.store import StoreError
+    from harness.runner import ResumeError
     from harness.suite import SuiteError
 
     try:
@@ -77,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_USAGE
-    except (RegistryError, StoreError, FileExistsError) as exc:
+    except (RegistryError, StoreError, ResumeError, FileExistsError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -120,20 +146,69 @@ def cmd_report(args) -> int:
 
 def cmd_run(args) -> int:
     from harness.cases import expand_cases
-    from harness.progress import make_progress
-    from harness.runner import default_memory_budget, finish_run, run_cases, start_run
+    from harness.runner import remaining_cases, start_run
+    from harness.store import RunWriter, read_meta
     from harness.suite import load_suite
 
     suite = load_suite(args.suite)
     cases = expand_cases(suite)
-    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else default_memory_budget()
+    if args.dry_run:
+        for case in cases:
+            print(case.label())
+        print(f"suite {suite.name}: {len(cases)} cases (dry run: nothing was run)", file=sys.stderr)
+        return EXIT_OK
+    if args.resume:
+        run_dir = Path(args.resume)
+        todo = remaining_cases(run_dir, cases)
+        writer = RunWriter.reopen(run_dir, read_meta(run_dir))
+        return _execute(suite, todo, writer, args, resumed=True)
     writer = start_run(suite, Path(args.output) if args.output else None, cases)
-    print(f"suite {suite.name}: {len(cases)} cases → {writer.dir}", file=sys.stderr)
+    return _execute(suite, cases, writer, args)
+
+
+def cmd_resume(args) -> int:
+    from harness.cases import expand_cases
+    from harness.runner import remaining_cases
+    from harness.store import RunWriter, read_meta
+    from harness.suite import parse_suite
+
+    run_dir = Path(args.run_dir)
+    meta = read_meta(run_dir)
+    path = meta["suite"].get("path")
+    suite = parse_suite(meta["suite"].get("text", ""), Path(path) if path else None)
+    todo = remaining_cases(run_dir, expand_cases(suite))
+    return _execute(suite, todo, RunWriter.reopen(run_dir, meta), args, resumed=True)
+
+
+def _executor(suite, args, writer):
+    from harness.isolation import InProcess, WorkerPool
+    from harness.runner import default_memory_budget
+
+    gib = args.memory_budget_gib or suite.run.memory_budget_gib
+    budget = int(gib * 2**30) if gib else default_memory_budget()
+    isolation = args.isolation or suite.run.isolation
+    common = dict(seed=suite.seed, memory_budget=budget)
+    if isolation == "none":
+        return InProcess(suite.timing, **common)
+    return WorkerPool(
+        suite.timing, **common, plugins=suite.plugins, base_dir=suite.base_dir, threads=suite.timing.threads,
+        case_timeout_s=args.case_timeout or suite.run.case_timeout_s, log_dir=writer.dir / "logs",
+    )
+
+
+def _execute(suite, cases, writer, args, resumed: bool = False) -> int:
+    """Run ``cases`` into ``writer``'s directory, handling SIGINT/SIGTERM; write tables and report."""
+    from harness.progress import make_progress
+    from harness.runner import finish_run, run_cases
+
+    verb = "resuming" if resumed else "running"
+    total = len(writer.meta.get("case_ids", cases))
+    print(f"suite {suite.name}: {verb} {len(cases)} of {total} cases → {writer.dir}", file=sys.stderr)
 
     interrupted = {"signal": None}
 
     def on_signal(signum, frame):
-        if interrupted["signal"] is not None:  # second signal: stop now
+        if interrupted["signal"] is not None:  # second signal: abandon the case in flight
             raise KeyboardInterrupt
         interrupted["signal"] = signal.Signals(signum).name
         print(f"\n{interrupted['signal']}: finishing the current case, then writing what exists "
@@ -142,9 +217,9 @@ def cmd_run(args) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.monotonic()
     try:
-        with make_progress(len(cases), verbose=args.verbose, quiet=args.quiet) as progress:
-            run_cases(cases, writer, suite.timing, seed=suite.seed, memory_budget=budget,
-                      progress=progress, stop=lambda: interrupted["signal"] is not None)
+        with _executor(suite, args, writer) as executor, \
+                make_progress(len(cases), verbose=args.verbose, quiet=args.quiet) as progress:
+            run_cases(cases, writer, executor, progress=progress, stop=lambda: interrupted["signal"] is not None)
     except KeyboardInterrupt:
         interrupted["signal"] = interrupted["signal"] or "SIGINT"
     finally:
@@ -153,12 +228,27 @@ def cmd_run(args) -> int:
     status = "complete" if interrupted["signal"] is None else f"interrupted ({interrupted['signal']})"
     rows = finish_run(writer, status, time.monotonic() - t0)
     _print_summary(rows)
+    failed = False
     if not args.no_report and not rows.empty:
-        from reports.render import render_report
-
-        print(f"report: {render_report(writer.dir)}")
+        failed = not _write_report(writer.dir)
     print(f"results: {writer.dir / 'results.parquet'}")
-    return EXIT_OK if interrupted["signal"] is None else EXIT_FAILED
+    if interrupted["signal"] is not None:
+        print(f"interrupted: resume with  bench resume {writer.dir}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _write_report(run_dir: Path) -> bool:
+    """Render the report; a failure is one line (the results are already safe on disk)."""
+    from reports.render import render_report
+
+    try:
+        print(f"report: {render_report(run_dir)}")
+        return True
+    except Exception as exc:
+        print(f"bench: could not write the report ({type(exc).__name__}: {exc}); the results are saved, "
+              f"retry with  bench report {run_dir}", file=sys.stderr)
+        return False
 
 
 def _print_summary(rows) -> None:

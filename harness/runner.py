@@ -149,6 +149,16 @@ def _accuracy(variant: Variant, case: Case, q, k, v) -> dict[str, float]:
     return result
 
 
+def _is_oom(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    if oom_type and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
+    )
+
+
 def _error_text(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
@@ -187,7 +197,8 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
         del call
         row.update(_accuracy(variant, case, q, k, v))
     except Exception as exc:
-        row.update(status="error", reason=_error_text(exc))
+        row.update(status="oom" if _is_oom(exc) else "error", reason=_error_text(exc))
+        samples = []
     finally:
         gc.collect()
         if case.device == "cuda" and torch.cuda.is_available():
@@ -198,20 +209,19 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
 def run_cases(
     cases: list[Case],
     writer: RunWriter,
-    timing: TimingConfig,
-    seed: int = 0,
-    memory_budget: int | None = None,
+    executor,
     progress=None,
     stop: Callable[[], bool] = lambda: False,
 ) -> int:
-    """Run cases in order, appending each row to ``writer`` as it finishes; returns how many ran."""
+    """Run cases in order through ``executor`` (harness.isolation), appending each row to
+    ``writer`` as it finishes; returns how many ran."""
     done = 0
     for case in cases:
         if stop():
             break
         if progress is not None:
             progress.start(case)
-        result = run_case(case, timing, seed=seed, memory_budget=memory_budget)
+        result = executor.run(case)
         result.row["run_id"] = writer.meta["run_id"]
         result.row["suite"] = writer.meta["suite"]["name"]
         writer.append(result.row, result.samples_s)
@@ -219,6 +229,30 @@ def run_cases(
         if progress is not None:
             progress.finish(case, result.row)
     return done
+
+
+class ResumeError(Exception):
+    """A run cannot be resumed with this suite (one line)."""
+
+
+def remaining_cases(run_dir: Path, cases: list[Case]) -> list[Case]:
+    """The cases of ``cases`` that have no final row in ``run_dir``; refuses if identities changed."""
+    from harness.store import read_meta, read_rows_log
+
+    meta = read_meta(run_dir)
+    recorded = meta.get("case_ids", [])
+    now = [c.case_id for c in cases]
+    if recorded != now:
+        added = len(set(now) - set(recorded))
+        removed = len(set(recorded) - set(now))
+        raise ResumeError(
+            f"{run_dir}: the suite's cases differ from the run's ({added} new, {removed} gone"
+            f"{', same cases in another order' if not added and not removed else ''}); "
+            "resume needs the suite the run started with"
+        )
+    rows = read_rows_log(run_dir)
+    finished = set(rows["case_id"]) if not rows.empty else set()
+    return [c for c in cases if c.case_id not in finished]
 
 
 def start_run(suite, out_dir: Path | None, cases: list[Case], results_root: Path = Path("results")) -> RunWriter:
@@ -236,6 +270,7 @@ def start_run(suite, out_dir: Path | None, cases: list[Case], results_root: Path
             "description": suite.description,
             "path": str(suite.path) if suite.path else None,
             "definition": suite.raw,
+            "text": suite.text,
         },
         "timing": suite.timing.__dict__,
         "seed": suite.seed,

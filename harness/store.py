@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -57,24 +59,46 @@ class RunWriter:
         self.meta = dict(meta, schema_version=SCHEMA_VERSION)
         self.write_meta()
 
+    @classmethod
+    def reopen(cls, run_dir: Path, meta: dict[str, Any]) -> "RunWriter":
+        """Continue writing an existing run (resume): its rows so far stay as they are."""
+        writer = cls.__new__(cls)
+        writer.dir = Path(run_dir)
+        writer.meta = dict(meta, status="running")
+        writer.meta.setdefault("resumed", []).append(datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        writer.write_meta()
+        return writer
+
     def write_meta(self) -> None:
         tmp = self.dir / (RUN_META + ".tmp")
         tmp.write_text(json.dumps(self.meta, indent=2, default=str))
         os.replace(tmp, self.dir / RUN_META)
 
     def append(self, row: dict[str, Any], samples_s: list[float]) -> None:
-        # samples first: a row in rows.jsonl means the case is complete
+        """Record one finished case: its samples first, then its row (a row means the case is complete).
+
+        Both carry an ``attempt_id``, so samples of an attempt that was cut short before its
+        row was written (a kill between the two) are dropped when the tables are finalised.
+        """
+        row = dict(row, attempt_id=uuid.uuid4().hex[:12])
         for rep, s in enumerate(samples_s):
-            _append_line(self.dir / SAMPLES_LOG, {"case_id": row["case_id"], "rep": rep, "time_ms": s * 1e3})
+            _append_line(
+                self.dir / SAMPLES_LOG,
+                {"case_id": row["case_id"], "attempt_id": row["attempt_id"], "rep": rep, "time_ms": s * 1e3},
+            )
         _append_line(self.dir / ROWS_LOG, row)
 
     def finalize(self, **meta_updates: Any) -> pd.DataFrame:
         self.meta.update(meta_updates)
         self.write_meta()
         rows = read_rows_log(self.dir)
-        rows.to_parquet(self.dir / RESULTS, index=False)
         samples = read_samples_log(self.dir)
-        samples.to_parquet(self.dir / SAMPLES, index=False)
+        if not rows.empty:
+            rows = rows.drop_duplicates("case_id", keep="last").reset_index(drop=True)
+            kept = set(zip(rows["case_id"], rows["attempt_id"]))
+            samples = samples[[k in kept for k in zip(samples["case_id"], samples["attempt_id"])]]
+        rows.to_parquet(self.dir / RESULTS, index=False)
+        samples.reset_index(drop=True).to_parquet(self.dir / SAMPLES, index=False)
         return rows
 
 
@@ -101,7 +125,8 @@ def read_rows_log(run_dir: Path) -> pd.DataFrame:
 def read_samples_log(run_dir: Path) -> pd.DataFrame:
     df = pd.DataFrame(_read_jsonl(Path(run_dir) / SAMPLES_LOG))
     if df.empty:
-        df = pd.DataFrame({"case_id": pd.Series(dtype=str), "rep": pd.Series(dtype=int), "time_ms": pd.Series(dtype=float)})
+        df = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                           (("case_id", str), ("attempt_id", str), ("rep", int), ("time_ms", float))})
     return df
 
 

@@ -20,7 +20,7 @@ from harness.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, MODES
 from harness.registry import RegistryError, get_variant
 from harness.timing import TimingConfig
 
-TOP_KEYS = ("name", "description", "plugins", "seed", "defaults", "sweep", "timing", "variant")
+TOP_KEYS = ("name", "description", "plugins", "seed", "defaults", "sweep", "timing", "run", "variant")
 TIMING_KEYS = {f: type(getattr(TimingConfig(), f)) for f in ("warmup", "min_time_s", "max_reps", "min_reps", "threads")}
 POSITIVE_INT_AXES = ("batch", "heads", "kv_heads", "seq_len", "head_dim")
 CHOICE_AXES = {"device": DEVICES, "mode": MODES, "dtype": DTYPES, "inputs": INPUT_KINDS}
@@ -43,6 +43,18 @@ class VariantEntry:
     axes: dict[str, list[Any]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """The ``[run]`` table: how cases are executed."""
+
+    isolation: str = "process"  # process | none
+    case_timeout_s: float = 900.0
+    memory_budget_gib: float | None = None  # None: 60% of available memory
+
+
+ISOLATION_MODES = ("process", "none")
+
+
 @dataclass
 class Suite:
     path: Path | None
@@ -55,6 +67,8 @@ class Suite:
     timing: TimingConfig = field(default_factory=TimingConfig)
     variants: list[VariantEntry] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+    run: RunConfig = field(default_factory=lambda: RunConfig())
 
     @property
     def base_dir(self) -> Path:
@@ -168,11 +182,12 @@ def parse_suite(text: str, path: Path | None = None) -> Suite:
         check.add(None, "seed", f"expected an integer, got {_type_name(seed)} {seed!r}")
         seed = 0
 
-    suite = Suite(path=path, name=name, description=description, seed=seed, raw=raw)
+    suite = Suite(path=path, name=name, description=description, seed=seed, raw=raw, text=text)
     suite.plugins = _plugins(raw.get("plugins", []), check, suite.base_dir)
     suite.defaults = _defaults(raw.get("defaults", {}), check)
     suite.sweep = _sweep(raw.get("sweep", {}), check, suite.defaults)
     suite.timing = _timing(raw.get("timing", {}), check)
+    suite.run = _run(raw.get("run", {}), check)
 
     plugin_problems = _load_plugins(suite, check)
     if not plugin_problems:
@@ -276,10 +291,33 @@ def _timing(value: Any, check: _Checker) -> TimingConfig:
             check.add("timing", key, f"must be {'>= 0' if key in ('warmup', 'min_time_s') else '>= 1'}, got {v}")
         else:
             settings[key] = v
+    if "max_reps" in settings and "min_reps" not in settings:
+        settings["min_reps"] = min(TimingConfig().min_reps, settings["max_reps"])
     config = TimingConfig(**settings)
     if config.min_reps > config.max_reps:
         check.add("timing", "min_reps", f"min_reps ({config.min_reps}) exceeds max_reps ({config.max_reps})")
     return config
+
+
+def _run(value: Any, check: _Checker) -> RunConfig:
+    settings: dict[str, Any] = {}
+    for key, v in _table(value, check, "run").items():
+        if key == "isolation":
+            if v not in ISOLATION_MODES:
+                check.add("run", key, f"expected one of {', '.join(map(repr, ISOLATION_MODES))}, got {v!r}")
+            else:
+                settings[key] = v
+        elif key in ("case_timeout_s", "memory_budget_gib"):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                check.add("run", key, f"expected a number, got {_type_name(v)} {v!r}")
+            elif v <= 0:
+                check.add("run", key, f"must be > 0, got {v}")
+            else:
+                settings[key] = float(v)
+        else:
+            options = ("isolation", "case_timeout_s", "memory_budget_gib")
+            check.add("run", key, f"unknown key{_closest(key, options)}; one of {', '.join(options)}")
+    return RunConfig(**settings)
 
 
 def _variants(value: Any, check: _Checker) -> list[VariantEntry]:
