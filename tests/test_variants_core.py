@@ -93,3 +93,29 @@ def test_linear_gradients_flow():
     q, k, v = (x.requires_grad_() for x in make_qkv(case))
     get_variant("linear")(q, k, v, causal=True, chunk=8).sum().backward()
     assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in (q, k, v))
+
+
+@pytest.mark.parametrize("L", [131, 128, 7])
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kv_heads,dtype", [(4, "float32"), (1, "float32"), (2, "bfloat16")])
+def test_dilated_window_matches_reference(L, dilation, causal, kv_heads, dtype):
+    from variants.local import _dilated_mask, _dilated_pairs
+
+    case = make_case("dilated_window", {"window": 6, "dilation": dilation, "block": 8},
+                     seq_len=L, causal=causal, kv_heads=kv_heads, dtype=dtype)
+    assert_exact(case)
+    assert _dilated_pairs(case) == masks.pairs(_dilated_mask(case), L)
+
+
+def test_dilated_window_gradients():
+    assert_exact_grads(make_case("dilated_window", {"window": 6, "dilation": 3, "block": 8}, seq_len=67,
+                                 causal=True, kv_heads=2))
+
+
+def test_dilation_one_is_the_sliding_window():
+    case = make_case("dilated_window", {"window": 9, "dilation": 1}, seq_len=100)
+    q, k, v = make_qkv(case)
+    a = get_variant("dilated_window")(q, k, v, causal=True, window=9, dilation=1)
+    b = get_variant("sliding_window")(q, k, v, causal=True, window=9)
+    torch.testing.assert_close(a, b)
