@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,43 @@ def cpu_flags() -> list[str]:
     except OSError:
         pass
     return []
+
+
+def _size_bytes(text: str) -> int | None:
+    """'32768K' / '1M' / '512' (sysfs cache sizes) in bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        return None
+    return int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()]
+
+
+def cpu_caches(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict[str, int]:
+    """Sizes of the CPU's data and unified caches as seen by one core, e.g. {'L1d': ..., 'L2': ..., 'L3': ...}.
+
+    Linux sysfs only; an empty dict elsewhere. (The last level is usually shared by
+    several cores; sysfs reports its full size.)
+    """
+    caches: dict[str, int] = {}
+    try:
+        for index in sorted(root.glob("index*")):
+            kind = (index / "type").read_text().strip()
+            if kind == "Instruction":
+                continue
+            level = (index / "level").read_text().strip()
+            size = _size_bytes((index / "size").read_text())
+            if size:
+                caches[f"L{level}{'d' if kind == 'Data' else ''}"] = size
+    except OSError:
+        pass
+    return caches
+
+
+def llc_bytes() -> int | None:
+    """Size of the CPU's last-level cache, or None when unknown."""
+    caches = cpu_caches()
+    if not caches:
+        return None
+    return caches[max(caches, key=lambda name: (int(name[1]), name))]
 
 
 def total_memory_bytes() -> int | None:
@@ -84,15 +122,41 @@ def gpu_info() -> dict[str, Any] | None:
         "count": torch.cuda.device_count(),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
+        "sm_count": props.multi_processor_count,
+        "l2_cache_bytes": getattr(props, "L2_cache_size", None),
     }
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
     except Exception as exc:  # NVML missing or unusable: say so rather than fail
         info["driver"] = f"unknown ({type(exc).__name__})"
+        return info
+    try:
+        for key, query in (
+            ("driver", pynvml.nvmlSystemGetDriverVersion),
+            ("nvml", pynvml.nvmlSystemGetNVMLVersion),
+            ("cuda_driver_api", pynvml.nvmlSystemGetCudaDriverVersion),
+        ):
+            try:
+                value = query()
+                info[key] = value if isinstance(value, int) else _text(value)
+            except Exception as exc:
+                info[key] = f"unknown ({type(exc).__name__})"
+    finally:
+        pynvml.nvmlShutdown()
     return info
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def cudnn_version() -> int | None:
+    try:
+        return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    except Exception:
+        return None
 
 
 def triton_version() -> str | None:
@@ -114,27 +178,46 @@ def fingerprint(machine: dict[str, Any]) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def capture() -> dict[str, Any]:
-    """Everything run.json records about the environment."""
-    machine = {
+def machine() -> dict[str, Any]:
+    """The machine part of :func:`capture` (CPU, caches, memory, GPU) with its fingerprint."""
+    info = {
         "hostname": platform.node(),
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_flags": cpu_flags(),
+        "cpu_caches": cpu_caches(),
         "memory_bytes": total_memory_bytes(),
         "gpu": gpu_info(),
     }
-    machine["fingerprint"] = fingerprint(machine)
+    info["fingerprint"] = fingerprint(info)
+    return info
+
+
+def capture() -> dict[str, Any]:
+    """Everything run.json records about the environment."""
+    machine_info = machine()
     return {
-        "machine": machine,
+        "machine": machine_info,
         "versions": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
+            "cudnn": cudnn_version(),
             "triton": triton_version(),
             "harness": __import__("harness").__version__,
         },
         "threads": torch.get_num_threads(),
         "git": git_commit(),
+        "telemetry": _telemetry_availability(machine_info),
     }
+
+
+def _telemetry_availability(machine_info: dict[str, Any]) -> dict[str, Any]:
+    """Whether NVML telemetry (power, clocks, energy) can be recorded, and why not."""
+    try:
+        from harness.telemetry import availability
+
+        return availability("cuda" if machine_info.get("gpu") else "cpu")
+    except Exception as exc:  # never let telemetry break a run
+        return {"available": False, "reason": f"telemetry check failed: {type(exc).__name__}: {exc}"}

@@ -3,9 +3,13 @@
 For one case, in order: the variant's own not-supported reasons and the memory
 budget (a ``skipped`` row if either says no); random inputs; the call for the
 case's mode; timing (:mod:`harness.timing`); peak memory of one more call
-(:mod:`harness.memory`); error against the float64 reference
-(:mod:`harness.reference`). Any exception becomes an ``error`` row and the run
-goes on.
+(:mod:`harness.memory`); FLOPs counted by FlopCounterMode (:mod:`harness.flopcount`);
+the roofline columns against this machine's calibration (:mod:`harness.calibrate`);
+error against the float64 reference (:mod:`harness.reference`). Timing runs inside an
+NVML telemetry sampler (:mod:`harness.telemetry`; empty columns off NVIDIA GPUs) and
+rotates among several copies of the inputs when one set fits in the cache
+(:func:`harness.timing.input_set_count`). Any exception becomes an ``error`` row and
+the run goes on.
 """
 
 from __future__ import annotations
@@ -20,14 +24,14 @@ from typing import Any, Callable
 
 import torch
 
-from harness import environment, flops as flop_rules
+from harness import calibrate, environment, flopcount, telemetry, flops as flop_rules
 from harness.cases import Case
 from harness.inputs import make_grad, make_qkv
 from harness.memory import peak_memory_bytes
 from harness.reference import MAX_GRAD_CHECK_LEN, check_rows, errors, reference_attention, reference_grads
 from harness.registry import Variant, get_variant
 from harness.store import RunWriter
-from harness.timing import TimingConfig, time_call
+from harness.timing import TimingConfig, input_set_count, time_call
 
 #: Default share of the machine's available memory one case may be estimated to use.
 MEMORY_BUDGET_FRACTION = 0.6
@@ -79,8 +83,23 @@ def base_row(case: Case, variant: Variant | None) -> dict[str, Any]:
         "time_ms_p90": math.nan,
         "reps": 0,
         "first_call_ms": math.nan,
+        "time_ms_ci_low": math.nan,
+        "time_ms_ci_high": math.nan,
+        "time_ci_rel": math.nan,
+        "timing_stop": None,
+        "input_sets": None,
+        "timing_method": None,
+        "timing_note": None,
         "flops": math.nan,
         "tflops_per_s": math.nan,
+        "flops_counted": math.nan,
+        "flops_counted_ratio": math.nan,
+        "flops_counted_note": None,
+        "min_bytes": math.nan,
+        "arith_intensity": math.nan,
+        **{c: math.nan for c in calibrate.ROOFLINE_COLUMNS},
+        "roofline_note": None,
+        **{c: None for c in telemetry.COLUMNS},
         "peak_mem_bytes": math.nan,
         "working_set_bytes": math.nan,
         "max_abs_err": math.nan,
@@ -90,6 +109,7 @@ def base_row(case: Case, variant: Variant | None) -> dict[str, Any]:
     }
     if variant is not None:
         row["flops"] = flop_rules.total_flops(variant.flops(case), case.mode)
+        row.update(calibrate.analytic_columns(row))
         if variant.working_set is not None:
             row["working_set_bytes"] = float(variant.working_set(case))
         if variant.columns is not None:
@@ -182,7 +202,14 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
     try:
         q, k, v = make_qkv(case, seed=seed)
         call = _call_for_mode(variant, case, q, k, v)
-        measured = time_call(call, timing, device=case.device)
+        # more input sets (copies, same values) when one call's traffic would leave its inputs in the cache
+        touched = input_bytes(case) + (int(variant.working_set(case)) if variant.working_set is not None else 0)
+        sets = input_set_count(touched, case.device, timing)
+        calls = [call] + [_call_for_mode(variant, case, q.clone(), k.clone(), v.clone()) for _ in range(sets - 1)]
+        with telemetry.Sampler(case.device) as tel:
+            measured = time_call(calls, timing, device=case.device)
+            tel.measure_energy(call, tokens=case.batch * case.seq_len)
+        del calls
         samples = measured.samples_s
         stats = measured.stats
         row.update(
@@ -193,7 +220,11 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
             first_call_ms=measured.first_call_s * 1e3,
             tflops_per_s=row["flops"] / stats["median"] / 1e12,
         )
+        row.update(measured.row_columns())
+        row.update(tel.columns)
         row["peak_mem_bytes"] = float(peak_memory_bytes(call, case.device))
+        row.update(flopcount.flop_columns(call, row["flops"], causal=case.causal))
+        row.update(calibrate.row_roofline(row, calibrate.cached()))
         del call
         row.update(_accuracy(variant, case, q, k, v))
     except Exception as exc:

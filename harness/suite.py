@@ -18,10 +18,10 @@ from typing import Any
 
 from harness.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, MODES
 from harness.registry import RegistryError, get_variant
-from harness.timing import TimingConfig
+from harness.timing import SETTINGS as TIMING_SETTINGS, TimingConfig, check_setting, config_problems
 
 TOP_KEYS = ("name", "description", "plugins", "seed", "defaults", "sweep", "timing", "run", "variant")
-TIMING_KEYS = {f: type(getattr(TimingConfig(), f)) for f in ("warmup", "min_time_s", "max_reps", "min_reps", "threads")}
+TIMING_KEYS = tuple(TIMING_SETTINGS)
 POSITIVE_INT_AXES = ("batch", "heads", "kv_heads", "seq_len", "head_dim")
 CHOICE_AXES = {"device": DEVICES, "mode": MODES, "dtype": DTYPES, "inputs": INPUT_KINDS}
 
@@ -280,22 +280,18 @@ def _timing(value: Any, check: _Checker) -> TimingConfig:
         if key not in TIMING_KEYS:
             check.add("timing", key, f"unknown key{_closest(key, TIMING_KEYS)}; one of {', '.join(TIMING_KEYS)}")
             continue
-        want = TIMING_KEYS[key]
-        if key == "threads":
-            want = int
-        if want is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, want) or isinstance(v, bool):
-            check.add("timing", key, f"expected {want.__name__}, got {_type_name(v)} {v!r}")
-        elif v < (0 if key in ("warmup", "min_time_s") else 1):
-            check.add("timing", key, f"must be {'>= 0' if key in ('warmup', 'min_time_s') else '>= 1'}, got {v}")
+        v, problem = check_setting(key, v)
+        if problem:
+            check.add("timing", key, problem)
         else:
             settings[key] = v
     if "max_reps" in settings and "min_reps" not in settings:
         settings["min_reps"] = min(TimingConfig().min_reps, settings["max_reps"])
+    if "min_time_s" in settings and "max_time_s" not in settings:
+        settings["max_time_s"] = max(TimingConfig().max_time_s, settings["min_time_s"])
     config = TimingConfig(**settings)
-    if config.min_reps > config.max_reps:
-        check.add("timing", "min_reps", f"min_reps ({config.min_reps}) exceeds max_reps ({config.max_reps})")
+    for key, problem in config_problems(config):
+        check.add("timing", key, problem)
     return config
 
 

@@ -1,23 +1,68 @@
-"""Timing one call: warm-up, then repetitions until enough time or enough samples.
+"""Timing one call: warm-up, then adaptive repetition until the median is known well enough.
 
-The rule (``TimingConfig``): the first call is timed on its own (``first_call_s``:
-it includes compilation, autotuning and lazy initialisation, and is kept out of
-the samples); then up to ``warmup - 1`` more warm-up calls, stopping early once
-warm-up has taken ``min_time_s``; then samples until at least ``min_reps`` were
-taken and they add up to ``min_time_s``, or ``max_reps`` were taken.
+The rule (``TimingConfig``):
 
-On CPU each sample is a ``perf_counter`` interval around one call (CPU kernels
-are synchronous). On CUDA each sample is a pair of CUDA events around the call,
-read after one synchronisation at the end.
+1. The first call is timed on its own (``first_call_s``: it includes compilation,
+   autotuning and lazy initialisation, and is kept out of the samples).
+2. Up to ``warmup - 1`` more warm-up calls, stopping early once warm-up has taken
+   ``min_time_s``.
+3. Samples, one call each, until one of these holds (checked after every sample,
+   on CUDA after every batch of samples):
+
+   * ``max_reps`` samples were taken (``stop = "max_reps"``);
+   * at least ``min_reps`` were taken and the sampling has used the per-case time
+     budget ``max_time_s`` (``"time_budget"``; the budget never cuts below
+     ``min_reps``, and is never shorter than ``min_time_s``);
+   * at least ``min_reps`` were taken, they add up to ``min_time_s``, and the
+     ``confidence`` (default 95%) confidence interval of the median lies within
+     ``± target_precision`` (default 1%) of the median (``"precision"``).
+     ``target_precision = 0`` switches the precision test off: sampling then stops
+     as soon as ``min_reps`` and ``min_time_s`` are met (``"min_time"``), which is
+     the rule of the first version of the harness.
+
+The confidence interval is distribution-free: for n samples the interval between
+the order statistics x₍ⱼ₎ and x₍ₙ₊₁₋ⱼ₎, with j the largest index such that a
+Binomial(n, ½) variable falls below j with probability at most (1 − confidence)/2,
+covers the true median with probability at least ``confidence`` whatever the
+distribution of the samples (timings are skewed and heavy-tailed, so a normal
+approximation would be wrong). At 95% it exists from n = 6 on. The achieved
+precision, ``max(median − lo, hi − median) / median``, is recorded per case
+(``time_ci_rel``), whether the target was met or not.
+
+**Input rotation.** ``time_call`` takes one callable or a list of them; with a list,
+successive calls (warm-up and samples) cycle through it. The runner builds the list
+from several copies of the inputs when one input set would fit in the last-level
+cache (:func:`input_set_count`), so each sample reads its inputs from memory, not
+from a cache that the previous sample warmed: that is what a model running the
+kernel among other work sees.
+
+**CPU** samples are ``clock`` (``perf_counter``) intervals around one call (CPU
+kernels are synchronous). ``clock`` is injectable so the rule can be tested on a
+fake clock.
+
+**CUDA** samples are CUDA events recorded around each call on the current stream
+and read after synchronising; calls are issued in batches sized from the warm-up
+time (so slow cases do not overshoot the budget) and the stopping rule is checked
+after each batch. Before every sample (outside the events) a buffer larger than
+the L2 cache is overwritten (``flush_l2``, as ``triton.testing.do_bench`` does), so
+that no sample finds its inputs in L2. With ``cuda_graph = true`` each callable is
+captured once into a CUDA graph after warm-up and the samples replay it, which
+removes the CPU launch overhead that dominates small cases; a callable that cannot
+be captured is timed eagerly and the row says why (``timing_note``).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+#: Stop reasons recorded in ``Timing.stop`` (and the ``timing_stop`` column).
+STOP_REASONS = ("precision", "min_time", "max_reps", "time_budget")
 
 
 @dataclass(frozen=True)
@@ -27,21 +72,119 @@ class TimingConfig:
     max_reps: int = 100
     min_reps: int = 3
     threads: int | None = None  # torch intra-op threads; None: PyTorch's default (all cores)
+    #: Stop once the CI of the median is within ± this fraction of it (0: no precision target).
+    target_precision: float = 0.01
+    #: Confidence level of that interval.
+    confidence: float = 0.95
+    #: Per-case budget for sampling (seconds of wall time, warm-up excluded); never cuts below min_reps.
+    max_time_s: float = 5.0
+    #: Cycle through several input sets when one set fits in the last-level cache.
+    rotate_inputs: bool = True
+    #: CUDA: capture each callable in a CUDA graph and replay it for the samples.
+    cuda_graph: bool = False
+    #: CUDA: overwrite a buffer larger than L2 before every sample.
+    flush_l2: bool = True
 
 
-@dataclass
-class Timing:
-    samples_s: list[float]
-    first_call_s: float
-    warmup_calls: int = 0
-    stats: dict[str, float] = field(init=False)
+#: What a suite's ``[timing]`` table may set: key -> (type, lowest allowed, highest allowed,
+#: whether the bounds are exclusive). ``None`` bounds are open.
+SETTINGS: dict[str, tuple[type, float | None, float | None, bool]] = {
+    "warmup": (int, 0, None, False),
+    "min_time_s": (float, 0, None, False),
+    "max_reps": (int, 1, None, False),
+    "min_reps": (int, 1, None, False),
+    "threads": (int, 1, None, False),
+    "target_precision": (float, 0, 1, False),
+    "confidence": (float, 0, 1, True),
+    "max_time_s": (float, 0, None, False),
+    "rotate_inputs": (bool, None, None, False),
+    "cuda_graph": (bool, None, None, False),
+    "flush_l2": (bool, None, None, False),
+}
 
-    def __post_init__(self):
-        self.stats = summarize(self.samples_s)
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
 
-    @property
-    def median_s(self) -> float:
-        return self.stats["median"]
+
+def check_setting(key: str, value: Any) -> tuple[Any, str | None]:
+    """(value to use, problem or None) for one ``[timing]`` key; integers are accepted for floats."""
+    if key not in SETTINGS:
+        return value, f"unknown key; one of {', '.join(SETTINGS)}"
+    want, low, high, exclusive = SETTINGS[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
+        got = _TYPE_NAMES.get(type(value), type(value).__name__)
+        return value, f"expected {want.__name__}, got {got} {value!r}"
+    if want is bool:
+        return value, None
+    if exclusive and not (low < value < high):
+        return value, f"must be > {low} and < {high}, got {value}"
+    if low is not None and value < low:
+        return value, f"must be >= {low}, got {value}"
+    if high is not None and value > high:
+        return value, f"must be <= {high}, got {value}"
+    return value, None
+
+
+def config_problems(config: TimingConfig) -> list[tuple[str, str]]:
+    """(key, problem) for settings that contradict each other."""
+    problems = []
+    if config.min_reps > config.max_reps:
+        problems.append(("min_reps", f"min_reps ({config.min_reps}) exceeds max_reps ({config.max_reps})"))
+    if config.max_time_s < config.min_time_s:
+        problems.append(
+            ("max_time_s", f"max_time_s ({config.max_time_s}) is shorter than min_time_s ({config.min_time_s})")
+        )
+    return problems
+
+
+def config_from_dict(d: dict[str, Any]) -> TimingConfig:
+    """A TimingConfig from a dict (e.g. run.json's ``timing``), ignoring keys it does not know."""
+    known = {f.name for f in fields(TimingConfig)}
+    return TimingConfig(**{k: v for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+@lru_cache(maxsize=4096)
+def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int] | None:
+    """1-based ranks (j, n+1-j) of the order statistics bounding a distribution-free CI of the
+    median with coverage >= ``confidence``; None when n is too small for any such interval."""
+    from scipy.stats import binom
+
+    if n < 1:
+        return None
+    alpha = 1.0 - confidence
+    # coverage of [x_(j), x_(n+1-j)] is 1 - 2 * P(B <= j - 1), B ~ Binomial(n, 1/2)
+    c = int(binom.ppf(alpha / 2, n, 0.5))
+    while c >= 0 and binom.cdf(c, n, 0.5) > alpha / 2:
+        c -= 1
+    if c < 0:
+        return None
+    j = c + 1
+    return j, n + 1 - j
+
+
+def median_ci(samples: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median; (nan, nan) when too few samples."""
+    ranks = median_ci_ranks(len(samples), confidence)
+    if ranks is None:
+        return math.nan, math.nan
+    ordered = np.sort(np.asarray(samples, dtype=float))
+    return float(ordered[ranks[0] - 1]), float(ordered[ranks[1] - 1])
+
+
+def relative_precision(samples: Sequence[float], confidence: float = 0.95) -> float:
+    """Half-width of the median's CI relative to the median (the larger side); inf when unknown."""
+    lo, hi = median_ci(samples, confidence)
+    if math.isnan(lo):
+        return math.inf
+    med = float(np.median(samples))
+    if med <= 0:
+        return math.inf
+    return max(med - lo, hi - med) / med
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
@@ -53,6 +196,126 @@ def summarize(samples: list[float]) -> dict[str, float]:
     return {"median": median, "p10": p10, "p90": p90, "mean": a.mean(), "min": a.min(), "max": a.max()}
 
 
+# ---------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class Timing:
+    samples_s: list[float]
+    first_call_s: float
+    warmup_calls: int = 0
+    #: why sampling stopped: one of STOP_REASONS
+    stop: str = ""
+    #: confidence level of ci_s
+    confidence: float = 0.95
+    #: how many input sets the calls rotated through
+    input_sets: int = 1
+    #: how the samples were taken: "perf_counter", "cuda_events" or "cuda_graph"
+    method: str = "perf_counter"
+    #: whether an L2 flush preceded every sample (CUDA)
+    l2_flush: bool = False
+    #: anything the reader of the row should know (e.g. a CUDA graph that could not be captured)
+    note: str = ""
+    stats: dict[str, float] = field(init=False)
+    ci_s: tuple[float, float] = field(init=False)
+    precision: float = field(init=False)
+
+    def __post_init__(self):
+        self.stats = summarize(self.samples_s)
+        self.ci_s = median_ci(self.samples_s, self.confidence)
+        self.precision = relative_precision(self.samples_s, self.confidence)
+
+    @property
+    def median_s(self) -> float:
+        return self.stats["median"]
+
+    def row_columns(self) -> dict[str, Any]:
+        """The timing columns of a result row (the runner adds median/p10/p90/reps itself)."""
+        return {
+            "time_ms_ci_low": self.ci_s[0] * 1e3,
+            "time_ms_ci_high": self.ci_s[1] * 1e3,
+            "time_ci_rel": self.precision if math.isfinite(self.precision) else math.nan,
+            "timing_stop": self.stop,
+            "input_sets": self.input_sets,
+            "timing_method": self.method,
+            "timing_note": self.note,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping rule
+
+
+def stop_reason(samples: Sequence[float], elapsed_s: float, config: TimingConfig) -> str | None:
+    """Why sampling should stop now (one of STOP_REASONS), or None to take more samples."""
+    n = len(samples)
+    if n >= config.max_reps:
+        return "max_reps"
+    if n < config.min_reps:
+        return None
+    if elapsed_s >= max(config.max_time_s, config.min_time_s):
+        return "time_budget"
+    if math.fsum(samples) < config.min_time_s:
+        return None
+    if config.target_precision <= 0:
+        return "min_time"
+    if relative_precision(samples, config.confidence) <= config.target_precision:
+        return "precision"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input rotation
+
+
+def input_set_count(
+    bytes_per_set: int, device: str, config: TimingConfig, cache_bytes: int | None = None, max_sets: int = 64
+) -> int:
+    """How many copies of a case's inputs the timed calls should rotate through.
+
+    ``bytes_per_set`` is what one call touches: its inputs and output plus its own
+    temporaries (the variant's working set). One set, unless ``rotate_inputs`` is on
+    and that is smaller than the cache the device would otherwise keep the inputs in
+    (CPU: the last-level cache; CUDA: L2, but only when ``flush_l2`` is off, since the
+    flush already evicts it): a call that streams more than the cache evicts its
+    predecessor's inputs by itself. Otherwise enough sets that the other sets' calls
+    (at least twice the cache) pass between two uses of one, capped at ``max_sets``.
+    The extra memory is therefore about three times the cache at most.
+    """
+    if not config.rotate_inputs or bytes_per_set <= 0:
+        return 1
+    if cache_bytes is None:
+        cache_bytes = _cache_bytes(device, config)
+    if not cache_bytes or bytes_per_set >= cache_bytes:
+        return 1
+    return int(min(max_sets, math.ceil(2 * cache_bytes / bytes_per_set) + 1))
+
+
+def _cache_bytes(device: str, config: TimingConfig) -> int | None:
+    if device.startswith("cuda"):
+        if config.flush_l2:
+            return None
+        return _cuda_l2_bytes(device)
+    from harness.environment import llc_bytes
+
+    return llc_bytes()
+
+
+def _cuda_l2_bytes(device: str = "cuda") -> int | None:
+    try:
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return int(getattr(props, "L2_cache_size", 0)) or None
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# time_call
+
+
 def _synchronizer(device: str) -> Callable[[], None]:
     if device.startswith("cuda"):
         import torch
@@ -62,57 +325,137 @@ def _synchronizer(device: str) -> Callable[[], None]:
 
 
 def time_call(
-    fn: Callable[[], Any],
+    fn: Callable[[], Any] | Sequence[Callable[[], Any]],
     config: TimingConfig,
     device: str = "cpu",
     clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
-    """Time ``fn`` by the rule above; ``clock`` is injectable so the rule can be tested."""
+    """Time ``fn`` (one callable, or a list to rotate through) by the rule in the module docstring.
+
+    ``clock`` is injectable so the rule can be tested; on CUDA it only measures the
+    first call, the warm-up and the budget (samples come from CUDA events).
+    """
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    if not fns:
+        raise ValueError("time_call needs at least one callable")
     sync = _synchronizer(device)
     sync()
     t0 = clock()
-    fn()
+    fns[0]()
     sync()
     first = clock() - t0
 
     warm_start = clock()
     warm = 0
-    for _ in range(max(config.warmup - 1, 0)):
+    for i in range(max(config.warmup - 1, 0)):
         if clock() - warm_start >= config.min_time_s:
             break
-        fn()
+        fns[(i + 1) % len(fns)]()
         warm += 1
     sync()
+    warm_per_call = (clock() - warm_start) / warm if warm else first
 
     if device.startswith("cuda"):
-        samples = _cuda_samples(fn, config)
-    else:
-        samples = []
-        total = 0.0
-        while len(samples) < config.max_reps and (len(samples) < config.min_reps or total < config.min_time_s):
-            t = clock()
-            fn()
-            dt = clock() - t
-            samples.append(dt)
-            total += dt
-    return Timing(samples_s=samples, first_call_s=first, warmup_calls=warm)
-
-
-def _cuda_samples(fn: Callable[[], Any], config: TimingConfig) -> list[float]:
-    import torch
+        return _cuda_timing(fns, config, device, clock, first, warm, warm_per_call, 1 + warm)
 
     samples: list[float] = []
-    total = 0.0
-    while len(samples) < config.max_reps and (len(samples) < config.min_reps or total < config.min_time_s):
-        batch = max(1, min(config.max_reps - len(samples), 10))
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(batch)]
-        for start, end in events:
-            start.record()
+    start = clock()
+    i = 1 + warm  # the rotation continues where the warm-up left it
+    while True:
+        f = fns[i % len(fns)]
+        i += 1
+        t = clock()
+        f()
+        samples.append(clock() - t)
+        reason = stop_reason(samples, clock() - start, config)
+        if reason:
+            break
+    return Timing(
+        samples_s=samples, first_call_s=first, warmup_calls=warm, stop=reason,
+        confidence=config.confidence, input_sets=len(fns), method="perf_counter",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+class L2Flusher:
+    """Overwrites a buffer larger than the GPU's L2 cache (at least 256 MiB, as do_bench does)."""
+
+    def __init__(self, device: str = "cuda"):
+        import torch
+
+        l2 = _cuda_l2_bytes(device) or 0
+        nbytes = max(256 * 2**20, 4 * l2)
+        self.buffer = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.zero_()
+
+
+def capture_graph(fn: Callable[[], Any], warmup: int = 2):
+    """A CUDA graph of ``fn`` (warmed up on a side stream first, as capture requires)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
             fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def _cuda_timing(
+    fns, config: TimingConfig, device: str, clock, first: float, warm: int, per_call_s: float, i: int
+) -> Timing:
+    import torch
+
+    note = ""
+    method = "cuda_events"
+    runners: list[Callable[[], Any]] = list(fns)
+    graphs = []
+    if config.cuda_graph:
+        try:
+            graphs = [capture_graph(f) for f in fns]
+            runners = [g.replay for g in graphs]
+            method = "cuda_graph"
+        except Exception as exc:  # not capturable (host sync, dynamic shapes, CPU work...): time eagerly
+            torch.cuda.synchronize()
+            graphs = []
+            note = f"cuda_graph: capture failed ({type(exc).__name__}: {str(exc).strip()[:160]}); timed eagerly"
+    flush = L2Flusher(device) if config.flush_l2 else None
+
+    samples: list[float] = []
+    reason = None
+    start = clock()
+    while reason is None:
+        elapsed = clock() - start
+        budget_left = max(config.max_time_s, config.min_time_s) - elapsed
+        # a batch takes about 20 ms (and never more than the budget left), at most 50 calls
+        batch = int(min(50, max(1, 0.02 / max(per_call_s, 1e-7)), max(1, budget_left / max(per_call_s, 1e-7))))
+        batch = max(1, min(batch, config.max_reps - len(samples)))
+        if len(samples) < config.min_reps:
+            batch = max(batch, min(config.min_reps - len(samples), config.max_reps - len(samples)))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(batch)]
+        for begin, end in events:
+            if flush is not None:
+                flush()
+            begin.record()
+            runners[i % len(runners)]()
             end.record()
+            i += 1
         torch.cuda.synchronize()
-        for start, end in events:
-            dt = start.elapsed_time(end) / 1e3
-            samples.append(dt)
-            total += dt
-    return samples
+        samples.extend(begin.elapsed_time(end) / 1e3 for begin, end in events)
+        reason = stop_reason(samples, clock() - start, config)
+    del graphs
+    return Timing(
+        samples_s=samples, first_call_s=first, warmup_calls=warm, stop=reason, confidence=config.confidence,
+        input_sets=len(fns), method=method, l2_flush=flush is not None, note=note,
+    )

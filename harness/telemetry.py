@@ -1,0 +1,370 @@
+"""NVML telemetry of a case: power, clocks, temperature, utilisation, throttling, energy.
+
+On an NVIDIA GPU, :class:`Sampler` is a context manager that samples NVML
+(``nvidia-ml-py``) from a background thread while a case runs and, with
+:meth:`Sampler.measure_energy`, measures the energy of one call. Afterwards
+``sampler.columns`` holds the row's telemetry columns (:data:`COLUMNS`).
+
+Energy per call comes from the GPU's total-energy counter
+(``nvmlDeviceGetTotalEnergyConsumption``, millijoules since the driver loaded;
+Volta and later) read before and after back-to-back calls lasting at least
+``min_time_s`` (the counter updates every few tens of milliseconds, so a single
+short call cannot be measured). Where the counter is not supported the sampled
+power is integrated over the same window instead (``energy_source =
+"power_integral"``). ``tokens_per_joule = tokens / energy_j`` with tokens = B·L.
+
+A case is ``throttled`` when NVML reported, during the case, a clock reduction for
+a reason that makes its timing suspect: software power cap, hardware slowdown,
+hardware or software thermal slowdown, or power brake. (GPU idle, application
+clock settings and sync boost are reported in ``throttle_reasons`` but do not set
+the flag.)
+
+Everywhere else (a CPU case, no GPU, NVML missing or failing) the columns are
+empty (None) and ``telemetry_note`` says why; nothing here raises because
+telemetry is unavailable. :func:`availability` gives the same answer for
+``run.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable
+
+#: The telemetry columns every row gets (None where not measured).
+COLUMNS = (
+    "power_w",
+    "power_w_max",
+    "sm_clock_mhz",
+    "sm_clock_mhz_min",
+    "mem_clock_mhz",
+    "temp_c_max",
+    "gpu_util_pct",
+    "mem_util_pct",
+    "throttle_reasons",
+    "throttled",
+    "energy_j",
+    "tokens_per_joule",
+    "energy_source",
+    "telemetry_samples",
+    "telemetry_note",
+)
+
+#: NVML clock-event reason bits (stable values of nvml.h), with our names.
+REASON_BITS = {
+    "gpu_idle": ("nvmlClocksEventReasonGpuIdle", 0x1),
+    "app_clocks": ("nvmlClocksEventReasonApplicationsClocksSetting", 0x2),
+    "sw_power_cap": ("nvmlClocksEventReasonSwPowerCap", 0x4),
+    "hw_slowdown": ("nvmlClocksEventReasonHwSlowdown", 0x8),
+    "sync_boost": ("nvmlClocksEventReasonSyncBoost", 0x10),
+    "sw_thermal": ("nvmlClocksEventReasonSwThermalSlowdown", 0x20),
+    "hw_thermal": ("nvmlClocksEventReasonHwThermalSlowdown", 0x40),
+    "hw_power_brake": ("nvmlClocksEventReasonHwPowerBrakeSlowdown", 0x80),
+    "display_clock": ("nvmlClocksEventReasonDisplayClockSetting", 0x100),
+}
+#: Reasons that make a timing suspect.
+THROTTLING = ("sw_power_cap", "hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake")
+
+
+def empty_columns(note: str) -> dict[str, Any]:
+    cols: dict[str, Any] = {c: None for c in COLUMNS}
+    cols["telemetry_note"] = note
+    return cols
+
+
+def _import_nvml():
+    """(pynvml module, None) or (None, reason)."""
+    try:
+        import pynvml
+    except ImportError as exc:
+        return None, f"nvidia-ml-py is not installed ({exc})"
+    return pynvml, None
+
+
+def unavailable_reason(device: str, nvml=None) -> str | None:
+    """Why NVML telemetry cannot be recorded for ``device`` (None when it can)."""
+    if not device.startswith("cuda"):
+        return f"no NVML telemetry for {device} cases (NVIDIA GPUs only)"
+    if nvml is None:
+        nvml, why = _import_nvml()
+        if nvml is None:
+            return why
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return "CUDA is not available on this machine"
+        except Exception as exc:
+            return f"torch.cuda unusable ({type(exc).__name__})"
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:
+        return f"NVML could not be initialised ({type(exc).__name__}: {exc})"
+    try:
+        nvml.nvmlShutdown()
+    except Exception:
+        pass
+    return None
+
+
+def availability(device: str = "cuda") -> dict[str, Any]:
+    """For run.json: whether telemetry is recorded, and why not (``device="cpu"``: a machine
+    without a CUDA GPU)."""
+    if device.startswith("cuda"):
+        why = unavailable_reason(device)
+    else:
+        why = "no NVIDIA GPU on this machine (NVML telemetry is GPU-only)"
+    info: dict[str, Any] = {"available": why is None, "reason": why or ""}
+    if why is None:
+        nvml, _ = _import_nvml()
+        try:
+            nvml.nvmlInit()
+            info["driver"] = _text(nvml.nvmlSystemGetDriverVersion())
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+    else:
+        info["reason"] = f"{why}; telemetry columns are empty"
+    return info
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _nvml_handle(nvml, index: int):
+    """NVML's handle for torch's CUDA device ``index`` (NVML numbers all GPUs, ignoring
+    CUDA_VISIBLE_DEVICES; match by PCI bus id when torch gives one, else by the visible list)."""
+    try:
+        import torch
+
+        props = torch.cuda.get_device_properties(index)
+        bus = getattr(props, "pci_bus_id", None)
+        domain = getattr(props, "pci_domain_id", 0)
+        device = getattr(props, "pci_device_id", 0)
+        if bus is not None:
+            return nvml.nvmlDeviceGetHandleByPciBusId(f"{domain:08x}:{bus:02x}:{device:02x}.0")
+    except Exception:
+        pass
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if index < len(visible):
+        entry = visible[index]
+        if entry.isdigit():
+            return nvml.nvmlDeviceGetHandleByIndex(int(entry))
+        return nvml.nvmlDeviceGetHandleByUUID(entry)
+    return nvml.nvmlDeviceGetHandleByIndex(index)
+
+
+class Sampler:
+    """Samples NVML in a background thread while the ``with`` block runs.
+
+    ``nvml`` (a pynvml-like module), ``index`` (the NVML handle's index), ``sync``
+    and ``clock`` are injectable for tests; by default they are pynvml, the device's
+    own index, ``torch.cuda.synchronize`` and ``time.perf_counter``.
+    """
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        interval_s: float = 0.05,
+        nvml=None,
+        index: int | None = None,
+        sync: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.device = device
+        self.interval_s = interval_s
+        self.clock = clock
+        self._nvml = nvml
+        self._index = index
+        self._sync = sync
+        self._handle = None
+        self._unsupported: set[str] = set()
+        self._records: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._energy: dict[str, Any] = {}
+        self.note = ""
+        self.columns: dict[str, Any] = empty_columns("telemetry not collected yet")
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    # -- context manager -------------------------------------------------------------------
+
+    def __enter__(self) -> "Sampler":
+        why = unavailable_reason(self.device, self._nvml)
+        if why is not None:
+            self.note = why
+            return self
+        if self._nvml is None:
+            self._nvml, _ = _import_nvml()
+        try:
+            self._nvml.nvmlInit()
+            if self._index is not None:
+                self._handle = self._nvml.nvmlDeviceGetHandleByIndex(self._index)
+            else:
+                import torch
+
+                idx = torch.device(self.device).index
+                self._handle = _nvml_handle(self._nvml, torch.cuda.current_device() if idx is None else idx)
+        except Exception as exc:
+            self.note = f"NVML device handle unavailable ({type(exc).__name__}: {exc})"
+            self._handle = None
+            self._shutdown()
+            return self
+        if self._sync is None:
+            import torch
+
+            self._sync = torch.cuda.synchronize
+        self.sample_once()
+        self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        if self.active:
+            self.sample_once()
+            self.columns = self._summarise()
+            self._handle = None
+            self._shutdown()
+        else:
+            self.columns = empty_columns(self.note)
+
+    def _shutdown(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception:
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample_once()
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def _query(self, name: str, fn: Callable[[], Any]) -> Any:
+        if name in self._unsupported:
+            return None
+        try:
+            return fn()
+        except Exception:  # NVMLError_NotSupported and friends: stop asking
+            self._unsupported.add(name)
+            return None
+
+    def sample_once(self) -> dict[str, Any] | None:
+        """Take one sample now (also called by the background thread)."""
+        if not self.active:
+            return None
+        nv, h = self._nvml, self._handle
+        power_mw = self._query("power", lambda: nv.nvmlDeviceGetPowerUsage(h))
+        util = self._query("util", lambda: nv.nvmlDeviceGetUtilizationRates(h))
+        reasons_fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+            nv, "nvmlDeviceGetCurrentClocksThrottleReasons"
+        )
+        record = {
+            "t": self.clock(),
+            "power_w": power_mw / 1000.0 if power_mw is not None else None,
+            "sm_clock_mhz": self._query("sm", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
+            "mem_clock_mhz": self._query("mem", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
+            "temp_c": self._query("temp", lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+            "gpu_util_pct": getattr(util, "gpu", None),
+            "mem_util_pct": getattr(util, "memory", None),
+            "reasons": self._query("reasons", lambda: reasons_fn(h)),
+        }
+        with self._lock:
+            self._records.append(record)
+        return record
+
+    def _energy_mj(self) -> float | None:
+        return self._query("energy", lambda: self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
+
+    def measure_energy(self, fn: Callable[[], Any], tokens: float, min_time_s: float = 1.0, max_calls: int = 100000):
+        """Energy of one call of ``fn``: back-to-back calls for at least ``min_time_s``.
+
+        Does nothing when telemetry is not active. The result goes into ``columns``
+        (``energy_j`` per call, ``tokens_per_joule``, ``energy_source``) on exit.
+        """
+        if not self.active:
+            return None
+        self._sync()
+        self.sample_once()
+        e0 = self._energy_mj()
+        t0 = self.clock()
+        calls, batch = 0, 1
+        while calls < max_calls:
+            for _ in range(batch):
+                fn()
+            calls += batch
+            self._sync()
+            if self.clock() - t0 >= min_time_s:
+                break
+            batch = min(batch * 2, max_calls - calls) or 1
+        t1 = self.clock()
+        self.sample_once()
+        e1 = self._energy_mj()
+        if e0 is not None and e1 is not None and e1 > e0:
+            energy, source = (e1 - e0) / 1000.0 / calls, "counter"
+        else:
+            with self._lock:
+                powers = [r["power_w"] for r in self._records if t0 <= r["t"] <= t1 and r["power_w"] is not None]
+            if not powers:
+                self._energy = {"energy_note": "no energy counter and no power samples"}
+                return None
+            energy, source = sum(powers) / len(powers) * (t1 - t0) / calls, "power_integral"
+        self._energy = {
+            "energy_j": energy,
+            "tokens_per_joule": tokens / energy if energy > 0 else None,
+            "energy_source": source,
+        }
+        return energy
+
+    # -- summary ---------------------------------------------------------------------------
+
+    def _summarise(self) -> dict[str, Any]:
+        with self._lock:
+            records = list(self._records)
+        cols = empty_columns("")
+
+        def values(key):
+            return [r[key] for r in records if r[key] is not None]
+
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else None
+
+        power = values("power_w")
+        sm = values("sm_clock_mhz")
+        cols.update(
+            power_w=mean(power),
+            power_w_max=max(power) if power else None,
+            sm_clock_mhz=mean(sm),
+            sm_clock_mhz_min=min(sm) if sm else None,
+            mem_clock_mhz=mean(values("mem_clock_mhz")),
+            temp_c_max=max(values("temp_c")) if values("temp_c") else None,
+            gpu_util_pct=mean(values("gpu_util_pct")),
+            mem_util_pct=mean(values("mem_util_pct")),
+            telemetry_samples=len(records),
+        )
+        masks = values("reasons")
+        if masks:
+            seen = [name for name, bit in self._reason_bits().items() if any(m & bit for m in masks)]
+            cols["throttle_reasons"] = ",".join(seen)
+            cols["throttled"] = any(name in THROTTLING for name in seen)
+        cols.update({k: v for k, v in self._energy.items() if k in COLUMNS})
+        notes = []
+        if self._unsupported:
+            notes.append("not supported by this GPU/driver: " + ", ".join(sorted(self._unsupported)))
+        if "energy_note" in self._energy:
+            notes.append(self._energy["energy_note"])
+        cols["telemetry_note"] = "; ".join(notes)
+        return cols
+
+    def _reason_bits(self) -> dict[str, int]:
+        return {name: int(getattr(self._nvml, attr, bit)) for name, (attr, bit) in REASON_BITS.items()}

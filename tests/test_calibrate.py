@@ -1,0 +1,137 @@
+"""Calibration cache keyed by machine fingerprint, roofline columns, and the `bench calibrate` command."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from harness import calibrate
+from harness.cases import Case
+from harness.flops import attention_flops
+
+
+def fake_measure(calls):
+    def measure(device, dtypes, quick=False, log=None):
+        calls.append((device, tuple(dtypes)))
+        return {
+            "device": device, "threads": torch.get_num_threads(), "quick": quick,
+            "matmul": {d: {"n": 64, "tflops_per_s": 2.0, "tflops_per_s_best": 2.5, "time_ms": 1.0,
+                           "time_ci_rel": 0.01, "reps": 10} for d in dtypes},
+            "bandwidth": {"bytes": 1 << 20, "gb_per_s": 100.0, "gb_per_s_best": 120.0, "time_ms": 1.0,
+                          "time_ci_rel": 0.01, "reps": 10},
+        }
+
+    return measure
+
+
+def test_cache_is_keyed_by_fingerprint(tmp_path):
+    calls = []
+    measure = fake_measure(calls)
+    cal, measured = calibrate.calibrate(["cpu"], ["float32"], root=tmp_path, fingerprint="aaa", measure=measure)
+    assert measured == [calibrate.entry_key("cpu")] and len(calls) == 1
+    assert (tmp_path / "aaa.json").is_file()
+    # same machine: read from the cache, nothing measured
+    cal2, measured2 = calibrate.calibrate(["cpu"], ["float32"], root=tmp_path, fingerprint="aaa", measure=measure)
+    assert measured2 == [] and len(calls) == 1 and cal2 == cal
+    # another machine: its own file, measured again
+    calibrate.calibrate(["cpu"], ["float32"], root=tmp_path, fingerprint="bbb", measure=measure)
+    assert len(calls) == 2 and (tmp_path / "bbb.json").is_file()
+    # a dtype the cache lacks, or --force: measured again
+    calibrate.calibrate(["cpu"], ["float32", "bfloat16"], root=tmp_path, fingerprint="aaa", measure=measure)
+    calibrate.calibrate(["cpu"], ["float32"], root=tmp_path, fingerprint="aaa", measure=measure, force=True)
+    assert len(calls) == 4
+    assert calibrate.load("aaa", tmp_path)["fingerprint"] == "aaa"
+
+
+def test_damaged_cache_is_treated_as_missing(tmp_path):
+    (tmp_path / "ccc.json").write_text("{not json")
+    assert calibrate.load("ccc", tmp_path) is None
+    (tmp_path / "ddd.json").write_text(json.dumps({"schema_version": 999, "entries": {}}))
+    assert calibrate.load("ddd", tmp_path) is None
+
+
+def test_cpu_entries_are_per_thread_count():
+    assert calibrate.entry_key("cpu", 2) == "cpu/threads=2"
+    cal = {"entries": {"cpu/threads=2": {"matmul": {}}}}
+    assert calibrate.lookup(cal, "cpu", 2)[0] is not None
+    entry, note = calibrate.lookup(cal, "cpu", 4)
+    assert entry is None and "cpu/threads=2" in note
+    assert "bench calibrate" in calibrate.lookup(None, "cpu", 2)[1]
+
+
+@pytest.mark.parametrize("mode,elements", [("fwd", 2 * 1 * 8 * 64 * 32 + 2 * 1 * 2 * 64 * 32),
+                                           ("bwd", 4 * 1 * 8 * 64 * 32 + 4 * 1 * 2 * 64 * 32),
+                                           ("fwd_bwd", 4 * 1 * 8 * 64 * 32 + 4 * 1 * 2 * 64 * 32)])
+def test_min_bytes_counts_inputs_once_and_outputs_once(mode, elements):
+    case = Case("naive", {}, heads=8, kv_heads=2, seq_len=64, head_dim=32, dtype="bfloat16", mode=mode)
+    assert calibrate.min_bytes(case) == elements * 2
+    row = {"batch": 1, "heads": 8, "kv_heads": 2, "seq_len": 64, "head_dim": 32, "dtype": "bfloat16", "mode": mode}
+    assert calibrate.min_bytes(row) == elements * 2
+
+
+def test_roofline_columns():
+    case = Case("sdpa", {}, heads=8, kv_heads=8, seq_len=1024, head_dim=64, dtype="float32")
+    row = {**case.key, "threads": 2, "flops": attention_flops(case), "tflops_per_s": 0.5}
+    row.update(calibrate.analytic_columns(row))
+    assert row["arith_intensity"] == pytest.approx(row["flops"] / (4 * 8 * 1024 * 64 * 4))
+    cal = {"entries": {"cpu/threads=2": fake_measure([])("cpu", ["float32"])}}
+    cols = calibrate.row_roofline(row, cal)
+    # the ceilings are the calibration's best samples: 2.5 TFLOP/s, 120 GB/s
+    assert cols["pct_of_peak"] == pytest.approx(20.0)  # 0.5 of 2.5 TFLOP/s
+    assert cols["peak_gb_per_s"] == 120.0 and cols["peak_tflops_per_s"] == 2.5
+    assert cols["attainable_tflops_per_s"] == pytest.approx(min(2.5, row["arith_intensity"] * 120.0 / 1e3))
+    low = dict(row, seq_len=16, flops=attention_flops(Case("sdpa", {}, seq_len=16, heads=8, kv_heads=8)))
+    low.update(calibrate.analytic_columns(low))
+    assert calibrate.row_roofline(low, cal)["attainable_tflops_per_s"] < 2.5  # memory-bound side of the roof
+    missing = calibrate.row_roofline(dict(row, dtype="bfloat16"), cal)
+    assert math.isnan(missing["pct_of_peak"]) and "bfloat16" in missing["roofline_note"]
+    none = calibrate.row_roofline(row, None)
+    assert math.isnan(none["pct_of_peak"]) and "bench calibrate" in none["roofline_note"]
+
+
+def test_real_measurement_is_positive_and_consistent():
+    mm = calibrate.measure_matmul("cpu", "float32", max_n=256, min_time_s=0.02, max_time_s=0.2)
+    assert mm["n"] <= 256 and mm["tflops_per_s"] > 0 and mm["tflops_per_s_best"] >= mm["tflops_per_s"]
+    bw = calibrate.measure_bandwidth("cpu", nbytes=4 << 20, min_time_s=0.02, max_time_s=0.2)
+    assert bw["bytes"] == 4 << 20 and bw["gb_per_s"] > 0
+
+
+def _parser():
+    from harness import cli_measure
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command")
+    cli_measure.register(sub)
+    return p
+
+
+def test_bench_calibrate_quick_writes_the_cache(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(calibrate, "current_fingerprint", lambda: "testmachine")
+    args = _parser().parse_args(["calibrate", "--quick", "--dtype", "float32", "--device", "cpu", "--dir", str(tmp_path)])
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "matmul float32" in out and "GB/s" in out and "measured now: cpu/threads=" in out
+    data = json.loads((tmp_path / "testmachine.json").read_text())
+    assert data["fingerprint"] == "testmachine" and data["entries"][calibrate.entry_key("cpu")]["quick"] is True
+    args = _parser().parse_args(["calibrate", "--quick", "--dtype", "float32", "--device", "cpu", "--dir", str(tmp_path)])
+    assert args.handler(args) == 0 and "nothing (cached" in capsys.readouterr().out
+
+
+def test_bench_calibrate_check_prints_ratios(capsys):
+    args = _parser().parse_args(["calibrate", "--check", "--device", "cpu", "--seq-len", "64", "--heads", "2",
+                                 "--head-dim", "16", "--runs", "2", "--min-time-s", "0.02", "--max-time-s", "0.1"])
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "harness" in out and "torch Timer.blocked_autorange" in out and "÷ Timer" in out
+    assert "median ratio" in out and "run-to-run spread" in out
+
+
+def test_cuda_without_a_gpu_is_one_line_and_exit_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = _parser().parse_args(["calibrate", "--device", "cuda"])
+    assert args.handler(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA is not available" in err
