@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 #: Modules that add subcommands: each has ``register(subparsers)`` which adds parsers and sets
 #: ``handler=function(args) -> exit status`` on them with ``set_defaults``.
-COMMAND_MODULES: list[str] = ["harness.cli_measure"]
+COMMAND_MODULES: list[str] = ["harness.cli_measure", "harness.cli_regression"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from harness.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, MODES
 from harness.registry import RegistryError, get_variant
 from harness.timing import SETTINGS as TIMING_SETTINGS, TimingConfig, check_setting, config_problems
 
-TOP_KEYS = ("name", "description", "plugins", "seed", "defaults", "sweep", "timing", "run", "variant")
+TOP_KEYS = ("name", "description", "plugins", "seed", "defaults", "sweep", "timing", "run", "compare", "variant")
 TIMING_KEYS = tuple(TIMING_SETTINGS)
 POSITIVE_INT_AXES = ("batch", "heads", "kv_heads", "seq_len", "head_dim")
 CHOICE_AXES = {"device": DEVICES, "mode": MODES, "dtype": DTYPES, "inputs": INPUT_KINDS}
@@ -188,6 +188,11 @@ def parse_suite(text: str, path: Path | None = None) -> Suite:
     suite.sweep = _sweep(raw.get("sweep", {}), check, suite.defaults)
     suite.timing = _timing(raw.get("timing", {}), check)
     suite.run = _run(raw.get("run", {}), check)
+    if "compare" in raw:
+        from harness.compare import validate_compare_table
+
+        for key, message in validate_compare_table(raw["compare"]):
+            check.add("compare", key, message)
 
     plugin_problems = _load_plugins(suite, check)
     if not plugin_problems:

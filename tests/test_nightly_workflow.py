@@ -1,0 +1,95 @@
+"""The nightly workflow: valid against GitHub's workflow schema, and runs what a user would run."""
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="pyyaml (test extra) is needed to read the workflow")
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW = ROOT / ".github" / "workflows" / "nightly.yml"
+
+
+@pytest.fixture(scope="module")
+def workflow():
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def _schema_check(path: Path) -> subprocess.CompletedProcess:
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema (test extra) validates the workflow schema")
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_workflow_matches_the_github_workflow_schema(tmp_path, workflow):
+    proc = _schema_check(WORKFLOW)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the same check rejects a broken workflow (so the check above can fail)
+    broken = copy.deepcopy(workflow)
+    broken[True if True in broken else "on"] = {"schedule": "nightly"}  # schedule must be a list of crons
+    del broken["jobs"]["cpu"]["runs-on"]
+    bad = tmp_path / "bad.yml"
+    bad.write_text(yaml.safe_dump(broken))
+    assert _schema_check(bad).returncode != 0
+
+
+def _triggers(workflow):
+    return workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
+
+
+def _script(job):
+    """The job's shell lines, with backslash continuations joined."""
+    text = "\n".join(step.get("run", "") for step in job["steps"])
+    return re.sub(r"\\\n\s*", " ", text)
+
+
+def test_scheduled_and_manual(workflow):
+    on = _triggers(workflow)
+    assert "workflow_dispatch" in on
+    (cron,) = [s["cron"] for s in on["schedule"]]
+    assert len(cron.split()) == 5
+
+
+def test_cpu_job_installs_like_the_readme_runs_compares_and_uploads(workflow):
+    job = workflow["jobs"]["cpu"]
+    script = _script(job)
+    readme = (ROOT / "README.md").read_text()
+    install = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ."
+    assert install in readme and install in script
+    assert "bench run suites/nightly-cpu.toml -o results/nightly-cpu" in script
+    compare = re.search(r"bench compare baseline results/nightly-cpu[^\n]*", script).group(0)
+    assert "--fail-on-regression" in compare and "-o results/nightly-cpu/compare.html" in compare
+    assert "set -o pipefail" in script  # the exit status survives the tee into the job summary
+    upload = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
+    assert len(upload) == 1 and upload[0]["if"] == "always()"
+    paths = upload[0]["with"]["path"]
+    assert "results/nightly-cpu/report.html" in paths and "results/nightly-cpu/compare.html" in paths
+
+
+def test_gpu_job_runs_on_a_self_hosted_label_only_when_one_exists(workflow):
+    job = workflow["jobs"]["gpu"]
+    assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]
+    assert "HAS_GPU_RUNNER" in job["if"]
+    script = _script(job)
+    assert "bench run suites/nightly-gpu.toml" in script
+    assert "bench compare baseline results/nightly-gpu --fail-on-regression" in script
+
+
+def test_the_suites_it_runs_exist_and_load():
+    from harness.cases import expand_cases
+    from harness.suite import load_suite
+
+    cpu = load_suite(ROOT / "suites" / "nightly-cpu.toml")
+    gpu = load_suite(ROOT / "suites" / "nightly-gpu.toml")
+    assert cpu.name == "nightly-cpu" and gpu.name == "nightly-gpu"
+    cpu_cases = expand_cases(cpu)
+    assert {c.device for c in cpu_cases} == {"cpu"} and {c.device for c in expand_cases(gpu)} == {"cuda"}
+    assert {c.variant for c in cpu_cases} == {"naive", "sdpa", "sliding_window", "linear"}
+    assert {c.params.get("backend") for c in cpu_cases if c.variant == "sdpa"} == {"math", "flash"}
+    assert cpu.timing.min_reps >= 10  # enough samples a case for the test and its interval to mean something
