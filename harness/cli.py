@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 #: Modules that add subcommands: each has ``register(subparsers)`` which adds parsers and sets
 #: ``handler=function(args) -> exit status`` on them with ``set_defaults``.
-COMMAND_MODULES: list[str] = ["harness.cli_measure", "harness.cli_regression"]
+COMMAND_MODULES: list[str] = ["harness.cli_measure", "harness.cli_regression", "harness.cli_export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +83,8 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
                    help="run cases in a worker process (default, survives crashes) or in this one")
     p.add_argument("--case-timeout", type=_positive, metavar="S", help="per-case timeout in seconds (isolation only)")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per finished case")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="plain progress lines (every 10%% of cases) instead of the bar")
     p.add_argument("--no-report", action="store_true", help="skip writing report.html")
 
 

@@ -182,13 +182,19 @@ class WorkerPool:
         self.kill()
 
     # -- cases --------------------------------------------------------------------------------
-    def run(self, case: Case) -> CaseResult:
+    def run(self, case: Case, on_phase=None) -> CaseResult:
         if self.proc is None or self.proc.poll() is not None:
             self.kill()
             self._start()
         try:
             self._send({"case": dataclasses.asdict(case)})
-            reply = self._receive(self.case_timeout_s)
+            deadline = time.monotonic() + self.case_timeout_s
+            while True:
+                reply = self._receive(max(0.0, deadline - time.monotonic()))
+                if reply is None or "phase" not in reply:
+                    break
+                if on_phase is not None:
+                    on_phase(reply["phase"])
         except TimeoutError:
             self.kill()
             return self._failed(case, "timeout", f"no result within the case timeout of {self.case_timeout_s:g} s; "
@@ -230,10 +236,10 @@ class InProcess:
     def __init__(self, timing: TimingConfig, *, seed: int = 0, memory_budget: int | None = None, **_: Any):
         self.timing, self.seed, self.memory_budget = timing, seed, memory_budget
 
-    def run(self, case: Case) -> CaseResult:
+    def run(self, case: Case, on_phase=None) -> CaseResult:
         from harness.runner import run_case
 
-        return run_case(case, self.timing, seed=self.seed, memory_budget=self.memory_budget)
+        return run_case(case, self.timing, seed=self.seed, memory_budget=self.memory_budget, on_phase=on_phase)
 
     def close(self) -> None:
         pass

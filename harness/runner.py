@@ -185,8 +185,14 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:500]
 
 
-def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int | None = None) -> CaseResult:
-    """Measure one case; never raises for a variant's failure (it becomes an error row)."""
+def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int | None = None,
+             on_phase: Callable[[str], None] | None = None) -> CaseResult:
+    """Measure one case; never raises for a variant's failure (it becomes an error row).
+
+    ``on_phase(name)``, if given, is told each step as it starts: ``inputs``, ``first call``,
+    ``warm-up``, ``timing``, ``memory``, ``accuracy`` (for progress display).
+    """
+    phase = on_phase or (lambda name: None)
     variant = get_variant(case.variant)
     try:
         row = base_row(case, variant)
@@ -200,6 +206,7 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
         return CaseResult(row, [])
     samples: list[float] = []
     try:
+        phase("inputs")
         q, k, v = make_qkv(case, seed=seed)
         call = _call_for_mode(variant, case, q, k, v)
         # more input sets (copies, same values) when one call's traffic would leave its inputs in the cache
@@ -207,7 +214,7 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
         sets = input_set_count(touched, case.device, timing)
         calls = [call] + [_call_for_mode(variant, case, q.clone(), k.clone(), v.clone()) for _ in range(sets - 1)]
         with telemetry.Sampler(case.device) as tel:
-            measured = time_call(calls, timing, device=case.device)
+            measured = time_call(calls, timing, device=case.device, on_phase=phase)
             tel.measure_energy(call, tokens=case.batch * case.seq_len)
         del calls
         samples = measured.samples_s
@@ -222,10 +229,12 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
         )
         row.update(measured.row_columns())
         row.update(tel.columns)
+        phase("memory")
         row["peak_mem_bytes"] = float(peak_memory_bytes(call, case.device))
         row.update(flopcount.flop_columns(call, row["flops"], causal=case.causal))
         row.update(calibrate.row_roofline(row, calibrate.cached()))
         del call
+        phase("accuracy")
         row.update(_accuracy(variant, case, q, k, v))
     except Exception as exc:
         row.update(status="oom" if _is_oom(exc) else "error", reason=_error_text(exc))
@@ -252,7 +261,11 @@ def run_cases(
             break
         if progress is not None:
             progress.start(case)
-        result = executor.run(case)
+        report = getattr(progress, "phase", None)
+        if report is not None:  # progress shows what the case is doing (a long first call: compiling)
+            result = executor.run(case, on_phase=lambda name, c=case: report(c, name))
+        else:
+            result = executor.run(case)
         result.row["run_id"] = writer.meta["run_id"]
         result.row["suite"] = writer.meta["suite"]["name"]
         writer.append(result.row, result.samples_s)

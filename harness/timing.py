@@ -329,8 +329,12 @@ def time_call(
     config: TimingConfig,
     device: str = "cpu",
     clock: Callable[[], float] = time.perf_counter,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Timing:
     """Time ``fn`` (one callable, or a list to rotate through) by the rule in the module docstring.
+
+    ``on_phase(name)`` (optional) is told when the first call, the warm-up and the sampling start
+    (``"first call"``, ``"warm-up"``, ``"timing"``), so progress can show a long compilation as such.
 
     ``clock`` is injectable so the rule can be tested; on CUDA it only measures the
     first call, the warm-up and the budget (samples come from CUDA events).
@@ -338,13 +342,16 @@ def time_call(
     fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
     if not fns:
         raise ValueError("time_call needs at least one callable")
+    phase = on_phase or (lambda name: None)
     sync = _synchronizer(device)
     sync()
+    phase("first call")
     t0 = clock()
     fns[0]()
     sync()
     first = clock() - t0
 
+    phase("warm-up")
     warm_start = clock()
     warm = 0
     for i in range(max(config.warmup - 1, 0)):
@@ -354,6 +361,7 @@ def time_call(
         warm += 1
     sync()
     warm_per_call = (clock() - warm_start) / warm if warm else first
+    phase("timing")
 
     if device.startswith("cuda"):
         return _cuda_timing(fns, config, device, clock, first, warm, warm_per_call, 1 + warm)

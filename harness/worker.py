@@ -48,7 +48,8 @@ def main() -> int:
         if not line.strip():
             continue
         case = Case(**json.loads(line)["case"])
-        result = run_case(case, timing, seed=config.get("seed", 0), memory_budget=config.get("memory_budget"))
+        result = run_case(case, timing, seed=config.get("seed", 0), memory_budget=config.get("memory_budget"),
+                          on_phase=lambda name: channel.write(json.dumps({"phase": name}) + "\n"))
         channel.write(json.dumps({"row": result.row, "samples_s": result.samples_s}) + "\n")
     return 0
 

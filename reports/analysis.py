@@ -13,15 +13,39 @@ GROUP_KEYS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads",
 FIT_POINTS = 3
 
 
-def series_label(variant: str, params_json: str) -> str:
+def series_label(variant: str, params_json: str, keys=None) -> str:
+    """``variant(k=v,...)`` over the parameters named in ``keys`` (all of them when None)."""
     params = json.loads(params_json) if params_json else {}
-    inner = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    inner = ",".join(f"{k}={v}" for k, v in sorted(params.items()) if keys is None or k in keys)
     return f"{variant}({inner})" if inner else variant
 
 
-def with_labels(rows: pd.DataFrame) -> pd.DataFrame:
+def label_keys(rows: pd.DataFrame, suite_definition: dict | None = None) -> dict[str, set]:
+    """Per variant, the parameters worth naming in its label: those the suite set for it and those
+    that differ between its rows. A variant's defaults (block_sparse has seven) stay out of legends."""
+    keys: dict[str, set] = {}
+    for entry in (suite_definition or {}).get("variant") or []:
+        if isinstance(entry, dict) and "name" in entry:
+            keys.setdefault(entry["name"], set()).update(k for k in entry if k != "name")
+    for variant, g in rows.groupby("variant"):
+        decoded = [json.loads(p) if p else {} for p in g["params"].unique()]
+        names = set().union(*decoded) if decoded else set()
+        varying = {k for k in names if len({json.dumps(d.get(k), sort_keys=True) for d in decoded}) > 1}
+        keys.setdefault(variant, set()).update(varying)
+    return keys
+
+
+def with_labels(rows: pd.DataFrame, suite_definition: dict | None = None) -> pd.DataFrame:
+    """Adds ``label``: the series name used in charts and tables (see :func:`label_keys`).
+
+    Without a suite definition every parameter is named, as before.
+    """
     rows = rows.copy()
-    rows["label"] = [series_label(v, p) for v, p in zip(rows["variant"], rows["params"])]
+    keys = label_keys(rows, suite_definition) if suite_definition is not None else {}
+    rows["label"] = [series_label(v, p, keys.get(v) if suite_definition is not None else None)
+                     for v, p in zip(rows["variant"], rows["params"])]
+    if suite_definition is not None and rows.groupby("label")["params"].nunique().gt(1).any():
+        rows["label"] = [series_label(v, p) for v, p in zip(rows["variant"], rows["params"])]  # keep them apart
     return rows
 
 
@@ -61,3 +85,155 @@ def exponents(ok: pd.DataFrame) -> pd.DataFrame:
                  "fit_lengths": f"{fitted[0]}–{fitted[-1]}"}
             )
     return pd.DataFrame(records)
+
+
+# -- exact dense baseline, crossovers, Pareto fronts ---------------------------------------------
+
+#: Families whose variants are compared with the exact dense baseline even when exact
+#: (they skip work by pattern rather than approximate it).
+SPARSE_FAMILIES = ("sparse", "local")
+#: sdpa backends in order of preference for the baseline (flash first, math last).
+SDPA_PREFERENCE = ("flash", "auto", "efficient", "cudnn", "math")
+
+
+def _params(params_json) -> dict:
+    try:
+        return json.loads(params_json) if params_json else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _is_exact(value) -> bool:
+    return value is True or (value is not None and value == value and bool(value))
+
+
+def is_candidate(family, exact) -> bool:
+    """An approximate variant, or one of a sparse/local family: what crossovers are computed for."""
+    return not _is_exact(exact) or family in SPARSE_FAMILIES
+
+
+def is_approximate(exact) -> bool:
+    return not _is_exact(exact)
+
+
+def baseline_label(group: pd.DataFrame) -> tuple[str | None, str]:
+    """The exact dense baseline among a configuration's ``ok`` rows, and why it was chosen.
+
+    Preference: sdpa's flash backend, else another sdpa backend (auto, efficient, cudnn,
+    math in that order), else naive. Returns ``(None, reason)`` when none ran.
+    """
+    labels = group.drop_duplicates("label").set_index("label")
+    sdpa = {}
+    for label, r in labels.iterrows():
+        if r["variant"] == "sdpa":
+            sdpa[_params(r["params"]).get("backend", "auto")] = label
+    for backend in SDPA_PREFERENCE:
+        if backend in sdpa:
+            return sdpa[backend], ("sdpa flash" if backend == "flash" else f"sdpa {backend} (no sdpa flash in this configuration)")
+    if sdpa:
+        backend = sorted(sdpa)[0]
+        return sdpa[backend], f"sdpa {backend}"
+    if "naive" in labels.index:
+        return "naive", "naive (no sdpa in this configuration)"
+    return None, "no exact dense baseline (sdpa or naive) ran in this configuration"
+
+
+def crossover_length(lengths, ratios) -> dict:
+    """Where ``ratio = candidate / baseline`` drops below 1 for good, interpolated on log-log.
+
+    ``lengths`` ascending, ``ratios`` positive. Returns ``{"kind": ..., "length": ...}`` with kind
+    ``"always"`` (below 1 at every length: the crossover is at or before the first one),
+    ``"at"`` (interpolated between the last length at or above 1 and the next),
+    ``"never"`` (not below 1 at the largest length), or ``"none"`` (no common lengths).
+    """
+    pts = [(float(x), float(r)) for x, r in zip(lengths, ratios) if r == r and r > 0 and x > 0]
+    if not pts:
+        return {"kind": "none", "length": None}
+    if pts[-1][1] >= 1:
+        wins = [int(x) for x, r in pts if r < 1]
+        return {"kind": "never", "length": None, "wins": wins}
+    last = max((i for i, (_, r) in enumerate(pts) if r >= 1), default=None)
+    if last is None:
+        return {"kind": "always", "length": pts[0][0]}
+    (x0, r0), (x1, r1) = pts[last], pts[last + 1]
+    lx0, lx1, lr0, lr1 = np.log(x0), np.log(x1), np.log(r0), np.log(r1)
+    t = 0.0 if lr0 == lr1 else lr0 / (lr0 - lr1)
+    return {"kind": "at", "length": float(np.exp(lx0 + t * (lx1 - lx0))), "between": (int(x0), int(x1))}
+
+
+def _describe(result: dict, better: str) -> str:
+    kind = result["kind"]
+    if kind == "none":
+        return "no common lengths"
+    if kind == "always":
+        return f"{better} at every measured length (from L ≤ {int(result['length'])})"
+    if kind == "at":
+        a, b = result["between"]
+        return f"L ≈ {result['length']:,.0f} (between {a:,} and {b:,})"
+    wins = result.get("wins") or []
+    text = "never in this sweep"
+    if wins:
+        text += f" ({better} only at L = {', '.join(f'{w:,}' for w in wins)})"
+    return text
+
+
+def crossovers(ok: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration and approximate/sparse series: from which length it beats the baseline.
+
+    Time compares medians (``time_ms``), memory compares ``peak_mem_bytes``; both read off the
+    lengths where the two series have a measurement, interpolated on log-log axes.
+    """
+    records = []
+    for key, group in ok.groupby(GROUP_KEYS, sort=True, dropna=False):
+        cands = group[[is_candidate(f, e) for f, e in zip(group["family"], group["exact"])]]
+        if cands.empty:
+            continue
+        base, why = baseline_label(group)
+        for label, s in cands.groupby("label", sort=True):
+            rec = {"group": group_title(key), "label": label, "baseline": base, "baseline_reason": why}
+            if base is None:
+                rec.update(time_text="no baseline", mem_text="no baseline", time_length=None, mem_length=None,
+                           compared="", time_ratio_last=None, mem_ratio_last=None, last_length=None)
+                records.append(rec)
+                continue
+            b = group[group["label"] == base].set_index("seq_len")
+            c = s.set_index("seq_len")
+            for col, prefix, better in (("time_ms", "time", "faster"), ("peak_mem_bytes", "mem", "smaller")):
+                both = c[[col]].join(b[[col]].rename(columns={col: col + "_base"}), how="inner").dropna()
+                both = both[(both[col] > 0) & (both[col + "_base"] > 0)].sort_index()
+                ratios = both[col] / both[col + "_base"]
+                result = crossover_length(list(both.index), list(ratios))
+                rec[f"{prefix}_kind"] = result["kind"]
+                rec[f"{prefix}_length"] = result["length"]
+                rec[f"{prefix}_text"] = _describe(result, better)
+                rec[f"{prefix}_ratio_last"] = float(1 / ratios.iloc[-1]) if len(ratios) else None
+                if prefix == "time":
+                    rec["last_length"] = int(both.index[-1]) if len(both) else None
+                    rec["compared"] = (f"{int(both.index[0]):,}–{int(both.index[-1]):,}" if len(both) else "")
+            records.append(rec)
+    return pd.DataFrame(records)
+
+
+def pareto_front(times, errors) -> list[bool]:
+    """Which points are on the Pareto front of (time, error), both minimised.
+
+    A point is on the front when no other point is at least as good in both and better in one.
+    """
+    pts = [(float(t), float(e)) for t, e in zip(times, errors)]
+    on = []
+    for i, (t, e) in enumerate(pts):
+        dominated = any(
+            (t2 <= t and e2 <= e) and (t2 < t or e2 < e) for j, (t2, e2) in enumerate(pts) if j != i
+        )
+        on.append(not dominated)
+    return on
+
+
+def exponent_statement(exps: pd.DataFrame) -> str:
+    """'naive: time ∝ L^1.97, memory ∝ L^2.00; sliding_window(...): L^1.02, L^1.00' for one group."""
+    parts = []
+    for i, r in enumerate(exps.to_dict("records")):
+        t = "?" if r["time_exp"] is None or r["time_exp"] != r["time_exp"] else f"L^{r['time_exp']:.2f}"
+        m = "?" if r["mem_exp"] is None or r["mem_exp"] != r["mem_exp"] else f"L^{r['mem_exp']:.2f}"
+        parts.append(f"{r['label']}: time ∝ {t}, memory ∝ {m}" if i == 0 else f"{r['label']}: {t}, {m}")
+    return "; ".join(parts)

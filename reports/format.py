@@ -44,3 +44,37 @@ def count(n) -> str:
     if _missing(n):
         return ""
     return f"{n:.3g}" if isinstance(n, float) and n >= 1e4 else str(int(n)) if float(n).is_integer() else f"{n:.3g}"
+
+
+def percent(p) -> str:
+    """A percentage already in percent units (``pct_of_peak``): '42.3 %'."""
+    if _missing(p):
+        return ""
+    return f"{p:.3g} %" if abs(p) < 100 else f"{p:.0f} %"
+
+
+def ratio(r, better: str = "faster", worse: str = "slower") -> str:
+    """A ratio where above 1 is good: '3.2× faster', '1.5× slower', 'same'."""
+    if _missing(r) or r <= 0:
+        return ""
+    if abs(r - 1) < 0.005:
+        return "same"
+    return f"{r:.3g}× {better}" if r > 1 else f"{1 / r:.3g}× {worse}"
+
+
+def flop_count(f) -> str:
+    """FLOPs with an SI prefix: '1.07 GFLOP'."""
+    if _missing(f):
+        return ""
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if abs(f) >= scale:
+            return f"{f / scale:.3g} {unit}"
+    return f"{f:.0f} FLOP"
+
+
+def ci_percent(rel) -> str:
+    """A relative half-width (0.012) as '±1.2 %'; '±270 %' when wide."""
+    if _missing(rel):
+        return ""
+    pct = rel * 100
+    return f"±{pct:.2g} %" if pct < 100 else f"±{pct:.0f} %"

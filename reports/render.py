@@ -1,85 +1,294 @@
-"""Render a run directory into one self-contained ``report.html``."""
+"""Render a run directory into one self-contained ``report.html``.
+
+Sections (each left out when the rows hold nothing for it, never drawn empty):
+
+* header — suite, run, dates, machine, versions, what was swept, status counts;
+* scaling — per configuration, time / throughput / memory against L (log-log) with each
+  series' measured exponents, and the exponents as a table and a sentence;
+* crossovers — for approximate and sparse/local variants, the length from which each beats
+  the exact dense baseline in time and in memory;
+* throughput — TFLOP/s per variant, % of measured peak and a roofline chart when the rows
+  carry calibration columns (``pct_of_peak``, ``arith_intensity``);
+* speed vs. accuracy — relative error against time for approximate variants, Pareto front;
+* every row in a sortable, filterable table; problems grouped by reason.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from harness import store
 from reports import format as fmt
-from reports.analysis import GROUP_KEYS, exponents, group_title, with_labels
-from reports.plots import scaling_chart
+from reports.analysis import (
+    GROUP_KEYS,
+    baseline_label,
+    crossovers,
+    exponent_statement,
+    exponents,
+    group_title,
+    is_approximate,
+    pareto_front,
+    with_labels,
+)
+from reports.plots import palette, roofline_chart, scaling_chart, speed_accuracy_chart
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATUS_ORDER = ["ok", "skipped", "error", "crash", "timeout", "oom"]
+#: Problems are listed failures first (the ones that need a look), skips last.
+PROBLEM_ORDER = ["crash", "timeout", "oom", "error", "skipped"]
+
+#: Columns the results table shows in its own cells; any other numeric column is shown after them.
+KNOWN_COLUMNS = set(
+    """case_id run_id suite variant family exact params device dtype mode batch heads kv_heads seq_len head_dim
+    causal inputs status reason time_ms time_ms_p10 time_ms_p90 reps first_call_ms flops tflops_per_s
+    peak_mem_bytes working_set_bytes max_abs_err rel_err grad_rel_err threads label attempt_id
+    pct_of_peak arith_intensity peak_tflops_per_s peak_gb_per_s attainable_tflops_per_s min_bytes
+    time_ms_ci_low time_ms_ci_high time_ci_rel input_sets telemetry_samples flops_counted""".split()
+)
+#: Unit suffixes of other columns, shown as the header's unit (``power_w`` → "power (W)").
+UNIT_SUFFIXES = {"_w": "W", "_j": "J", "_mhz": "MHz", "_c": "°C", "_pct": "%", "_bytes": "bytes", "_ms": "ms",
+                 "_s": "s", "_gib": "GiB", "_mib": "MiB", "_gbs": "GB/s", "_gb_per_s": "GB/s"}
 
 
 def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
-    env.filters.update(ms=fmt.duration_ms, bytes=fmt.size_bytes, tflops=fmt.rate_tflops, err=fmt.error)
+    env.filters.update(
+        ms=fmt.duration_ms, bytes=fmt.size_bytes, tflops=fmt.rate_tflops, err=fmt.error, num=fmt.count,
+        pct=fmt.percent, ratio=fmt.ratio, flopcount=fmt.flop_count, ci=fmt.ci_percent, sortkey=_sort_key,
+    )
     return env
 
 
-def _swept(rows: pd.DataFrame) -> list[tuple[str, str]]:
-    out = []
-    for col in ["variant", "params"] + GROUP_KEYS + ["seq_len"]:
-        values = sorted(rows[col].dropna().astype(str).unique(), key=lambda x: (len(x), x))
-        out.append((col, ", ".join(values)))
-    return out
+def _sort_key(x) -> str:
+    """The ``data-sort`` value of a numeric cell: the raw number, or empty when missing."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return ""
+    return repr(float(x)) if isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) else ""
 
 
-def _table_rows(rows: pd.DataFrame) -> list[dict[str, Any]]:
-    table = []
-    for r in rows.sort_values(["label", "device", "dtype", "mode", "causal", "seq_len"]).to_dict("records"):
-        table.append(r)
-    return table
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float, np.floating, np.integer)) and math.isfinite(float(x))
 
 
-def build_context(run_dir: Path) -> dict[str, Any]:
-    meta = store.read_meta(run_dir)
-    rows = with_labels(store.read_results(run_dir))
-    ok = rows[rows["status"] == "ok"]
+#: Columns of a configuration that may be constant in a run: shown in the header when they are,
+#: and then left out of the results table.
+AXIS_COLUMNS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads", "head_dim", "inputs"]
+AXIS_NAMES = {"kv_heads": "kv heads", "head_dim": "head dim"}
+
+
+def _swept(rows: pd.DataFrame) -> dict[str, list[tuple[str, str]]]:
+    """What varied across the run (variants always listed) and what was the same for every row."""
+    varied = [("variants", ", ".join(sorted(rows["label"].unique())))]
+    fixed = []
+    for col in AXIS_COLUMNS + ["seq_len"]:
+        values = sorted(rows[col].dropna().unique(), key=lambda x: (isinstance(x, str), x))
+        text = ", ".join(("causal" if v else "non-causal") if col == "causal" else f"{v}" for v in values)
+        name = AXIS_NAMES.get(col, col.replace("_", " "))
+        (varied if len(values) > 1 or col == "seq_len" else fixed).append((name, text))
+    return {"varied": varied, "fixed": fixed}
+
+
+def _extra_columns(rows: pd.DataFrame) -> list[dict[str, str]]:
+    """Numeric columns the table has no place for (a variant's ``density``, telemetry …), with units."""
+    extra = []
+    for c in rows.columns:
+        if c in KNOWN_COLUMNS:
+            continue
+        s = rows[c]
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s) and s.notna().any():
+            base, stat = c, ""
+            for tail in ("_max", "_min", "_mean"):
+                if c.endswith(tail):
+                    base, stat = c[: -len(tail)], tail[1:]
+            name, unit = base, ""
+            for suffix, u in sorted(UNIT_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+                if base.endswith(suffix) and len(base) > len(suffix):
+                    name, unit = base[: -len(suffix)], u
+                    break
+            name = name.replace("_", " ") + (f" {stat}" if stat else "")
+            extra.append({"column": c, "name": name, "unit": unit})
+    return extra
+
+
+def _present(rows: pd.DataFrame, col: str) -> bool:
+    return col in rows.columns and pd.to_numeric(rows[col], errors="coerce").notna().any()
+
+
+def _roofs(rows: pd.DataFrame) -> dict[str, dict]:
+    """Measured ceilings per (device, dtype), from the rows' calibration columns (``bench calibrate``).
+
+    Compute roof: the ``peak_tflops_per_s`` column if present, else ``tflops_per_s / (pct_of_peak / 100)``
+    (the same for every row of one device and dtype). Memory roof: the ``peak_gb_per_s`` column
+    (GB/s = 1e9 bytes/s), drawn where present.
+    """
+    roofs = {}
+    for (device, dtype), g in rows.groupby(["device", "dtype"], sort=True):
+        peak = None
+        if _present(g, "peak_tflops_per_s"):
+            peak = float(pd.to_numeric(g["peak_tflops_per_s"], errors="coerce").median())
+        elif _present(g, "pct_of_peak"):
+            pct = pd.to_numeric(g["pct_of_peak"], errors="coerce")
+            derived = (g["tflops_per_s"] / (pct / 100)).replace([np.inf, -np.inf], np.nan).dropna()
+            peak = float(derived.median()) if len(derived) else None
+        bw = None
+        if _present(g, "peak_gb_per_s"):
+            bw = float(pd.to_numeric(g["peak_gb_per_s"], errors="coerce").median())
+        if peak or bw:
+            roofs[f"{device} {dtype}"] = {"peak_tflops": peak, "bandwidth_gbs": bw}
+    return roofs
+
+
+def _scaling(ok: pd.DataFrame, styles: dict) -> tuple[list[dict], list[dict]]:
     exps = exponents(ok) if not ok.empty else pd.DataFrame()
     charts = []
     for key, group in ok.groupby(GROUP_KEYS, sort=True, dropna=False):
         title = group_title(key)
-        e = {}
-        if not exps.empty:
-            for r in exps[exps["group"] == title].to_dict("records"):
-                e[r["label"]] = (r["time_exp"], r["mem_exp"])
-        if group["seq_len"].nunique() >= 1:
-            charts.append({"title": title, "svg": scaling_chart(group, title, e)})
+        mine = exps[exps["group"] == title] if not exps.empty else pd.DataFrame()
+        e = {r["label"]: (r["time_exp"], r["mem_exp"]) for r in mine.to_dict("records")}
+        charts.append(
+            {
+                "title": title,
+                "svg": scaling_chart(group, title, e, styles),
+                "statement": exponent_statement(mine) if not mine.empty else "",
+                "lengths": group["seq_len"].nunique(),
+            }
+        )
+    records = exps.to_dict("records") if not exps.empty else []
+    for r in records:
+        for k in ("time_exp", "mem_exp"):
+            if not _finite(r[k]):
+                r[k] = None
+    return charts, records
+
+
+def _throughput(ok: pd.DataFrame, meta: dict, styles: dict) -> dict[str, Any] | None:
+    rated = ok[pd.to_numeric(ok["tflops_per_s"], errors="coerce") > 0]
+    if rated.empty:
+        return None
+    has_pct = _present(rated, "pct_of_peak")
+    table = []
+    for key, group in rated.groupby(GROUP_KEYS, sort=True, dropna=False):
+        for label, s in group.groupby("label", sort=True):
+            s = s.sort_values("seq_len")
+            last = s.iloc[-1]
+            best = s.loc[s["tflops_per_s"].idxmax()]
+            table.append(
+                {
+                    "group": group_title(key), "label": label, "length": int(last["seq_len"]),
+                    "tflops": float(last["tflops_per_s"]),
+                    "pct": float(last["pct_of_peak"]) if has_pct and _finite(last.get("pct_of_peak")) else None,
+                    "best_tflops": float(best["tflops_per_s"]), "best_length": int(best["seq_len"]),
+                    "best_pct": float(best["pct_of_peak"]) if has_pct and _finite(best.get("pct_of_peak")) else None,
+                    "attainable": float(last["attainable_tflops_per_s"])
+                    if _finite(last.get("attainable_tflops_per_s")) else None,
+                }
+            )
+    roofline = None
+    if _present(rated, "arith_intensity"):
+        pts = rated[pd.to_numeric(rated["arith_intensity"], errors="coerce") > 0].copy()
+        pts["arith_intensity"] = pd.to_numeric(pts["arith_intensity"])
+        roofs = _roofs(pts) if not pts.empty else {}
+        if roofs:  # a roofline needs a measured roof (bench calibrate); intensities alone are not one
+            title = "Roofline: every measured case against this machine's ceilings"
+            roofline = {"svg": roofline_chart(pts, title, roofs, styles), "roofs": roofs, "title": title}
+    return {"table": table, "has_pct": has_pct, "roofline": roofline,
+            "has_attainable": _present(rated, "attainable_tflops_per_s")}
+
+
+def _speed_accuracy(ok: pd.DataFrame, styles: dict) -> list[dict]:
+    """Per configuration with approximate variants: error against time at each length."""
+    charts = []
+    for key, group in ok.groupby(GROUP_KEYS, sort=True, dropna=False):
+        approx = group[[is_approximate(e) for e in group["exact"]]]
+        approx = approx[pd.to_numeric(approx["rel_err"], errors="coerce") > 0]
+        if approx.empty:
+            continue
+        base, why = baseline_label(group)
+        pts = approx
+        if base is not None:
+            b = group[(group["label"] == base) & (pd.to_numeric(group["rel_err"], errors="coerce") > 0)]
+            pts = pd.concat([approx, b[b["seq_len"].isin(approx["seq_len"])]])
+        pts = pts[(pts["time_ms"] > 0)]
+        front = pd.Series(False, index=pts.index)
+        rows = []
+        for L, at in pts.groupby("seq_len", sort=True):
+            front.loc[at.index] = pareto_front(at["time_ms"], at["rel_err"])
+            for idx, r in at.sort_values("time_ms").iterrows():
+                rows.append({"length": int(L), "label": r["label"], "time_ms": float(r["time_ms"]),
+                             "rel_err": float(r["rel_err"]), "front": bool(front[idx]), "baseline": r["label"] == base})
+        title = f"Speed vs. accuracy · {group_title(key)}"
+        charts.append(
+            {"title": title, "svg": speed_accuracy_chart(pts, title, front, styles), "baseline": base,
+             "baseline_reason": why, "rows": rows}
+        )
+    return charts
+
+
+def _problems(rows: pd.DataFrame) -> list[dict]:
+    problems = rows[rows["status"] != "ok"]
+    order = {s: i for i, s in enumerate(PROBLEM_ORDER)}
+    groups = []
+    for (status, reason), g in problems.groupby(["status", "reason"], sort=True, dropna=False):
+        groups.append(
+            {"status": status, "reason": reason if isinstance(reason, str) and reason else "(no reason recorded)",
+             "cases": sorted(g["label"] + " · " + _case_brief(g))}
+        )
+    groups.sort(key=lambda p: (order.get(p["status"], len(order)), -len(p["cases"]), p["reason"]))
+    return groups
+
+
+def _table_rows(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    cols = ["label", "device", "dtype", "mode", "causal", "seq_len"]
+    return rows.sort_values(cols, kind="stable").to_dict("records")
+
+
+def build_context(run_dir: Path) -> dict[str, Any]:
+    meta = store.read_meta(run_dir)
+    rows = with_labels(store.read_results(run_dir), (meta.get("suite") or {}).get("definition") or {})
+    for col in ("family", "exact"):
+        if col not in rows.columns:
+            rows[col] = None
+    ok = rows[rows["status"] == "ok"]
+    styles = palette(rows["label"])
+    charts, exps = _scaling(ok, styles)
+    cross = crossovers(ok) if not ok.empty else pd.DataFrame()
     counts = rows["status"].value_counts().to_dict()
     statuses = [(s, counts.get(s, 0)) for s in STATUS_ORDER if counts.get(s, 0)] + [
         (s, n) for s, n in counts.items() if s not in STATUS_ORDER
     ]
-    problems = rows[rows["status"] != "ok"]
-    problem_groups = [
-        {"status": status, "reason": reason, "cases": sorted(g["label"] + " · " + _case_brief(g))}
-        for (status, reason), g in problems.groupby(["status", "reason"], sort=True)
-    ]
-    env = meta.get("environment", {})
+    env = meta.get("environment", {}) or {}
+    table_has = {c: _present(rows, c) for c in ("first_call_ms", "grad_rel_err", "pct_of_peak", "arith_intensity",
+                                                 "working_set_bytes", "flops", "time_ci_rel")}
     return {
         "meta": meta,
         "env": env,
+        "suite_name": (meta.get("suite") or {}).get("name", "?"),
         "rows": _table_rows(rows),
         "statuses": statuses,
         "total": len(rows),
         "swept": _swept(rows),
         "charts": charts,
-        "exponents": exps.to_dict("records") if not exps.empty else [],
-        "problems": problem_groups,
-        "extra_columns": [c for c in ("density",) if c in rows.columns],
+        "exponents": exps,
+        "crossovers": cross.to_dict("records") if not cross.empty else [],
+        "throughput": _throughput(ok, meta, styles),
+        "speed_accuracy": _speed_accuracy(ok, styles) if not ok.empty else [],
+        "problems": _problems(rows),
+        "extra_columns": _extra_columns(rows),
+        "show": {c: rows[c].nunique(dropna=False) > 1 for c in AXIS_COLUMNS},
+        "table_has": table_has,
     }
 
 
 def _case_brief(g: pd.DataFrame) -> pd.Series:
     return (
-        g["device"] + " " + g["dtype"] + " " + g["mode"] + " L=" + g["seq_len"].astype(str)
-        + g["causal"].map({True: " causal", False: ""})
+        g["device"].astype(str) + " " + g["dtype"].astype(str) + " " + g["mode"].astype(str)
+        + " L=" + g["seq_len"].astype(str) + g["causal"].map({True: " causal", False: ""}).fillna("")
     )
 
 

@@ -91,7 +91,7 @@ def test_run_json_records_environment(tiny_run):
 def test_report_is_self_contained_html(tiny_run):
     _, out = tiny_run
     html = (out / "report.html").read_text()
-    assert html.count("<svg") == 2  # one chart (time, throughput, memory) per configuration: causal or not
+    assert html.count('<figure class="scaling">') == 2  # one chart (time, throughput, memory) per configuration
     assert html.count("sequence length L (tokens)") == 6 and "peak memory beyond inputs (MiB)" in html
     for external in ('src="http', "src='http", 'href="http', "url(http", "@import", "<link"):
         assert external not in html  # nothing loaded from the network
@@ -104,7 +104,7 @@ def test_report_command_rerenders(tiny_run, tmp_path):
     target = tmp_path / "again.html"
     proc = bench("report", str(out), "-o", str(target))
     assert proc.returncode == 0, proc.stderr
-    assert target.read_text().count("<svg") == 2
+    assert target.read_text().count('<figure class="scaling">') == 2
 
 
 def test_report_on_a_non_run_directory_is_a_clear_error(tmp_path):

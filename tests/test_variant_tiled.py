@@ -6,9 +6,9 @@ import torch
 import variants.tiled
 from harness import get_variant
 from harness.flops import attention_flops
-from harness.inputs import make_qkv
+from harness.inputs import make_grad, make_qkv
 from harness.memory import peak_memory_bytes
-from tests.variant_checks import assert_exact, assert_exact_grads, grad_errors, make_case
+from tests.variant_checks import assert_exact, assert_exact_grads, make_case
 
 BLOCKS = [
     {},  # defaults (one tile covers the whole test sequence)
@@ -32,6 +32,11 @@ def test_registration():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_forward_matches_reference(params, causal, kv_heads, dtype):
     assert_exact(make_case("tiled", params, causal=causal, kv_heads=kv_heads, dtype=dtype))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_float16(causal):
+    assert_exact(make_case("tiled", {"block_q": 16, "block_k": 32}, causal=causal, kv_heads=2, dtype="float16"))
 
 
 @pytest.mark.parametrize("params", BLOCKS[1:])
@@ -98,7 +103,7 @@ def test_lse_is_the_row_logsumexp():
     q, k, v = make_qkv(case)
     B, H, Hkv, L, D = case.batch, case.heads, case.kv_heads, case.seq_len, case.head_dim
     qg = q.reshape(B * Hkv, H // Hkv, L, D)
-    out, lse = variants.tiled.flash_forward(qg, k.reshape(B * Hkv, L, D), v.reshape(B * Hkv, L, D), True, 16, 32, D**-0.5)
+    _, lse = variants.tiled.flash_forward(qg, k.reshape(B * Hkv, L, D), v.reshape(B * Hkv, L, D), True, 16, 32, D**-0.5)
     scores = (q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * D**-0.5
     scores.masked_fill_(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(lse.reshape(B, H, L).double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
@@ -132,25 +137,28 @@ def _peak(case, backward=False):
         with torch.no_grad():
             return peak_memory_bytes(lambda: tiled(q, k, v, causal=case.causal, **case.params), "cpu")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
+    grad = make_grad(q)  # the upstream gradient is the caller's, outside the measured call
 
     def step():
         out = tiled(q, k, v, causal=case.causal, **case.params)
-        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        return torch.autograd.grad(out, (q, k, v), grad)
 
     return peak_memory_bytes(step, "cpu")
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kv_heads", [2, 1])
-def test_memory_is_linear_and_matches_working_set(causal, kv_heads):
-    case = make_case("tiled", {"block_q": 128, "block_k": 256}, batch=1, heads=2, kv_heads=kv_heads, seq_len=2048, causal=causal)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_memory_is_linear_and_matches_working_set(causal, kv_heads, dtype):
+    shape = {"batch": 1, "heads": 2, "kv_heads": kv_heads, "seq_len": 2048, "causal": causal, "dtype": dtype}
+    case = make_case("tiled", {"block_q": 128, "block_k": 256}, **shape)
     one_score_matrix = case.seq_len**2 * 4  # a single L×L float32 head: 16 MiB
     fwd = _peak(case)
     estimate = get_variant("tiled").working_set(case)
     assert fwd < one_score_matrix / 8
-    assert 0.5 * estimate <= fwd <= 1.25 * estimate, (fwd, estimate)
-    bwd_case = make_case("tiled", case.params, batch=1, heads=2, kv_heads=kv_heads, seq_len=2048, causal=causal, mode="fwd_bwd")
+    assert 0.8 * estimate <= fwd <= 1.2 * estimate, (fwd, estimate)
+    bwd_case = make_case("tiled", case.params, mode="fwd_bwd", **shape)
     both = _peak(bwd_case, backward=True)
     bwd_estimate = get_variant("tiled").working_set(bwd_case)
     assert both < one_score_matrix / 4
-    assert 0.5 * bwd_estimate <= both <= 1.25 * bwd_estimate, (both, bwd_estimate)
+    assert 0.8 * bwd_estimate <= both <= 1.2 * bwd_estimate, (both, bwd_estimate)

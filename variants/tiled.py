@@ -1,0 +1,258 @@
+"""FlashAttention written in PyTorch: tiled exact attention with an online softmax.
+
+Forward (Dao et al. 2022; FlashAttention-2 loop order): queries are cut into
+blocks of ``block_q`` rows; for each query block the keys and values are
+streamed in blocks of ``block_k``, keeping for every row a running maximum
+``m``, a running denominator ``l`` and an unnormalised output accumulator::
+
+    S = Q_i K_jᵀ · scale                  (block_q × block_k per head)
+    m' = max(m, rowmax S);  P = exp(S - m')
+    l  = l · exp(m - m') + rowsum P
+    acc = acc · exp(m - m') + P V_j
+    out_i = acc / l;  lse_i = m + log l
+
+Only a ``block_q × block_k`` score tile per head ever exists, never L×L. All
+batch × kv-head pairs go through one batched matmul per tile; the ``G`` query
+heads sharing a key/value head are stacked as extra rows of the query tile, so
+grouped-query attention never repeats K or V. Causal: key blocks entirely above
+the diagonal are skipped, and only tiles straddling the diagonal are masked.
+
+Backward (FlashAttention-2): the forward saves q, k, v, out and the per-row
+log-sum-exp; the backward recomputes each probability tile as
+``P = exp(S - lse)``, with ``D_i = rowsum(dO ∘ O)`` and ``dS = P ∘ (dP - D_i)``,
+so no score matrix is stored. bfloat16/float16 inputs are computed in float32
+(tiles, accumulators and statistics) and the output is rounded once.
+
+CPU performance notes: scores are kept in base 2 (q is pre-scaled by
+scale·log2 e) because ``exp2`` is about 3× cheaper than ``exp`` in PyTorch's CPU
+kernels; tiles live in buffers reused across the loop (no allocation or page
+faults per tile); P·V goes through ``bmm`` into a buffer and an ``addcmul``
+rescale rather than an in-place ``baddbmm_`` (which PyTorch runs as one
+``addmm_`` per batch). At block 256×256 the forward is bound by the two batched
+matmuls (~80% of its time), the rest being the exp2 and row reductions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness.cases import DTYPE_BYTES
+from harness.flops import attention_flops
+from harness.registry import Param, Supports, register_variant
+
+_F32 = torch.float32
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+def _blocks(length: int, block: int):
+    return [(s, min(s + block, length)) for s in range(0, length, block)]
+
+
+def _diagonal_mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | None:
+    """Boolean (rows, cols) mask of keys after their query in tile [i0,i1)×[j0,j1), or None if none are."""
+    if j1 - 1 <= i0:
+        return None
+    rows = torch.arange(i0, i1, device=device).unsqueeze(1)
+    cols = torch.arange(j0, j1, device=device).unsqueeze(0)
+    return cols > rows
+
+
+def _key_blocks(i0: int, i1: int, kblocks, causal: bool):
+    """The key blocks query rows [i0, i1) attend: all of them, or those starting at or before i1 - 1."""
+    if not causal:
+        return kblocks
+    return [(j0, j1) for j0, j1 in kblocks if j0 < i1]
+
+
+class _Tiles:
+    """Reusable flat buffers: a tile of ``shape`` is a contiguous view of the first elements."""
+
+    def __init__(self, device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=_F32, device=self.device)
+            self.buffers[name] = buf
+        return buf[:n].view(shape)
+
+
+def _query_tile(x: torch.Tensor, i0: int, i1: int, out: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Rows [i0, i1) of x (N, G, L, D) as a float32 (N, G·rows, D) tile, optionally scaled, written into ``out``."""
+    N, G, _, D = x.shape
+    view = out.view(N, G, i1 - i0, D)
+    if scale is None:
+        view.copy_(x[:, :, i0:i1])
+    else:
+        torch.mul(x[:, :, i0:i1], scale, out=view)
+    return out
+
+
+def flash_forward(q, k, v, causal: bool, block_q: int, block_k: int, scale: float):
+    """Tiled forward. q (N, G, L, D); k, v (N, L, D), N = batch·kv_heads.
+
+    Returns out (q's dtype, q's shape) and the natural-log log-sum-exp of every row, (N, G, L) float32.
+    Scores are kept in base 2 (q is scaled by scale·log2 e) because ``exp2`` is several times cheaper
+    than ``exp`` on CPU; the result is the same softmax.
+    """
+    N, G, L, D = q.shape
+    Lk = k.shape[1]
+    block_q, block_k = min(block_q, L), min(block_k, Lk)
+    kf, vf = k.to(_F32), v.to(_F32)  # no copy for float32
+    out = torch.empty_like(q)
+    lse = torch.empty(N, G, L, dtype=_F32, device=q.device)
+    direct = q.dtype == _F32 and G == 1  # accumulate straight into the output rows
+    tiles = _Tiles(q.device)
+    kblocks = _blocks(Lk, block_k)
+    for i0, i1 in _blocks(L, block_q):
+        rows = G * (i1 - i0)
+        qs = _query_tile(q, i0, i1, tiles.get("q", (N, rows, D)), scale * _LOG2E)
+        acc = out[:, 0, i0:i1] if direct else tiles.get("acc", (N, rows, D))
+        pv = tiles.get("pv", (N, rows, D))
+        m, m_new = tiles.get("m", (N, rows, 1)), tiles.get("m_new", (N, rows, 1))
+        l, rowsum = tiles.get("l", (N, rows, 1)), tiles.get("rowsum", (N, rows, 1))
+        for n, (j0, j1) in enumerate(_key_blocks(i0, i1, kblocks, causal)):
+            s = tiles.get("s", (N, rows, j1 - j0))
+            torch.bmm(qs, kf[:, j0:j1].transpose(1, 2), out=s)  # base-2 scores
+            mask = _diagonal_mask(i0, i1, j0, j1, q.device) if causal else None
+            if mask is not None:
+                s.view(N, G, i1 - i0, j1 - j0).masked_fill_(mask, float("-inf"))
+            if n == 0:
+                torch.amax(s, dim=-1, keepdim=True, out=m)
+                s.sub_(m).exp2_()
+                torch.sum(s, dim=-1, keepdim=True, out=l)
+                torch.bmm(s, vf[:, j0:j1], out=acc)
+                continue
+            torch.amax(s, dim=-1, keepdim=True, out=m_new)
+            torch.maximum(m_new, m, out=m_new)
+            s.sub_(m_new).exp2_()  # P = 2^(S - m')
+            alpha = m.sub_(m_new).exp2_()  # rescale factor 2^(m - m'), in m's buffer
+            torch.sum(s, dim=-1, keepdim=True, out=rowsum)
+            torch.addcmul(rowsum, l, alpha, out=l)  # l = l·alpha + rowsum P
+            torch.bmm(s, vf[:, j0:j1], out=pv)
+            torch.addcmul(pv, acc, alpha, out=acc)  # acc = acc·alpha + P V
+            m, m_new = m_new, m
+        if direct:
+            acc.div_(l)
+        else:
+            torch.div(acc.view(N, G, i1 - i0, D), l.view(N, G, i1 - i0, 1), out=out[:, :, i0:i1])
+        # lse = ln 2 · (m + log2 l)
+        lse[:, :, i0:i1].copy_(l.log2_().add_(m).mul_(_LN2).view(N, G, i1 - i0))
+    return out, lse
+
+
+def flash_backward(q, k, v, out, lse, dout, causal: bool, block_q: int, block_k: int, scale: float):
+    """FlashAttention-2 backward from the saved log-sum-exp; returns float32 (dq, dk, dv) in the input layouts."""
+    N, G, L, D = q.shape
+    Lk = k.shape[1]
+    block_q, block_k = min(block_q, L), min(block_k, Lk)
+    kf, vf = k.to(_F32), v.to(_F32)
+    dq = torch.empty(N, G, L, D, dtype=_F32, device=q.device)
+    dk = torch.zeros(N, Lk, D, dtype=_F32, device=q.device)
+    dv = torch.zeros(N, Lk, D, dtype=_F32, device=q.device)
+    tiles = _Tiles(q.device)
+    kblocks = _blocks(Lk, block_k)
+    for i0, i1 in _blocks(L, block_q):
+        rows = G * (i1 - i0)
+        qs = _query_tile(q, i0, i1, tiles.get("q", (N, rows, D)), scale * _LOG2E)
+        do = _query_tile(dout, i0, i1, tiles.get("do", (N, rows, D)))
+        o = _query_tile(out, i0, i1, tiles.get("o", (N, rows, D)))
+        delta = torch.sum(o.mul_(do), dim=-1, keepdim=True)  # D_i = rowsum(dO ∘ O)
+        lse2 = (lse[:, :, i0:i1] * _LOG2E).view(N, rows, 1)  # base-2 log-sum-exp
+        dq_acc = tiles.get("dq", (N, rows, D))
+        tmp_q = tiles.get("tmp_q", (N, rows, D))
+        for n, (j0, j1) in enumerate(_key_blocks(i0, i1, kblocks, causal)):
+            kb, vb = kf[:, j0:j1], vf[:, j0:j1]
+            tmp_k = tiles.get("tmp_k", (N, j1 - j0, D))
+            p = tiles.get("p", (N, rows, j1 - j0))
+            torch.bmm(qs, kb.transpose(1, 2), out=p)
+            mask = _diagonal_mask(i0, i1, j0, j1, q.device) if causal else None
+            if mask is not None:
+                p.view(N, G, i1 - i0, j1 - j0).masked_fill_(mask, float("-inf"))
+            p.sub_(lse2).exp2_()  # P recomputed from the log-sum-exp
+            dv[:, j0:j1].add_(torch.bmm(p.transpose(1, 2), do, out=tmp_k))  # dV_j += Pᵀ dO_i
+            dp = tiles.get("dp", (N, rows, j1 - j0))
+            torch.bmm(do, vb.transpose(1, 2), out=dp)  # dP = dO_i V_jᵀ
+            ds = dp.sub_(delta).mul_(p)  # dS = P ∘ (dP - D_i)
+            if n == 0:
+                torch.bmm(ds, kb, out=dq_acc)
+            else:
+                dq_acc.add_(torch.bmm(ds, kb, out=tmp_q))  # dQ_i += dS K_j
+            dk[:, j0:j1].add_(torch.bmm(ds.transpose(1, 2), qs, out=tmp_k))  # dK_j += dSᵀ Q_i (·scale·log2 e)
+        torch.mul(dq_acc.view(N, G, i1 - i0, D), scale, out=dq[:, :, i0:i1])
+    dk.mul_(1.0 / _LOG2E)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, block_q, block_k, scale):
+        out, lse = flash_forward(q, k, v, causal, block_q, block_k, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.config = (causal, block_q, block_k, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = flash_backward(q, k, v, out, lse, dout, *ctx.config)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _working_set(case) -> float:
+    """Peak bytes: output, log-sum-exp and the tiles; with a backward, float32 gradients and backward tiles.
+
+    Forward: out + lse + one score tile (B·H·block_q × block_k float32) + the query/accumulator
+    row tiles (+ float32 copies of K and V for 16-bit inputs). Backward (the upstream gradient is
+    the caller's): saved out + lse, float32 dQ, dK, dV, and either the loop's two score tiles (P, dP),
+    five query-row tiles (Q, dO, O, dQ, a product) and one key-row tile, or (16-bit inputs) the
+    final casts of the gradients.
+    """
+    B, H, Hkv, L, D = case.batch, case.heads, case.kv_heads, case.seq_len, case.head_dim
+    bq, bk = min(case.params["block_q"], L), min(case.params["block_k"], L)
+    eb, f4 = case.element_bytes, DTYPE_BYTES["float32"]
+    rows = B * H * bq  # query rows of one tile, all heads
+    half = case.dtype != "float32"
+    out_lse = B * H * L * (D * eb + f4)
+    kv32 = 2 * B * Hkv * L * D * f4 if half else 0
+    direct = not half and H == Hkv
+    fwd = out_lse + kv32 + rows * bk * f4 + rows * D * f4 * (2 if direct else 3)
+    if case.mode == "fwd":
+        return fwd
+    grad_elems = B * H * L * D + 2 * B * Hkv * L * D
+    tiles = 2 * rows * bk * f4 + 5 * rows * D * f4 + B * Hkv * bk * D * f4
+    casts = grad_elems * eb if half else 0  # after the loop, when K/V copies and tiles are gone
+    bwd = out_lse + grad_elems * f4 + max(kv32 + tiles, casts)
+    return max(fwd, bwd)
+
+
+@register_variant(
+    "tiled",
+    family="memory_efficient",
+    exact=True,
+    flops=attention_flops,
+    supports=Supports(devices={"cpu", "cuda"}),
+    working_set=_working_set,
+    params={
+        "block_q": Param(256, min=1, help="query rows per tile"),
+        "block_k": Param(256, min=1, help="keys per tile (one online-softmax step)"),
+    },
+    description="FlashAttention in PyTorch: tiled online softmax, O(L·D) memory, LSE-recomputing backward",
+)
+def tiled(q, k, v, *, causal, block_q=256, block_k=256):
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    scale = 1.0 / math.sqrt(D)
+    qg = q.reshape(B * Hkv, H // Hkv, L, D)
+    kg, vg = k.reshape(B * Hkv, k.shape[2], D), v.reshape(B * Hkv, v.shape[2], D)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        out = _FlashAttention.apply(qg, kg, vg, causal, block_q, block_k, scale)
+    else:
+        out, _ = flash_forward(qg, kg, vg, causal, block_q, block_k, scale)
+    return out.reshape(B, H, L, D)
