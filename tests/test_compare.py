@@ -396,6 +396,9 @@ def _doctored(real, tmp_path, name, factor):
     shutil.copytree(src, dst)
     meta = json.loads((dst / "run.json").read_text())
     meta["run_id"] = name
+    # doctored numbers come from no code: record a commit that is not this checkout's, so --confirm
+    # declines to re-run them whatever the state of the tree the tests run in
+    meta["environment"]["git"] = {"commit": "0" * 40, "dirty": False}
     (dst / "run.json").write_text(json.dumps(meta))
     rows = store.read_results(dst)
     rng = np.random.default_rng(7)
@@ -423,7 +426,7 @@ def test_exit_codes(real, bench, tmp_path):
     with pytest.raises(SystemExit) as exc:
         bench("compare", base, slow, "--time-threshold", "5")
     assert exc.value.code == 2
-    # --confirm against doctored runs declines (this is not a clean checkout of their commit), verdicts stand
+    # --confirm against doctored runs declines (their recorded commit is not this checkout's), verdicts stand
     status, _, err = bench("compare", base, slow, "--no-html", "--fail-on-regression", "--confirm")
     assert status == 1 and "confirm: not re-run" in err
 
