@@ -71,6 +71,7 @@ from scipy import stats
 from harness import store
 from harness.history import RunInfo, run_info
 from harness.store import StoreError
+from reports.format import duration_ms
 
 #: Verdicts, most severe first (the order of the terminal table).
 VERDICTS = ("now failing", "regressed", "missing", "new", "now passing", "improved", "unchanged", "not compared")
@@ -678,14 +679,7 @@ def _json_value(v: Any) -> Any:
 
 
 def _ms(x) -> str:
-    if not _finite(x):
-        return ""
-    x = float(x)
-    if x >= 1000:
-        return f"{x / 1000:.3g} s"
-    if x >= 1:
-        return f"{x:.3g} ms"
-    return f"{x * 1000:.3g} µs"
+    return duration_ms(float(x)) if _finite(x) else ""
 
 
 def _q(q) -> str:
