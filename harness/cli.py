@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a suite file and write results and a report")
     run.add_argument("suite", help="suite TOML file")
     run.add_argument("-o", "--output", metavar="DIR", help="run directory (default results/runs/<run_id>)")
-    run.add_argument("--memory-budget-gib", type=_positive, metavar="GIB",
+    run.add_argument("--memory-budget-gib", type=positive_number, metavar="GIB",
                      help="skip cases whose estimated working set exceeds this (default: 60%% of available memory)")
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (same suite)")
     run.add_argument("--dry-run", action="store_true", help="check the suite and list its cases; run nothing")
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     res = sub.add_parser("resume", help="continue an interrupted run with the suite it started with")
     res.add_argument("run_dir", help="run directory")
-    res.add_argument("--memory-budget-gib", type=_positive, metavar="GIB", help="as for bench run")
+    res.add_argument("--memory-budget-gib", type=positive_number, metavar="GIB", help="as for bench run")
     _add_execution_options(res)
 
     ls = sub.add_parser("list", help="list registered variants and their capabilities")
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(text: str) -> float:
+def positive_number(text: str) -> float:
+    """argparse type: a number > 0, with a one-line message otherwise."""
     try:
         value = float(text)
     except ValueError:
@@ -81,7 +82,7 @@ def _positive(text: str) -> float:
 def _add_execution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isolation", choices=("process", "none"),
                    help="run cases in a worker process (default, survives crashes) or in this one")
-    p.add_argument("--case-timeout", type=_positive, metavar="S", help="per-case timeout in seconds (isolation only)")
+    p.add_argument("--case-timeout", type=positive_number, metavar="S", help="per-case timeout in seconds (isolation only)")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per finished case")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="plain progress lines (every 10%% of cases) instead of the bar")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from harness.cli import positive_number
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -15,16 +17,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -54,9 +46,9 @@ def register(sub) -> None:
     p.add_argument("--head-dim", type=_positive_int, default=64, help="--check: head_dim (default 64)")
     p.add_argument("--causal", action="store_true", help="--check: causal attention")
     p.add_argument("--runs", type=_positive_int, default=3, help="--check: runs of each method (default 3)")
-    p.add_argument("--min-time-s", type=_positive_float, default=1.0,
+    p.add_argument("--min-time-s", type=positive_number, default=1.0,
                    help="--check: minimum sampling time of each method per run (default 1.0)")
-    p.add_argument("--max-time-s", type=_positive_float,
+    p.add_argument("--max-time-s", type=positive_number,
                    help="--check: the harness's per-case sampling budget (default: TimingConfig's, 5 s)")
     p.set_defaults(handler=cmd_calibrate)
 

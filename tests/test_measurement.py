@@ -7,22 +7,7 @@ from harness.cases import Case
 from harness.flops import attention_flops, dense_pairs, total_flops
 from harness.memory import peak_from_events, peak_memory_bytes
 from harness.timing import TimingConfig, summarize, time_call
-
-
-class FakeClock:
-    """Each call of the timed function advances time by the next duration in the list."""
-
-    def __init__(self, durations):
-        self.t = 0.0
-        self.durations = list(durations)
-        self.calls = 0
-
-    def __call__(self):
-        return self.t
-
-    def fn(self):
-        self.t += self.durations[min(self.calls, len(self.durations) - 1)]
-        self.calls += 1
+from tests.fakes import FakeClock
 
 
 def test_first_call_is_kept_out_of_the_samples():

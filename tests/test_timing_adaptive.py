@@ -20,22 +20,7 @@ from harness.timing import (
     stop_reason,
     time_call,
 )
-
-
-class FakeClock:
-    """Time advances only when a timed function runs, by the next duration of the list."""
-
-    def __init__(self, durations):
-        self.t = 0.0
-        self.durations = list(durations)
-        self.calls = 0
-
-    def __call__(self):
-        return self.t
-
-    def fn(self):
-        self.t += self.durations[min(self.calls, len(self.durations) - 1)]
-        self.calls += 1
+from tests.fakes import FakeClock
 
 
 def noisy(n, center=1e-3, rel=0.05, seed=0):
