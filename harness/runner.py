@@ -26,7 +26,7 @@ import torch
 
 from harness import calibrate, environment, flopcount, telemetry, flops as flop_rules
 from harness.cases import Case
-from harness.inputs import make_grad, make_qkv
+from harness.inputs import aligned_copy, make_grad, make_qkv
 from harness.memory import peak_memory_bytes
 from harness.reference import MAX_GRAD_CHECK_LEN, check_rows, errors, reference_attention, reference_grads
 from harness.registry import Variant, get_variant
@@ -212,7 +212,7 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
         # more input sets (copies, same values) when one call's traffic would leave its inputs in the cache
         touched = input_bytes(case) + (int(variant.working_set(case)) if variant.working_set is not None else 0)
         sets = input_set_count(touched, case.device, timing)
-        calls = [call] + [_call_for_mode(variant, case, q.clone(), k.clone(), v.clone()) for _ in range(sets - 1)]
+        calls = [call] + [_call_for_mode(variant, case, *(aligned_copy(x) for x in (q, k, v))) for _ in range(sets - 1)]
         with telemetry.Sampler(case.device) as tel:
             measured = time_call(calls, timing, device=case.device, on_phase=phase)
             tel.measure_energy(call, tokens=case.batch * case.seq_len)
@@ -313,6 +313,7 @@ def start_run(suite, out_dir: Path | None, cases: list[Case], results_root: Path
             "name": suite.name,
             "description": suite.description,
             "path": str(suite.path) if suite.path else None,
+            "resolved_path": str(Path(suite.path).resolve()) if suite.path else None,
             "definition": suite.raw,
             "text": suite.text,
         },
