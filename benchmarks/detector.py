@@ -2,32 +2,36 @@
 
     python benchmarks/detector.py --aa 20 --slow 20
 
-Runs the nightly suite (``suites/nightly-cpu.toml`` unless ``--suite``) on this
-machine, exactly as the nightly job does (``bench run`` in a fresh process each
-time), plus a probe variant ``slow_sdpa`` from the test-only plugin
-``tests/plugins/slow_sdpa.py``: SDPA (flash backend) that, when asked, does about
-10% more attention work (``--extra``) under an unchanged case key. Then:
+Sets up what a nightly job sees, in a scratch git repository holding this
+project's working tree (``tests/scratch_repo.py``), with the nightly suite
+(``suites/nightly-cpu.toml`` unless ``--suite``) plus a probe variant
+``slow_sdpa`` from the test-only plugin ``tests/plugins/slow_sdpa.py`` (SDPA,
+flash backend). Two commits: **A**, the project as it is, and **B**, which
+changes one line of the plugin so that the probe does 10% more attention work
+(``--extra``) under an unchanged case key: a real regression, arriving the way
+real ones do. Then, each run a fresh ``bench run`` process exactly as the
+nightly job runs it:
 
-* one baseline run, with no extra work;
-* ``--aa N`` runs with no change at all, each compared with the baseline (A/A);
-* ``--slow N`` runs whose probe does the extra work, each compared with the
-  baseline; the A/A and slowdown runs alternate, so a drift of the machine over
-  the session affects both alike.
+* one baseline run at A;
+* ``--aa N`` runs at A again (no change at all), each compared with the baseline;
+* ``--slow N`` runs at B, each compared with the baseline; the A/A and slowdown
+  runs alternate, so a drift of the machine over the session affects both alike.
 
-Each comparison is ``bench compare``'s (same statistics, thresholds and FDR
-control; no ``--confirm``, which the nightly job cannot use against a baseline
-from another commit). It prints
+Each comparison is made twice, as ``bench compare`` makes it: from the stored
+samples alone (the screen), and then with ``--confirm`` (what the nightly job
+uses: cases that changed are re-run, BASE's commit and NEW's interleaved, and
+keep their verdict only if the re-run shows it again). For both it prints
 
 * the false-alarm rate: A/A comparisons that reported any regression (the
-  nightly job would have failed), and the share of all case comparisons with no
-  real change that were called regressed or improved;
-* the detection rate: slowed probe cases called ``regressed`` (in time), and
-  the slowdown actually measured for the probe (median ratio), so "10%" is
-  checked rather than assumed.
+  nightly job would have failed), and the share of all unchanged case
+  comparisons called regressed or improved;
+* the detection rate: slowed probe cases called ``regressed`` in time, and the
+  slowdown measured for the probe (median ratio), so "10%" is checked rather
+  than assumed.
 
 Goal (issue 5): no false alarm in 20 A/A comparisons, and at least 95% of the
-10% slowdowns detected. Takes 1 + aa + slow suite runs, each about a minute for the nightly CPU
-suite plus the probe on 2 cores: some 40 minutes for 20 + 20.
+10% slowdowns detected. A suite run takes about 40 s on 2 cores, and a
+confirmation about 15 s per case it re-runs.
 """
 
 from __future__ import annotations
@@ -46,41 +50,118 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PLUGIN = ROOT / "tests" / "plugins" / "slow_sdpa.py"
+PLUGIN = "tests/plugins/slow_sdpa.py"
 PROBE = "slow_sdpa"
-EXTRA_ENV = "ATTENTION_BENCH_EXTRA_WORK"
+FLAGGED = ("regressed", "improved", "now failing")
 
 
 def derived_suite(suite: Path, probe_lengths: list[int]) -> str:
-    """The suite's text plus the plugin and the probe variant (flash SDPA at the given lengths)."""
+    """The suite's text plus the plugin and the probe variant (flash SDPA at the given lengths).
+
+    The result lives at the scratch repository's top, so the plugin path is relative to it."""
     import tomllib
 
     text = suite.read_text()
     raw = tomllib.loads(text)
-    plugins = list(raw.get("plugins", [])) + [str(PLUGIN)]
+    plugins = list(raw.get("plugins", [])) + [PLUGIN]
     # top-level keys come before the first table: drop the suite's own name and plugins lines there
     first_table = re.search(r"(?m)^\s*\[", text)
     split = first_table.start() if first_table else len(text)
     top, rest = text[:split], text[split:]
-    top = re.sub(r"(?m)^\s*(plugins|name)\s*=.*$", "", top)
-    if "plugins" in raw and re.search(r"(?m)^\s*plugins\s*=\s*\[[^\]]*$", text[:split]):
+    if "plugins" in raw and re.search(r"(?m)^\s*plugins\s*=\s*\[[^\]]*$", top):
         raise SystemExit(f"{suite}: write its plugins list on one line for the detector")
-    text = top + rest
+    top = re.sub(r"(?m)^\s*(plugins|name)\s*=.*$", "", top)
     head = f'name = "detector-{raw.get("name", suite.stem)}"\nplugins = {json.dumps(plugins)}\n'
     probe = f'\n[[variant]]\nname = "{PROBE}"\nbackend = "flash"\nseq_len = {json.dumps(probe_lengths)}\n'
-    return head + text + probe
+    return head + top + rest + probe
 
 
-def bench_run(suite_file: Path, out: Path, extra: float) -> float:
-    env = dict(os.environ, **{EXTRA_ENV: repr(extra)})
+def setup_repo(work: Path, suite: Path, probe_lengths: list[int], extra: float) -> tuple[Path, str, str]:
+    """The scratch repository and its two commits (A: as is; B: the probe does ``extra`` more work)."""
+    from tests.scratch_repo import commit_change, git, make_scratch_repo
+
+    repo = work / "repo"
+    if (repo / ".git").is_dir():
+        return repo, git(repo, "rev-parse", "fast"), git(repo, "rev-parse", "slow")
+    make_scratch_repo(repo)
+    (repo / "detector.toml").write_text(derived_suite(suite, probe_lengths))
+    git(repo, "add", "detector.toml")
+    git(repo, "commit", "-q", "-m", "detector suite")
+    a = git(repo, "rev-parse", "HEAD")
+    git(repo, "tag", "fast")
+    b = commit_change(repo, PLUGIN, r"^EXTRA_WORK = 0\.0$", f"EXTRA_WORK = {extra!r}",
+                      f"slow_sdpa: {extra:.0%} more work")
+    git(repo, "tag", "slow")
+    return repo, a, b
+
+
+def bench_run(repo: Path, commit: str, out: Path) -> float:
+    from tests.scratch_repo import git
+
+    git(repo, "checkout", "-q", commit)
+    env = dict(os.environ, PYTHONPATH=str(repo))
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "harness", "run", str(suite_file), "-o", str(out), "--quiet", "--no-report"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "harness", "run", "detector.toml", "-o", str(out), "--quiet", "--no-report"],
+        cwd=repo, env=env, capture_output=True, text=True,
     )
     if proc.returncode != 0:
         sys.exit(f"bench run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return time.monotonic() - t0
+
+
+def tally(table, slowed: bool) -> dict:
+    """What one comparison's verdicts say: alarms, flagged unchanged cases, probe detections."""
+    import pandas as pd
+
+    is_probe = table["variant"] == PROBE
+    flagged = table["verdict"].isin(FLAGGED)
+    unchanged = ~is_probe if slowed else pd.Series(True, index=table.index)
+    probes = table[is_probe]
+    return {
+        "alarm": bool((table.loc[unchanged, "verdict"].isin(["regressed", "now failing"])).any()),
+        "unchanged_cases": int(unchanged.sum()),
+        "unchanged_flagged": int((flagged & unchanged).sum()),
+        "probe_cases": int(len(probes)) if slowed else 0,
+        "probe_detected": int((probes["time_verdict"] == "regressed").sum()) if slowed else 0,
+        "probe_ratios": probes["time_ratio"].dropna().tolist(),
+        "flagged": table.loc[flagged, ["label", "verdict", "time_ratio"]].to_dict("records"),
+    }
+
+
+def summarise(results: list[dict], stage: str) -> dict:
+    aa = [r[stage] for r in results if r["kind"] == "aa"]
+    slow = [r[stage] for r in results if r["kind"] == "slow"]
+    out = {
+        "aa_comparisons": len(aa),
+        "aa_comparisons_with_a_regression": sum(t["alarm"] for t in aa),
+        "aa_case_comparisons": sum(t["unchanged_cases"] for t in aa),
+        "aa_cases_flagged": sum(t["unchanged_flagged"] for t in aa),
+        "slow_comparisons": len(slow),
+        "slow_comparisons_with_a_false_regression": sum(t["alarm"] for t in slow),
+        "unchanged_cases_in_slow_runs": sum(t["unchanged_cases"] for t in slow),
+        "unchanged_cases_in_slow_runs_flagged": sum(t["unchanged_flagged"] for t in slow),
+        "slow_probe_cases": sum(t["probe_cases"] for t in slow),
+        "slow_probe_cases_detected": sum(t["probe_detected"] for t in slow),
+    }
+    out["aa_false_alarm_rate"] = out["aa_comparisons_with_a_regression"] / len(aa) if aa else None
+    out["detection_rate"] = out["slow_probe_cases_detected"] / out["slow_probe_cases"] if out["slow_probe_cases"] else None
+    return out
+
+
+def describe(name: str, s: dict) -> str:
+    lines = [f"{name}:"]
+    if s["aa_comparisons"]:
+        lines.append(f"  A/A: {s['aa_comparisons_with_a_regression']} of {s['aa_comparisons']} comparisons reported a "
+                     f"regression (false-alarm rate {s['aa_false_alarm_rate']:.0%}); {s['aa_cases_flagged']} of "
+                     f"{s['aa_case_comparisons']} case comparisons flagged regressed/improved")
+    if s["slow_comparisons"]:
+        lines.append(f"  slowdown: {s['slow_probe_cases_detected']} of {s['slow_probe_cases']} slowed probe cases "
+                     f"detected (detection rate {s['detection_rate']:.0%}); "
+                     f"{s['slow_comparisons_with_a_false_regression']} of {s['slow_comparisons']} comparisons also "
+                     f"called an unchanged case regressed; {s['unchanged_cases_in_slow_runs_flagged']} of "
+                     f"{s['unchanged_cases_in_slow_runs']} unchanged cases flagged")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", type=float, default=0.10, help="extra work of the slowed probe (default 0.10 = 10%%)")
     p.add_argument("--suite", type=Path, default=ROOT / "suites" / "nightly-cpu.toml", help="suite to run")
     p.add_argument("--probe-lengths", default="1024,2048", help="sequence lengths of the probe (default 1024,2048)")
-    p.add_argument("--work", type=Path, help="directory for the runs (default: a temporary one, removed)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--rounds", type=int, default=8, help="--confirm rounds per side (default 8, as bench compare)")
+    p.add_argument("--work", type=Path, help="directory for the repository and runs (default: a temporary one, "
+                                             "removed); runs already there are reused")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON (after each comparison)")
     args = p.parse_args(argv)
     if args.aa < 0 or args.slow < 0 or args.aa + args.slow == 0:
         p.error("--aa and --slow must be >= 0 and not both 0")
 
+    from harness import environment
     from harness.compare import compare_runs
+    from harness.confirm import confirm
 
     tmp = None
     if args.work is None:
@@ -105,93 +190,58 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work = args.work
         work.mkdir(parents=True, exist_ok=True)
-    suite_file = work / "detector.toml"
-    suite_file.write_text(derived_suite(args.suite, [int(x) for x in args.probe_lengths.split(",")]))
+    repo, fast, slow = setup_repo(work, args.suite, [int(x) for x in args.probe_lengths.split(",")], args.extra)
+    here = environment.capture()
 
-    plan = [("base", 0.0)]
+    plan = [("base", "base", fast)]
     for i in range(max(args.aa, args.slow)):
         if i < args.aa:
-            plan.append((f"aa-{i:02d}", 0.0))
+            plan.append((f"aa-{i:02d}", "aa", fast))
         if i < args.slow:
-            plan.append((f"slow-{i:02d}", args.extra))
-    print(f"{len(plan)} runs of {args.suite.name} + probe {PROBE} into {work}", file=sys.stderr)
-    runs = {}
-    for n, (name, extra) in enumerate(plan, 1):
-        out = work / name
+            plan.append((f"slow-{i:02d}", "slow", slow))
+    print(f"{len(plan)} runs of {args.suite.name} + probe {PROBE} in {repo}", file=sys.stderr)
+    results: list[dict] = []
+    for n, (name, kind, commit) in enumerate(plan, 1):
+        out = work / "runs" / name
         if (out / "run.json").exists():
             print(f"[{n}/{len(plan)}] {name}: reusing {out}", file=sys.stderr)
         else:
-            wall = bench_run(suite_file, out, extra)
-            print(f"[{n}/{len(plan)}] {name} (extra work {extra:.0%}): {wall:.0f} s", file=sys.stderr)
-        runs[name] = out
-
-    aa_alarms = aa_cases = aa_flagged = 0
-    slow_detected = slow_probes = slow_all = 0
-    other_cases = other_flagged = 0
-    probe_ratios_slow: list[float] = []
-    probe_ratios_aa: list[float] = []
-    details = []
-    for name, out in runs.items():
-        if name == "base":
+            wall = bench_run(repo, commit, out)
+            print(f"[{n}/{len(plan)}] {name} (commit {'B, slowed' if commit == slow else 'A'}): {wall:.0f} s",
+                  file=sys.stderr)
+        if kind == "base":
             continue
-        c = compare_runs(runs["base"], out)
-        t = c.cases
-        is_probe = t["variant"] == PROBE
-        flagged = t["verdict"].isin(["regressed", "improved", "now failing"])
-        if name.startswith("aa-"):
-            aa_alarms += int(c.has_regression)
-            aa_cases += len(t)
-            aa_flagged += int(flagged.sum())
-            probe_ratios_aa += t.loc[is_probe, "time_ratio"].dropna().tolist()
-        else:
-            probes = t[is_probe]
-            hit = int((probes["time_verdict"] == "regressed").sum())
-            slow_detected += hit
-            slow_probes += len(probes)
-            slow_all += int(hit == len(probes))
-            probe_ratios_slow += probes["time_ratio"].dropna().tolist()
-            other_cases += int((~is_probe).sum())
-            other_flagged += int((flagged & ~is_probe).sum())
-        details.append({"run": name, "counts": c.counts, "warnings": c.warnings,
-                        "flagged": t.loc[flagged, ["label", "verdict", "time_ratio", "q_value"]].to_dict("records")})
+        c = compare_runs(work / "runs" / "base", out)
+        screen = tally(c.cases, kind == "slow")
+        t0 = time.monotonic()
+        result = confirm(c, rounds=args.rounds, here=here, log=lambda s: None)
+        confirmed = tally(c.cases, kind == "slow")
+        print(f"    screen flagged {len(screen['flagged'])}; confirm ({time.monotonic() - t0:.0f} s): "
+              f"{result['message']}", file=sys.stderr)
+        results.append({"run": name, "kind": kind, "screen": screen, "confirm": confirmed,
+                        "confirm_result": result})
+        figures = {
+            "suite": str(args.suite), "extra_work": args.extra, "rounds": args.rounds,
+            "screen": summarise(results, "screen"), "confirm": summarise(results, "confirm"),
+            "probe_ratio_slow_median": statistics.median(
+                [x for r in results if r["kind"] == "slow" for x in r["screen"]["probe_ratios"]] or [float("nan")]),
+            "probe_ratio_aa_median": statistics.median(
+                [x for r in results if r["kind"] == "aa" for x in r["screen"]["probe_ratios"]] or [float("nan")]),
+            "details": results,
+        }
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2, default=str))
 
-    aa_n = sum(1 for n in runs if n.startswith("aa-"))
-    slow_n = sum(1 for n in runs if n.startswith("slow-"))
-    figures = {
-        "suite": str(args.suite),
-        "aa_comparisons": aa_n,
-        "aa_comparisons_with_a_regression": aa_alarms,
-        "aa_false_alarm_rate": aa_alarms / aa_n if aa_n else None,
-        "aa_case_comparisons": aa_cases,
-        "aa_cases_flagged": aa_flagged,
-        "unchanged_cases_in_slow_runs": other_cases,
-        "unchanged_cases_in_slow_runs_flagged": other_flagged,
-        "slow_comparisons": slow_n,
-        "slow_probe_cases": slow_probes,
-        "slow_probe_cases_detected": slow_detected,
-        "detection_rate": slow_detected / slow_probes if slow_probes else None,
-        "slow_comparisons_all_probes_detected": slow_all,
-        "measured_slowdown_median": statistics.median(probe_ratios_slow) if probe_ratios_slow else None,
-        "probe_ratio_aa_median": statistics.median(probe_ratios_aa) if probe_ratios_aa else None,
-        "extra_work": args.extra,
-        "details": details,
-    }
     print()
-    print(f"A/A: {aa_alarms} of {aa_n} comparisons reported a regression "
-          f"(false-alarm rate {figures['aa_false_alarm_rate'] if aa_n else float('nan'):.0%}); "
-          f"{aa_flagged} of {aa_cases} case comparisons flagged regressed/improved"
-          + (f"; in the slowdown runs {other_flagged} of {other_cases} unchanged cases flagged" if slow_n else ""))
-    if slow_n:
-        print(f"slowdown (extra work {args.extra:.0%}, measured median ratio ×{figures['measured_slowdown_median']:.3f}; "
-              f"A/A probe ×{figures['probe_ratio_aa_median'] or float('nan'):.3f}): "
-              f"{slow_detected} of {slow_probes} slowed cases detected (detection rate {figures['detection_rate']:.0%}); "
-              f"{slow_all} of {slow_n} comparisons caught every slowed case")
-    for d in details:
-        for f in d["flagged"]:
-            if d["run"].startswith("aa-") or not f["label"].startswith(PROBE):
-                print(f"  false alarm in {d['run']}: {f['verdict']} {f['label']} ×{f['time_ratio']:.3f} q={f['q_value']:.2g}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2, default=str))
+    print(f"probe slowdown measured (median ratio of the stored runs): ×{figures['probe_ratio_slow_median']:.3f} "
+          f"with {args.extra:.0%} extra work; ×{figures['probe_ratio_aa_median']:.3f} with none")
+    print(describe("from the stored samples alone (the screen)", figures["screen"]))
+    print(describe(f"with --confirm ({args.rounds} interleaved rounds per side; what the nightly job uses)",
+                   figures["confirm"]))
+    for r in results:
+        for f in r["confirm"]["flagged"]:
+            if r["kind"] == "aa" or not f["label"].startswith(PROBE):
+                print(f"  left flagged after --confirm in {r['run']}: {f['verdict']} {f['label']} ×{f['time_ratio']:.3f}")
     if tmp is not None:
         tmp.cleanup()
     return 0

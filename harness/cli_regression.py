@@ -51,9 +51,10 @@ def register(sub) -> None:
     cmp.add_argument("--fail-on-regression", action="store_true",
                      help="exit 1 when any case regressed or now fails (for CI)")
     cmp.add_argument("--confirm", action="store_true",
-                     help="re-run cases that look slower, BASE and NEW interleaved, when both are runnable here")
-    cmp.add_argument("--confirm-rounds", type=int, default=6, metavar="N",
-                     help="interleaved runs per side for --confirm (default 6)")
+                     help="re-run cases that look slower or faster, BASE's commit and NEW's interleaved, "
+                          "when both are runnable here; keep only the verdicts the re-run shows again")
+    cmp.add_argument("--confirm-rounds", type=int, default=8, metavar="N",
+                     help="interleaved rounds per side for --confirm (default 8)")
     cmp.add_argument("--time-threshold", type=fraction, metavar="F", help="smallest time change that counts (default 5%%)")
     cmp.add_argument("--memory-threshold", type=fraction, metavar="F", help="smallest memory change that counts (default 10%%)")
     cmp.add_argument("--alpha", type=fraction, metavar="F", help="false-discovery rate across the cases (default 0.05)")
@@ -130,7 +131,8 @@ def _resolve_pair(base: str, new: str, root: str) -> tuple[Path, Path]:
 
 
 def cmd_compare(args) -> int:
-    from harness.compare import compare_runs, confirm_regressions
+    from harness.compare import compare_runs
+    from harness.confirm import confirm
 
     try:
         base_dir, new_dir = _resolve_pair(args.base, args.new, args.root)
@@ -142,7 +144,7 @@ def cmd_compare(args) -> int:
     if args.confirm:
         if args.confirm_rounds < 1:
             return _usage("bench compare: --confirm-rounds must be at least 1")
-        result = confirm_regressions(comparison, rounds=args.confirm_rounds)
+        result = confirm(comparison, rounds=args.confirm_rounds)
         print(f"confirm: {result['message']}", file=sys.stderr)
 
     if args.format == "json":

@@ -43,26 +43,18 @@ Thresholds come from, in order: the command line; the ``[compare]`` table of
 NEW's suite (stored in run.json); that of BASE's suite; the defaults (5% time,
 10% memory, alpha 0.05).
 
-Confirmation (``--confirm``): a case that looks regressed in time is re-run on
-the spot, BASE and NEW interleaved (A B B A A B …, counterbalanced so a linear
-drift of the machine favours neither), in this process with
-:func:`harness.runner.run_case`, and stays ``regressed`` only if the interleaved
-samples show it again. That is only possible when both sides are *runnable
-here*: recorded on this machine (same fingerprint), from the code this process
-runs (the same project commit as this checkout, with clean trees then and now,
-and the same Python, torch, CUDA, Triton and harness versions), with their
-suites' plugins loadable. Otherwise confirmation declines, says why, and the
-verdicts stand as computed from the stored samples.
+Confirmation (``--confirm``, :mod:`harness.confirm`): a case whose time verdict is
+``regressed`` or ``improved`` is measured again on the spot, BASE's code and
+NEW's interleaved, and keeps its verdict only if the re-run shows it again.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -716,197 +708,3 @@ def compare_runs(
         warnings=comparison_warnings(base, new),
         environment=environment_table(base.meta, new.meta),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# confirmation by interleaved re-runs
-
-
-def runnable_reasons(meta: dict[str, Any], here: dict[str, Any]) -> list[str]:
-    """Why the run described by ``meta`` cannot be re-run by this process (empty: it can).
-
-    ``here`` is :func:`harness.environment.capture` of this process.
-    """
-    reasons = []
-    env = meta.get("environment") or {}
-    fp, fp_here = (env.get("machine") or {}).get("fingerprint"), (here.get("machine") or {}).get("fingerprint")
-    if fp != fp_here:
-        reasons.append(f"recorded on another machine (fingerprint {fp}, this machine {fp_here})")
-    git, git_here = env.get("git") or {}, here.get("git") or {}
-    if not git.get("commit"):
-        reasons.append("its project commit is unknown")
-    elif git.get("dirty") is not False:
-        reasons.append(f"recorded from a tree with uncommitted changes (at {git['commit'][:10]})")
-    elif not git_here.get("commit"):
-        reasons.append("this process does not run from a git checkout")
-    elif git_here.get("dirty") is not False:
-        reasons.append("this checkout has uncommitted changes")
-    elif git["commit"] != git_here["commit"]:
-        reasons.append(f"recorded at commit {git['commit'][:10]}, this checkout is at {git_here['commit'][:10]}")
-    versions, versions_here = env.get("versions") or {}, here.get("versions") or {}
-    for key in ("python", "torch", "cuda", "triton", "harness"):
-        if versions.get(key) != versions_here.get(key):
-            reasons.append(f"recorded with {key} {versions.get(key)}, this process has {versions_here.get(key)}")
-    suite = meta.get("suite") or {}
-    plugins = (suite.get("definition") or {}).get("plugins") or []
-    if plugins:
-        from harness.plugins import PluginError, load_plugin
-
-        base_dir = Path(suite["path"]).parent if suite.get("path") else Path.cwd()
-        for spec in plugins:
-            try:
-                load_plugin(spec, base_dir)
-            except PluginError as exc:
-                reasons.append(str(exc))
-    return reasons
-
-
-def case_from_row(row: dict[str, Any]):
-    """The :class:`harness.cases.Case` a result row measured (its case_id must match)."""
-    from harness.cases import Case
-
-    params = row.get("params") or "{}"
-    case = Case(
-        variant=str(row["variant"]),
-        params=json.loads(params) if isinstance(params, str) else dict(params),
-        device=str(row["device"]), mode=str(row["mode"]), batch=int(row["batch"]), heads=int(row["heads"]),
-        kv_heads=int(row["kv_heads"]), seq_len=int(row["seq_len"]), head_dim=int(row["head_dim"]),
-        dtype=str(row["dtype"]), causal=bool(row["causal"]), inputs=str(row["inputs"]),
-    )
-    if case.case_id != row["case_id"]:
-        raise CompareError(f"case {row['case_id']} cannot be rebuilt from its row (got {case.case_id})")
-    return case
-
-
-@dataclass
-class Side:
-    """How one side ran: its timing rule, seed and thread count."""
-
-    timing: Any  # harness.timing.TimingConfig
-    seed: int
-    threads: int | None
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Side":
-        from harness.timing import TimingConfig
-
-        import dataclasses
-
-        timing = dict(meta.get("timing") or {})
-        names = {f.name for f in dataclasses.fields(TimingConfig)}
-        known = {k: v for k, v in timing.items() if k in names}
-        threads = known.get("threads") or (meta.get("environment") or {}).get("threads")
-        return cls(timing=TimingConfig(**known), seed=int(meta.get("seed") or 0), threads=threads)
-
-
-def interleaved_samples(
-    case, a: Side, b: Side, rounds: int, run: Callable | None = None
-) -> tuple[list[float], list[float], list[str]]:
-    """Run ``case`` for side A and side B alternately, ``rounds`` times each, A B B A A B …
-
-    Returns (A samples in ms, B samples in ms, problems). ``run`` defaults to
-    :func:`harness.runner.run_case`.
-    """
-    import torch
-
-    if run is None:
-        from harness.runner import run_case as run
-    samples: dict[str, list[float]] = {"A": [], "B": []}
-    problems: list[str] = []
-    sides = {"A": a, "B": b}
-    threads_before = torch.get_num_threads()
-    try:
-        for r in range(rounds):
-            for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-                side = sides[name]
-                if side.threads:
-                    torch.set_num_threads(int(side.threads))
-                result = run(case, side.timing, seed=side.seed)
-                if result.row.get("status") != "ok":
-                    problems.append(f"{name}: {result.row.get('status')} ({result.row.get('reason')})")
-                    return samples["A"], samples["B"], problems
-                samples[name].extend(s * 1e3 for s in result.samples_s)
-    finally:
-        torch.set_num_threads(threads_before)
-    return samples["A"], samples["B"], problems
-
-
-def confirm_regressions(
-    comparison: Comparison,
-    rounds: int = 6,
-    here: dict[str, Any] | None = None,
-    run: Callable | None = None,
-    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-) -> dict[str, Any]:
-    """Re-run the cases that look regressed in time, interleaved, when both sides are runnable here.
-
-    Updates ``comparison.cases`` in place (a case not confirmed becomes ``unchanged`` with a
-    note) and sets and returns ``comparison.confirm``.
-    """
-    table = comparison.cases
-    suspects = table.index[table["time_verdict"] == "regressed"].tolist() if not table.empty else []
-    if not suspects:
-        comparison.confirm = {"status": "nothing to confirm", "message": "no case regressed in time; nothing to re-run"}
-        return comparison.confirm
-    if here is None:
-        from harness import environment
-
-        here = environment.capture()
-    reasons = [f"BASE {r}" for r in runnable_reasons(comparison.base.meta, here)]
-    reasons += [f"NEW {r}" for r in runnable_reasons(comparison.new.meta, here)]
-    if reasons:
-        comparison.confirm = {
-            "status": "declined",
-            "reasons": reasons,
-            "message": "not re-run (both sides must be runnable here): " + "; ".join(reasons)
-                       + "; verdicts stand as computed from the stored samples",
-        }
-        return comparison.confirm
-    a, b = Side.from_meta(comparison.base.meta), Side.from_meta(comparison.new.meta)
-    th = comparison.thresholds
-    tests: dict[int, TimeTest] = {}
-    failures: dict[int, str] = {}
-    for i in suspects:
-        row = table.loc[i].to_dict()
-        log(f"confirming {row['label']} ({rounds} interleaved rounds per side)")
-        case = case_from_row(row)
-        sa, sb, problems = interleaved_samples(case, a, b, rounds, run=run)
-        if problems:
-            failures[i] = "; ".join(problems)
-            continue
-        tests[i] = time_test(sa, sb, th.alpha)
-    q = dict(zip(tests, bh_adjust([t.p_value for t in tests.values()]))) if tests else {}
-    for col in ("confirm_ratio", "confirm_ci_low", "confirm_ci_high", "confirm_q"):
-        if col not in table:
-            table[col] = np.nan
-    confirmed = 0
-    for i in suspects:
-        if i in failures:
-            table.at[i, "note"] = f"{table.at[i, 'note']}; re-run failed ({failures[i]}), not confirmed either way"
-            continue
-        t = tests[i]
-        table.at[i, "confirm_ratio"] = t.ratio
-        table.at[i, "confirm_ci_low"] = t.ci_low
-        table.at[i, "confirm_ci_high"] = t.ci_high
-        table.at[i, "confirm_q"] = q[i]
-        again = _finite(q[i]) and q[i] < th.alpha and t.ratio >= 1 + th.time
-        ci = f" [{t.ci_low:.3f}, {t.ci_high:.3f}]" if _finite(t.ci_low) else ""
-        if again:
-            confirmed += 1
-            table.at[i, "note"] = f"{table.at[i, 'note']}; confirmed by interleaved re-run ×{t.ratio:.3f}{ci}"
-        else:
-            table.at[i, "time_verdict"] = "unchanged"
-            parts = (table.at[i, "memory_verdict"], table.at[i, "accuracy_verdict"])
-            table.at[i, "verdict"] = "regressed" if "regressed" in parts else ("improved" if "improved" in parts else "unchanged")
-            table.at[i, "note"] = f"{table.at[i, 'note']}; not confirmed by interleaved re-run (×{t.ratio:.3f}{ci}, q={q[i]:.2g})"
-    comparison.cases = sort_by_severity(table)
-    comparison.confirm = {
-        "status": "done",
-        "rounds": rounds,
-        "suspects": len(suspects),
-        "confirmed": confirmed,
-        "message": f"re-ran {len(suspects)} suspect case(s) interleaved, {rounds} rounds per side: "
-                   f"{confirmed} confirmed, {len(suspects) - confirmed - len(failures)} cleared"
-                   + (f", {len(failures)} could not be re-run" if failures else ""),
-    }
-    return comparison.confirm

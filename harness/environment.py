@@ -108,7 +108,7 @@ def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     if commit is not None:
         status = git("status", "--porcelain", "--untracked-files=no")
         dirty = bool(status) if status is not None else None
-    return {"commit": commit, "dirty": dirty}
+    return {"commit": commit, "dirty": dirty, "root": str(root) if commit is not None else None}
 
 
 def gpu_info() -> dict[str, Any] | None:

@@ -66,7 +66,7 @@ class WorkerPool:
 
     def __init__(
         self,
-        timing: TimingConfig,
+        timing: TimingConfig | dict[str, Any],
         *,
         seed: int = 0,
         memory_budget: int | None = None,
@@ -75,16 +75,21 @@ class WorkerPool:
         threads: int | None = None,
         case_timeout_s: float = 900.0,
         log_dir: Path | None = None,
+        code_root: Path | str | None = None,
     ):
         self.config = {
-            "timing": dataclasses.asdict(timing),
+            "timing": timing if isinstance(timing, dict) else dataclasses.asdict(timing),
             "seed": seed,
             "memory_budget": memory_budget,
             "plugins": list(plugins or []),
-            "base_dir": str(base_dir),
+            "base_dir": str(Path(base_dir).resolve()),
             "threads": threads,
         }
         self.case_timeout_s = case_timeout_s
+        #: the project tree the worker imports harness and variants from (default: this one; another
+        #: one, such as an older commit's, also becomes the worker's working directory)
+        self.own_tree = code_root is None
+        self.code_root = Path(__file__).resolve().parent.parent if code_root is None else Path(code_root)
         self.log_dir = Path(log_dir) if log_dir else None
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
@@ -105,7 +110,7 @@ class WorkerPool:
             self.log_path = Path(name)
         log = open(self.log_path, "wb")
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(self.code_root)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "harness.worker"],
@@ -115,6 +120,7 @@ class WorkerPool:
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             env=env,
+            cwd=None if self.own_tree else root,
         )
         log.close()
         self._buffer = b""

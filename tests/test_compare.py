@@ -12,19 +12,13 @@ import pytest
 
 from harness import store
 from harness.compare import (
-    Comparison,
     CompareError,
-    Side,
     Thresholds,
     bh_adjust,
-    case_from_row,
     compare_frames,
     compare_runs,
     comparison_warnings,
-    confirm_regressions,
-    interleaved_samples,
     resolve_thresholds,
-    runnable_reasons,
     time_test,
     u_null_cdf,
     validate_compare_table,
@@ -257,94 +251,6 @@ def test_fingerprint_and_setting_differences_warn(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# --confirm
-
-
-def _meta(commit="c" * 40, dirty=False, fingerprint="fp", torch="2.13.0"):
-    return {"environment": {"machine": {"fingerprint": fingerprint}, "git": {"commit": commit, "dirty": dirty},
-                            "versions": {"python": "3.11", "torch": torch, "cuda": None, "triton": None, "harness": "0.1.0"},
-                            "threads": 1},
-            "suite": {"name": "s", "definition": {}}, "timing": {"warmup": 1, "min_time_s": 0.0, "min_reps": 3, "max_reps": 3},
-            "seed": 0}
-
-
-def test_runnable_means_same_machine_same_code():
-    here = _meta()["environment"]
-    assert runnable_reasons(_meta(), here) == []
-    assert "another machine" in runnable_reasons(_meta(fingerprint="other"), here)[0]
-    assert "uncommitted changes" in runnable_reasons(_meta(dirty=True), here)[0]
-    assert "recorded at commit dddddddddd" in runnable_reasons(_meta(commit="d" * 40), here)[0]
-    assert "torch 2.12.0" in runnable_reasons(_meta(torch="2.12.0"), here)[0]
-    dirty_here = _meta(dirty=True)["environment"]
-    assert "this checkout has uncommitted changes" in runnable_reasons(_meta(), dirty_here)[0]
-
-
-class FakeRun:
-    """Stands in for run_case: records the order of calls; B is ``slowdown`` times slower than A."""
-
-    def __init__(self, slowdown, seeds):
-        self.calls, self.slowdown, self.seeds = [], slowdown, seeds
-        self.rng = np.random.default_rng(0)
-
-    def __call__(self, case, timing, seed=0):
-        side = self.seeds[seed]
-        self.calls.append(side)
-        factor = self.slowdown if side == "B" else 1.0
-        s = list(1e-3 * factor * np.exp(self.rng.normal(0, 0.01, 10)))
-
-        class R:
-            row = {"status": "ok"}
-            samples_s = s
-        return R()
-
-
-def _suspect_comparison(tmp_path):
-    c, d = real_id(0), real_id(1)  # confirmation rebuilds the case from its row: real ids
-    base = {c: {"samples": samples(30, 1.0, 0.01, 1)}, d: {"samples": samples(30, 1.0, 0.01, 3)}}
-    new = {c: {"samples": samples(30, 1.3, 0.01, 2)}, d: {"samples": samples(30, 1.0, 0.01, 4)}}
-    table = compare_frames(*frames(base), *frames(new))
-    a, b = run_info(fake_run(tmp_path, "a")), run_info(fake_run(tmp_path, "b"))
-    a.meta.update(_meta(), seed=1)
-    b.meta.update(_meta(), seed=2)
-    return Comparison(base=a, new=b, cases=table, thresholds=Thresholds())
-
-
-@pytest.mark.parametrize("slowdown, expected", [(1.0, "unchanged"), (1.3, "regressed")])
-def test_confirm_reruns_suspects_interleaved(tmp_path, slowdown, expected):
-    comparison = _suspect_comparison(tmp_path)
-    assert comparison.counts["regressed"] == 1
-    fake = FakeRun(slowdown, {1: "A", 2: "B"})
-    result = confirm_regressions(comparison, rounds=4, here=_meta()["environment"], run=fake, log=lambda s: None)
-    assert fake.calls == ["A", "B", "B", "A", "A", "B", "B", "A"]  # counterbalanced interleaving, one suspect only
-    assert result["status"] == "done" and result["confirmed"] == (1 if expected == "regressed" else 0)
-    row = comparison.cases.set_index("case_id").loc[real_id(0)]
-    assert row["verdict"] == expected
-    assert ("confirmed by interleaved re-run" if expected == "regressed" else "not confirmed") in row["note"]
-
-
-def test_confirm_declines_when_a_side_is_not_runnable(tmp_path):
-    comparison = _suspect_comparison(tmp_path)
-    comparison.base.meta["environment"]["git"]["commit"] = "e" * 40
-    fake = FakeRun(1.0, {1: "A", 2: "B"})
-    result = confirm_regressions(comparison, here=_meta()["environment"], run=fake, log=lambda s: None)
-    assert result["status"] == "declined" and fake.calls == []
-    assert "BASE recorded at commit eeeeeeeeee" in result["message"]
-    assert comparison.counts["regressed"] == 1  # the verdict stands
-
-
-def test_interleaved_samples_really_run_the_case():
-    from harness.cases import Case
-    from harness.timing import TimingConfig
-
-    case = Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=16)
-    row = dict(IDENT, case_id=case.case_id, seq_len=32)
-    assert case_from_row(row) == case
-    side = Side(timing=TimingConfig(warmup=1, min_time_s=0.0, min_reps=3, max_reps=3), seed=0, threads=1)
-    a, b, problems = interleaved_samples(case, side, side, rounds=2)
-    assert problems == [] and len(a) == len(b) == 6 and min(a + b) > 0
-
-
-# ----------------------------------------------------------------------------------------------
 # end to end on two tiny real runs
 
 
@@ -396,8 +302,8 @@ def _doctored(real, tmp_path, name, factor):
     shutil.copytree(src, dst)
     meta = json.loads((dst / "run.json").read_text())
     meta["run_id"] = name
-    # doctored numbers come from no code: record a commit that is not this checkout's, so --confirm
-    # declines to re-run them whatever the state of the tree the tests run in
+    # doctored numbers come from no code: record a commit that no repository holds, so --confirm
+    # declines to re-run them
     meta["environment"]["git"] = {"commit": "0" * 40, "dirty": False}
     (dst / "run.json").write_text(json.dumps(meta))
     rows = store.read_results(dst)
@@ -426,9 +332,9 @@ def test_exit_codes(real, bench, tmp_path):
     with pytest.raises(SystemExit) as exc:
         bench("compare", base, slow, "--time-threshold", "5")
     assert exc.value.code == 2
-    # --confirm against doctored runs declines (their recorded commit is not this checkout's), verdicts stand
+    # --confirm against doctored runs declines (their recorded commit is in no repository), verdicts stand
     status, _, err = bench("compare", base, slow, "--no-html", "--fail-on-regression", "--confirm")
-    assert status == 1 and "confirm: not re-run" in err
+    assert status == 1 and "confirm: not re-run" in err and "0000000000 is not in the repository" in err
 
 
 def test_history_show_baseline_and_trend_commands(real, bench, tmp_path):

@@ -65,6 +65,9 @@ def test_cpu_job_installs_like_the_readme_runs_compares_and_uploads(workflow):
     assert "bench run suites/nightly-cpu.toml -o results/nightly-cpu" in script
     compare = re.search(r"bench compare baseline results/nightly-cpu[^\n]*", script).group(0)
     assert "--fail-on-regression" in compare and "-o results/nightly-cpu/compare.html" in compare
+    assert "--confirm" in compare  # re-runs the changed cases, the baseline's commit beside tonight's...
+    checkout = [s for s in job["steps"] if s.get("uses", "").startswith("actions/checkout")]
+    assert checkout[0]["with"]["fetch-depth"] == 0  # ...which needs the history, not a shallow clone
     assert "set -o pipefail" in script  # the exit status survives the tee into the job summary
     upload = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
     assert len(upload) == 1 and upload[0]["if"] == "always()"
@@ -78,7 +81,9 @@ def test_gpu_job_runs_on_a_self_hosted_label_only_when_one_exists(workflow):
     assert "HAS_GPU_RUNNER" in job["if"]
     script = _script(job)
     assert "bench run suites/nightly-gpu.toml" in script
-    assert "bench compare baseline results/nightly-gpu --fail-on-regression" in script
+    assert "bench compare baseline results/nightly-gpu --confirm --fail-on-regression" in script
+    checkout = [s for s in job["steps"] if s.get("uses", "").startswith("actions/checkout")]
+    assert checkout[0]["with"]["fetch-depth"] == 0
 
 
 def test_the_suites_it_runs_exist_and_load():

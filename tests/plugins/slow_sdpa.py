@@ -8,27 +8,19 @@ attention work; the extra result is discarded, and the extra call's temporaries 
 freed before the real call allocates, so peak memory does not change. Its output is
 exactly ``sdpa``'s.
 
-``f`` is read at every call from the environment variable ``ATTENTION_BENCH_EXTRA_WORK``
-(a fraction; default 0.10, i.e. ~10% more work; 0 makes it plain ``sdpa``). The run
-records nothing about it, so two runs that differ only in ``f`` look like the same
-code to ``bench compare --confirm``: do not use --confirm with this plugin.
+``f`` is the constant ``EXTRA_WORK`` below (a fraction; 0 makes it plain ``sdpa``). It is
+code, not configuration, on purpose: the detector slows the probe the way a real
+regression arrives, by committing a change to that line, so that ``bench compare
+--confirm`` can re-run each side from its own commit.
 """
 
 from __future__ import annotations
 
-import os
-
 from harness import attention_flops, get_variant, register_variant
 
-EXTRA_WORK_ENV = "ATTENTION_BENCH_EXTRA_WORK"
-DEFAULT_EXTRA_WORK = 0.10
+EXTRA_WORK = 0.0
 
 _sdpa = get_variant("sdpa")
-
-
-def extra_work() -> float:
-    value = os.environ.get(EXTRA_WORK_ENV)
-    return DEFAULT_EXTRA_WORK if value in (None, "") else float(value)
 
 
 def extra_rows(length: int, causal: bool, backend: str, fraction: float) -> int:
@@ -48,10 +40,10 @@ def extra_rows(length: int, causal: bool, backend: str, fraction: float) -> int:
     params=dict(_sdpa.params),
     check=_sdpa.check,
     working_set=_sdpa.working_set,
-    description="test only: sdpa plus ~10% extra work (ATTENTION_BENCH_EXTRA_WORK)",
+    description="test only: sdpa plus a fraction EXTRA_WORK of extra work",
 )
 def slow_sdpa(q, k, v, *, causal, backend="auto"):
-    m = extra_rows(q.shape[2], causal, backend, extra_work())
+    m = extra_rows(q.shape[2], causal, backend, EXTRA_WORK)
     if m:
         extra = _sdpa(q[:, :, :m], k, v, causal=False, backend=backend)
         del extra

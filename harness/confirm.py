@@ -1,0 +1,338 @@
+"""Confirming suspect time verdicts by re-running both sides, interleaved (``bench compare --confirm``).
+
+Why. A run's stored samples are many repetitions inside one process, minutes
+long: they tell how precisely that process measured, not how far the same case
+moves between processes and hours. On a shared machine the second is much the
+larger (on this project's 2-core cloud VM whole runs came out 10-30% faster or
+slower than the run before, with no change at all), so a per-case test on stored
+samples is a screen, not proof: it flags anything that moved, and the nightly
+job would fail most nights.
+
+How. Each case whose time verdict is ``regressed`` or ``improved`` is measured
+again, ``rounds`` times per side, alternately A B B A A B … (counterbalanced, so
+a drift of the machine favours neither side). A round is one complete fresh
+measurement (new inputs, warm-up, timing: :func:`harness.runner.run_case`) in a
+worker process of its side. A side's code is the project commit its run was
+recorded at, extracted from git (``git archive``) into a temporary directory,
+so last month's baseline runs its own code beside tonight's, on the spot, under
+the same conditions; its recorded seed, timing rule and thread count are
+reused. The unit of replication is the round: the test (Mann–Whitney, with the
+Moses interval for the ratio; :func:`harness.compare.time_test`) compares the
+rounds' medians, because the samples within one round share their process's and
+their minute's state and would overstate the certainty. Benjamini–Hochberg
+adjusts the p-values across the re-run cases. A case keeps its verdict only if
+the re-run shows it again: q < alpha and the ratio beyond the threshold in the
+same direction. Otherwise it becomes ``unchanged``, with a note giving the
+re-run's ratio and interval.
+
+Runnable here. Each side must have been recorded from a clean tree at a known
+commit that this repository holds, with the same Python, torch, CUDA and Triton
+as this process (the installed packages are shared; only the project's own code
+comes from the commit, so a re-run cannot see a change of torch, and declines
+rather than clear it). The machine may differ: the re-run measures both sides
+here, so it answers "is NEW's code slower than BASE's on this machine", which is
+what a nightly job whose baseline was recorded elsewhere needs (the comparison
+still warns that the stored figures came from different machines). A plugin
+given as a file inside the recorded checkout is taken from the extracted tree;
+a plugin module is looked up there first. When a side is not runnable,
+confirmation declines, says why, and the verdicts stand as computed from the
+stored samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from harness.compare import Comparison, CompareError, TimeTest, _finite, bh_adjust, sort_by_severity, time_test
+from harness.environment import PROJECT_ROOT
+
+#: Interleaved rounds per side, by default. Eight rounds allow a two-sided exact p-value as
+#: small as 2/C(16,8) = 0.00016, enough to survive the FDR adjustment across many suspects.
+DEFAULT_ROUNDS = 8
+#: Versions that must match: the packages both sides' workers import from this environment.
+SHARED_VERSIONS = ("python", "torch", "cuda", "triton")
+
+
+# --------------------------------------------------------------------------------------------
+# where a side's code comes from
+
+
+def git(repo: Path, *args: str, binary: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=not binary, timeout=120)
+
+
+def has_commit(repo: Path, commit: str) -> bool:
+    try:
+        return git(repo, "cat-file", "-e", f"{commit}^{{commit}}").returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def recorded_repo(meta: dict[str, Any]) -> Path:
+    """The checkout a run was recorded in, when it still exists; else this one."""
+    root = ((meta.get("environment") or {}).get("git") or {}).get("root")
+    if root and Path(root).is_dir():
+        return Path(root)
+    return PROJECT_ROOT
+
+
+def extract_commit(repo: Path, commit: str, dest: Path) -> Path:
+    """The project's tree at ``commit``, written under ``dest`` (``git archive``; the repository is not touched)."""
+    proc = git(repo, "archive", "--format=tar", commit, binary=True)
+    if proc.returncode != 0:
+        raise CompareError(f"git archive {commit[:10]} failed: {proc.stderr.decode(errors='replace').strip()}")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def runnable_reasons(meta: dict[str, Any], here: dict[str, Any], check_repo: bool = True) -> list[str]:
+    """Why the run described by ``meta`` cannot be re-run here (empty: it can).
+
+    ``here`` is :func:`harness.environment.capture` of this process. ``check_repo``: also
+    require that the recorded commit is in the repository (:func:`recorded_repo`).
+    """
+    reasons = []
+    env = meta.get("environment") or {}
+    git_info = env.get("git") or {}
+    commit = git_info.get("commit")
+    if not commit:
+        reasons.append("its project commit is unknown")
+    elif git_info.get("dirty") is not False:
+        reasons.append(f"recorded from a tree with uncommitted changes (at {commit[:10]}), so its code is not in git")
+    elif check_repo and not has_commit(recorded_repo(meta), commit):
+        reasons.append(f"its commit {commit[:10]} is not in the repository {recorded_repo(meta)} (fetch it first)")
+    versions, versions_here = env.get("versions") or {}, here.get("versions") or {}
+    for key in SHARED_VERSIONS:
+        if versions.get(key) != versions_here.get(key):
+            reasons.append(f"recorded with {key} {versions.get(key)}, this process has {versions_here.get(key)}")
+    return reasons
+
+
+@dataclass
+class Side:
+    """How one side ran: its commit and checkout, suite plugins, timing rule, seed and threads."""
+
+    commit: str | None
+    repo: Path
+    timing: dict[str, Any]
+    seed: int
+    threads: int | None
+    plugins: list[str] = field(default_factory=list)
+    suite_dir: Path = field(default_factory=Path.cwd)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "Side":
+        env = meta.get("environment") or {}
+        timing = dict(meta.get("timing") or {})
+        suite = meta.get("suite") or {}
+        path = suite.get("resolved_path") or suite.get("path")
+        suite_dir = Path(path).resolve().parent if path else Path.cwd()
+        return cls(
+            commit=(env.get("git") or {}).get("commit"),
+            repo=recorded_repo(meta),
+            timing=timing,
+            seed=int(meta.get("seed") or 0),
+            threads=timing.get("threads") or env.get("threads"),
+            plugins=list((suite.get("definition") or {}).get("plugins") or []),
+            suite_dir=suite_dir,
+        )
+
+    def in_tree(self, tree: Path) -> tuple[Path, list[str]]:
+        """(base_dir, plugins) with paths inside the recorded checkout moved into ``tree``."""
+        from harness.plugins import looks_like_path
+
+        root = self.repo.resolve()
+
+        def move(p: Path) -> Path:
+            try:
+                return tree / p.resolve().relative_to(root)
+            except ValueError:
+                return p  # outside the checkout: the same file for both sides
+
+        base_dir = move(self.suite_dir)
+        plugins = [str(move(self.suite_dir / spec)) if looks_like_path(spec) else spec for spec in self.plugins]
+        return base_dir, plugins
+
+
+Runner = Callable[[Any], Any]  # case -> harness.runner.CaseResult
+
+
+@contextlib.contextmanager
+def worker_runners(sides: dict[str, Side], log_dir: Path | None = None) -> Iterator[dict[str, Runner]]:
+    """One worker process per side, each running its side's commit extracted from git."""
+    from harness.isolation import WorkerPool
+
+    with tempfile.TemporaryDirectory(prefix="bench-confirm-") as tmp, contextlib.ExitStack() as stack:
+        trees: dict[str, Path] = {}
+        runners = {}
+        for name, side in sides.items():
+            if side.commit not in trees:
+                trees[side.commit] = extract_commit(side.repo, side.commit, Path(tmp) / side.commit[:12])
+            base_dir, plugins = side.in_tree(trees[side.commit])
+            pool = stack.enter_context(WorkerPool(
+                side.timing, seed=side.seed, plugins=plugins, base_dir=base_dir, threads=side.threads,
+                code_root=trees[side.commit], log_dir=(log_dir / name) if log_dir else None,
+            ))
+            runners[name] = pool.run
+        yield runners
+
+
+# --------------------------------------------------------------------------------------------
+# interleaved rounds
+
+
+@dataclass
+class Rounds:
+    """Per side: each round's median (ms) and all its samples (ms)."""
+
+    medians: dict[str, list[float]] = field(default_factory=lambda: {"A": [], "B": []})
+    samples: dict[str, list[float]] = field(default_factory=lambda: {"A": [], "B": []})
+    problems: list[str] = field(default_factory=list)
+
+
+def interleaved_rounds(case, runners: dict[str, Runner], rounds: int) -> Rounds:
+    """Run ``case`` on side A and side B alternately, ``rounds`` times each: A B B A A B …"""
+    out = Rounds()
+    for r in range(rounds):
+        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            result = runners[name](case)
+            if result.row.get("status") != "ok" or not result.samples_s:
+                out.problems.append(f"{name}: {result.row.get('status')} ({result.row.get('reason')})")
+                return out
+            ms = [s * 1e3 for s in result.samples_s]
+            out.medians[name].append(float(np.median(ms)))
+            out.samples[name].extend(ms)
+    return out
+
+
+def case_from_row(row: dict[str, Any]):
+    """The :class:`harness.cases.Case` a result row measured (its case_id must match)."""
+    from harness.cases import Case
+
+    params = row.get("params") or "{}"
+    case = Case(
+        variant=str(row["variant"]),
+        params=json.loads(params) if isinstance(params, str) else dict(params),
+        device=str(row["device"]), mode=str(row["mode"]), batch=int(row["batch"]), heads=int(row["heads"]),
+        kv_heads=int(row["kv_heads"]), seq_len=int(row["seq_len"]), head_dim=int(row["head_dim"]),
+        dtype=str(row["dtype"]), causal=bool(row["causal"]), inputs=str(row["inputs"]),
+    )
+    if case.case_id != row["case_id"]:
+        raise CompareError(f"case {row['case_id']} cannot be rebuilt from its row (got {case.case_id})")
+    return case
+
+
+# --------------------------------------------------------------------------------------------
+# confirmation
+
+
+def _overall(table, i) -> str:
+    parts = (table.at[i, "time_verdict"], table.at[i, "memory_verdict"], table.at[i, "accuracy_verdict"])
+    return "regressed" if "regressed" in parts else ("improved" if "improved" in parts else "unchanged")
+
+
+def confirm(
+    comparison: Comparison,
+    rounds: int = DEFAULT_ROUNDS,
+    here: dict[str, Any] | None = None,
+    runners: Callable[[dict[str, Side]], contextlib.AbstractContextManager] | None = None,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> dict[str, Any]:
+    """Re-run the cases whose time verdict is regressed or improved, interleaved, when both sides are runnable.
+
+    Updates ``comparison.cases`` in place and sets and returns ``comparison.confirm``.
+    ``runners(sides)`` is a context manager giving one case runner per side ("A" = BASE,
+    "B" = NEW); by default :func:`worker_runners`.
+    """
+    table = comparison.cases
+    suspects = table.index[table["time_verdict"].isin(["regressed", "improved"])].tolist() if not table.empty else []
+    if not suspects:
+        comparison.confirm = {"status": "nothing to confirm", "message": "no case changed in time; nothing to re-run"}
+        return comparison.confirm
+    if here is None:
+        from harness import environment
+
+        here = environment.capture()
+    check_repo = runners is None
+    reasons = [f"BASE {r}" for r in runnable_reasons(comparison.base.meta, here, check_repo)]
+    reasons += [f"NEW {r}" for r in runnable_reasons(comparison.new.meta, here, check_repo)]
+    if reasons:
+        comparison.confirm = {
+            "status": "declined",
+            "reasons": reasons,
+            "message": "not re-run (both sides must be runnable here): " + "; ".join(reasons)
+                       + "; verdicts stand as computed from the stored samples",
+        }
+        return comparison.confirm
+    sides = {"A": Side.from_meta(comparison.base.meta), "B": Side.from_meta(comparison.new.meta)}
+    th = comparison.thresholds
+    tests: dict[int, TimeTest] = {}
+    failures: dict[int, str] = {}
+    try:
+        with (runners or worker_runners)(sides) as run:
+            for n, i in enumerate(suspects, 1):
+                row = table.loc[i].to_dict()
+                log(f"confirm [{n}/{len(suspects)}] {row['label']}: {rounds} interleaved rounds per side")
+                result = interleaved_rounds(case_from_row(row), run, rounds)
+                if result.problems:
+                    failures[i] = "; ".join(result.problems)
+                    continue
+                tests[i] = time_test(result.medians["A"], result.medians["B"], th.alpha)
+    except (CompareError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        comparison.confirm = {
+            "status": "failed",
+            "message": f"could not re-run: {exc}; verdicts stand as computed from the stored samples",
+        }
+        return comparison.confirm
+    q = dict(zip(tests, bh_adjust([t.p_value for t in tests.values()]))) if tests else {}
+    for col in ("confirm_ratio", "confirm_ci_low", "confirm_ci_high", "confirm_q"):
+        if col not in table:
+            table[col] = np.nan
+    kept = 0
+    for i in suspects:
+        if i in failures:
+            table.at[i, "note"] = f"{table.at[i, 'note']}; re-run failed ({failures[i]}), not confirmed either way"
+            continue
+        t, verdict = tests[i], table.at[i, "time_verdict"]
+        table.at[i, "confirm_ratio"] = t.ratio
+        table.at[i, "confirm_ci_low"] = t.ci_low
+        table.at[i, "confirm_ci_high"] = t.ci_high
+        table.at[i, "confirm_q"] = q[i]
+        beyond = t.ratio >= 1 + th.time if verdict == "regressed" else t.ratio <= 1 / (1 + th.time)
+        again = _finite(q[i]) and q[i] < th.alpha and beyond
+        ci = f" [{t.ci_low:.3f}, {t.ci_high:.3f}]" if _finite(t.ci_low) else ""
+        if again:
+            kept += 1
+            table.at[i, "note"] = f"{table.at[i, 'note']}; confirmed by interleaved re-run ×{t.ratio:.3f}{ci}"
+        else:
+            table.at[i, "time_verdict"] = "unchanged"
+            table.at[i, "verdict"] = _overall(table, i)
+            table.at[i, "note"] = (f"{table.at[i, 'note']}; not confirmed by interleaved re-run "
+                                   f"(×{t.ratio:.3f}{ci}, q={q[i]:.2g})")
+    comparison.cases = sort_by_severity(table)
+    cleared = len(suspects) - kept - len(failures)
+    comparison.confirm = {
+        "status": "done",
+        "rounds": rounds,
+        "suspects": len(suspects),
+        "confirmed": kept,
+        "cleared": cleared,
+        "failed": len(failures),
+        "message": f"re-ran {len(suspects)} changed case(s) interleaved, {rounds} rounds per side: "
+                   f"{kept} confirmed, {cleared} cleared"
+                   + (f", {len(failures)} could not be re-run" if failures else ""),
+    }
+    return comparison.confirm

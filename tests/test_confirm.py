@@ -1,0 +1,253 @@
+"""bench compare --confirm: interleaved re-runs of both sides, each from its own commit.
+
+Verdict logic on fake runners with known answers; then real worker processes; then end to
+end in a scratch git repository where a commit really slows a plugin variant down."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from harness.compare import Comparison, Thresholds, compare_frames, time_test
+from harness.confirm import (
+    Side,
+    case_from_row,
+    confirm,
+    extract_commit,
+    interleaved_rounds,
+    runnable_reasons,
+    worker_runners,
+)
+from harness.environment import PROJECT_ROOT, git_commit
+from harness.history import run_info
+from tests.scratch_repo import commit_change, git, make_scratch_repo
+from tests.test_compare import IDENT, frames, real_id, samples
+from tests.test_history import fake_run
+
+IN_GIT = git_commit().get("commit") is not None
+needs_git = pytest.mark.skipif(not IN_GIT, reason="the project is not a git checkout here, and --confirm needs git")
+
+
+def _meta(commit="c" * 40, dirty=False, fingerprint="fp", torch="2.13.0"):
+    return {"environment": {"machine": {"fingerprint": fingerprint}, "git": {"commit": commit, "dirty": dirty},
+                            "versions": {"python": "3.11", "torch": torch, "cuda": None, "triton": None, "harness": "0.1.0"},
+                            "threads": 1},
+            "suite": {"name": "s", "definition": {}}, "timing": {"warmup": 1, "min_time_s": 0.0, "min_reps": 3, "max_reps": 3},
+            "seed": 0}
+
+
+def test_runnable_means_clean_known_code_and_same_packages():
+    here = _meta()["environment"]
+    assert runnable_reasons(_meta(), here, check_repo=False) == []
+    # another machine is fine: the re-run measures both sides here
+    assert runnable_reasons(_meta(fingerprint="other"), here, check_repo=False) == []
+    assert "uncommitted changes" in runnable_reasons(_meta(dirty=True), here, check_repo=False)[0]
+    assert "commit is unknown" in runnable_reasons(_meta(commit=None), here, check_repo=False)[0]
+    assert "torch 2.12.0" in runnable_reasons(_meta(torch="2.12.0"), here, check_repo=False)[0]
+    assert "eeeeeeeeee is not in the repository" in runnable_reasons(_meta(commit="e" * 40), here)[0]
+
+
+class FakeSides:
+    """Stands in for worker_runners: records the order of calls; B is ``slowdown`` times A.
+
+    Each round gets its own random level (``between`` log-sd: the process-and-minute state a
+    real round has) and ten samples around it (``within`` log-sd)."""
+
+    def __init__(self, slowdown, between=0.01, within=0.01, seed=0):
+        self.calls, self.slowdown, self.between, self.within = [], slowdown, between, within
+        self.rng = np.random.default_rng(seed)
+        self.sides = None
+
+    @contextlib.contextmanager
+    def __call__(self, sides):
+        self.sides = sides
+        yield {"A": lambda case: self.run("A"), "B": lambda case: self.run("B")}
+
+    def run(self, name):
+        self.calls.append(name)
+        level = (self.slowdown if name == "B" else 1.0) * np.exp(self.rng.normal(0, self.between))
+        s = list(1e-3 * level * np.exp(self.rng.normal(0, self.within, 10)))
+
+        class R:
+            row = {"status": "ok"}
+            samples_s = s
+        return R()
+
+
+def _suspect_comparison(tmp_path, factor=1.3):
+    c, d = real_id(0), real_id(1)  # confirmation rebuilds the case from its row: real ids
+    base = {c: {"samples": samples(30, 1.0, 0.01, 1)}, d: {"samples": samples(30, 1.0, 0.01, 3)}}
+    new = {c: {"samples": samples(30, factor, 0.01, 2)}, d: {"samples": samples(30, 1.0, 0.01, 4)}}
+    table = compare_frames(*frames(base), *frames(new))
+    a, b = run_info(fake_run(tmp_path, "a")), run_info(fake_run(tmp_path, "b"))
+    a.meta.update(_meta(), seed=1)
+    b.meta.update(_meta(), seed=2)
+    return Comparison(base=a, new=b, cases=table, thresholds=Thresholds())
+
+
+@pytest.mark.parametrize("factor, slowdown, expected", [
+    (1.3, 1.0, "unchanged"), (1.3, 1.3, "regressed"), (1 / 1.3, 1 / 1.3, "improved"), (1 / 1.3, 1.0, "unchanged"),
+])
+def test_confirm_reruns_changed_cases_interleaved(tmp_path, factor, slowdown, expected):
+    comparison = _suspect_comparison(tmp_path, factor)
+    assert comparison.counts["regressed" if factor > 1 else "improved"] == 1
+    fake = FakeSides(slowdown)
+    result = confirm(comparison, rounds=4, here=_meta()["environment"], runners=fake, log=lambda s: None)
+    assert fake.calls == ["A", "B", "B", "A", "A", "B", "B", "A"]  # counterbalanced interleaving, one suspect only
+    assert fake.sides["A"].seed == 1 and fake.sides["B"].seed == 2  # each side as it was recorded
+    assert result["status"] == "done" and result["confirmed"] == (0 if expected == "unchanged" else 1)
+    row = comparison.cases.set_index("case_id").loc[real_id(0)]
+    assert row["verdict"] == expected
+    assert ("not confirmed" if expected == "unchanged" else "confirmed by interleaved re-run") in row["note"]
+    assert np.isfinite(row["confirm_ratio"]) and row["confirm_ratio"] == pytest.approx(slowdown, rel=0.05)
+
+
+def test_confirm_tests_rounds_not_pooled_samples(tmp_path):
+    """A/A where rounds differ by ~8% (process and minute) and samples within a round by 0.1%:
+    pooled samples would call the difference certain; the rounds, the real replicates, do not."""
+    comparison = _suspect_comparison(tmp_path)
+    fake = FakeSides(1.0, between=0.08, within=0.001, seed=3)
+    confirm(comparison, rounds=8, here=_meta()["environment"], runners=fake, log=lambda s: None)
+    row = comparison.cases.set_index("case_id").loc[real_id(0)]
+    assert row["verdict"] == "unchanged" and row["confirm_q"] > 0.05
+    pooled = FakeSides(1.0, between=0.08, within=0.001, seed=3)
+    with pooled({}) as run:
+        r = interleaved_rounds(None, run, 8)
+    assert time_test(r.samples["A"], r.samples["B"]).p_value < 0.01  # what pooling would have said
+    assert time_test(r.medians["A"], r.medians["B"]).p_value > 0.05
+
+
+def test_confirm_declines_when_a_side_is_not_runnable(tmp_path):
+    comparison = _suspect_comparison(tmp_path)
+    comparison.base.meta["environment"]["git"]["dirty"] = True
+    fake = FakeSides(1.0)
+    result = confirm(comparison, here=_meta()["environment"], runners=fake, log=lambda s: None)
+    assert result["status"] == "declined" and fake.calls == []
+    assert "BASE recorded from a tree with uncommitted changes" in result["message"]
+    assert comparison.counts["regressed"] == 1  # the verdict stands
+
+
+def test_confirm_reports_a_failed_rerun(tmp_path):
+    comparison = _suspect_comparison(tmp_path)
+
+    @contextlib.contextmanager
+    def failing(sides):
+        class R:
+            row = {"status": "error", "reason": "RuntimeError: boom"}
+            samples_s = []
+        yield {"A": lambda case: R(), "B": lambda case: R()}
+
+    result = confirm(comparison, here=_meta()["environment"], runners=failing, log=lambda s: None)
+    assert result["failed"] == 1 and "could not be re-run" in result["message"]
+    row = comparison.cases.set_index("case_id").loc[real_id(0)]
+    assert row["verdict"] == "regressed" and "not confirmed either way" in row["note"] and "boom" in row["note"]
+
+
+@needs_git
+def test_extract_commit_and_side_paths(tmp_path):
+    head = git_commit()["commit"]
+    tree = extract_commit(PROJECT_ROOT, head, tmp_path / "tree")
+    assert (tree / "harness" / "confirm.py").is_file() or (tree / "harness" / "runner.py").is_file()
+    side = Side(commit=head, repo=PROJECT_ROOT, timing={}, seed=0, threads=1,
+                plugins=["../tests/plugins/slow_sdpa.py", "some.module"], suite_dir=PROJECT_ROOT / "suites")
+    base_dir, plugins = side.in_tree(tree)
+    assert base_dir == tree / "suites"
+    assert plugins == [str(tree / "tests" / "plugins" / "slow_sdpa.py"), "some.module"]
+
+
+@needs_git
+def test_worker_runners_really_run_the_case():
+    from harness.cases import Case
+
+    case = Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=16)
+    row = dict(IDENT, case_id=case.case_id, seq_len=32)
+    assert case_from_row(row) == case
+    side = Side(commit=git_commit()["commit"], repo=PROJECT_ROOT, seed=0, threads=1,
+                timing={"warmup": 1, "min_time_s": 0.0, "min_reps": 3, "max_reps": 3})
+    with worker_runners({"A": side, "B": side}) as run:
+        r = interleaved_rounds(case, run, rounds=2)
+    assert r.problems == [] and len(r.medians["A"]) == len(r.medians["B"]) == 2
+    assert len(r.samples["A"]) == 6 and min(r.samples["A"] + r.samples["B"]) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: a commit that doubles a plugin variant's work, found and confirmed across commits
+
+PROBE_PLUGIN = '''
+from harness import attention_flops, get_variant, register_variant
+
+REPEAT = 1
+_sdpa = get_variant("sdpa")
+
+
+@register_variant("probe", family="dense", exact=True, flops=attention_flops, supports=_sdpa.supports)
+def probe(q, k, v, *, causal):
+    for _ in range(REPEAT - 1):
+        _sdpa(q, k, v, causal=causal, backend="math")
+    return _sdpa(q, k, v, causal=causal, backend="math")
+'''
+
+PROBE_SUITE = '''
+name = "probe"
+plugins = ["probe_plugin.py"]
+
+[defaults]
+device = "cpu"
+dtype = "float32"
+batch = 1
+heads = 2
+head_dim = 32
+seq_len = 256
+
+[timing]
+warmup = 2
+min_time_s = 0.05
+min_reps = 8
+max_reps = 50
+threads = 1
+
+[[variant]]
+name = "probe"
+'''
+
+
+@needs_git
+def test_confirm_across_commits_end_to_end(tmp_path):
+    repo = make_scratch_repo(tmp_path / "repo")
+    (repo / "probe_plugin.py").write_text(PROBE_PLUGIN)
+    (repo / "probe.toml").write_text(PROBE_SUITE)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "probe")
+    fast = git(repo, "rev-parse", "HEAD")
+    env = dict(os.environ, PYTHONPATH=str(repo))
+
+    def bench(*args):
+        return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    runs = tmp_path / "runs"
+    assert bench("run", "probe.toml", "-o", runs / "fast", "--quiet", "--no-report").returncode == 0
+    slow = commit_change(repo, "probe_plugin.py", r"^REPEAT = 1$", "REPEAT = 2", "probe: twice the work")
+    assert bench("run", "probe.toml", "-o", runs / "slow", "--quiet", "--no-report").returncode == 0
+    for name, commit in (("fast", fast), ("slow", slow)):
+        assert json.loads((runs / name / "run.json").read_text())["environment"]["git"]["commit"] == commit
+
+    # from the slow commit's checkout, compare the fast run (BASE, an older commit) with the slow one
+    proc = bench("compare", runs / "fast", runs / "slow", "--confirm", "--confirm-rounds", "4",
+                 "--fail-on-regression", "--format", "json", "--no-html")
+    assert proc.returncode == 1, proc.stderr
+    case = json.loads(proc.stdout)["cases"][0]
+    assert case["verdict"] == "regressed" and "confirmed by interleaved re-run" in case["note"]
+    # BASE's worker really ran BASE's code: twice the work shows as about twice the time
+    assert 1.6 < case["confirm_ratio"] < 2.5
+    # and the other way round (NEW older than BASE) it is an improvement, also confirmed
+    git(repo, "checkout", "-q", fast)
+    proc = bench("compare", runs / "slow", runs / "fast", "--confirm", "--confirm-rounds", "4",
+                 "--fail-on-regression", "--format", "json", "--no-html")
+    assert proc.returncode == 0, proc.stderr
+    case = json.loads(proc.stdout)["cases"][0]
+    assert case["verdict"] == "improved" and 0.4 < case["confirm_ratio"] < 0.63
