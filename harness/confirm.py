@@ -16,7 +16,9 @@ worker process of its side. A side's code is the project commit its run was
 recorded at, extracted from git (``git archive``) into a temporary directory,
 so last month's baseline runs its own code beside tonight's, on the spot, under
 the same conditions; its recorded seed, timing rule and thread count are
-reused. The unit of replication is the round: the test (Mann–Whitney, with the
+reused; only the time is measured (no memory, FLOP count or accuracy, which
+the stored runs already have; a worker of a commit older than this option
+measures them too, and ignores them). The unit of replication is the round: the test (Mann–Whitney, with the
 Moses interval for the ratio; :func:`harness.compare.time_test`) compares the
 rounds' medians, because the samples within one round share their process's and
 their minute's state and would overstate the certainty. Benjamini–Hochberg
@@ -42,6 +44,7 @@ stored samples.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import subprocess
@@ -186,7 +189,7 @@ def worker_runners(sides: dict[str, Side], log_dir: Path | None = None) -> Itera
                 side.timing, seed=side.seed, plugins=plugins, base_dir=base_dir, threads=side.threads,
                 code_root=trees[side.commit], log_dir=(log_dir / name) if log_dir else None,
             ))
-            runners[name] = pool.run
+            runners[name] = functools.partial(pool.run, time_only=True)
         yield runners
 
 

@@ -188,12 +188,12 @@ class WorkerPool:
         self.kill()
 
     # -- cases --------------------------------------------------------------------------------
-    def run(self, case: Case, on_phase=None) -> CaseResult:
+    def run(self, case: Case, on_phase=None, time_only: bool = False) -> CaseResult:
         if self.proc is None or self.proc.poll() is not None:
             self.kill()
             self._start()
         try:
-            self._send({"case": dataclasses.asdict(case)})
+            self._send({"case": dataclasses.asdict(case), **({"time_only": True} if time_only else {})})
             deadline = time.monotonic() + self.case_timeout_s
             while True:
                 reply = self._receive(max(0.0, deadline - time.monotonic()))

@@ -186,8 +186,11 @@ def _error_text(exc: BaseException) -> str:
 
 
 def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int | None = None,
-             on_phase: Callable[[str], None] | None = None) -> CaseResult:
+             on_phase: Callable[[str], None] | None = None, time_only: bool = False) -> CaseResult:
     """Measure one case; never raises for a variant's failure (it becomes an error row).
+
+    ``time_only``: stop after timing (no memory, FLOP count or accuracy), for re-runs that only
+    compare times (``bench compare --confirm``).
 
     ``on_phase(name)``, if given, is told each step as it starts: ``inputs``, ``first call``,
     ``warm-up``, ``timing``, ``memory``, ``accuracy`` (for progress display).
@@ -229,6 +232,8 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
         )
         row.update(measured.row_columns())
         row.update(tel.columns)
+        if time_only:
+            return CaseResult(row, samples)
         phase("memory")
         row["peak_mem_bytes"] = float(peak_memory_bytes(call, case.device))
         row.update(flopcount.flop_columns(call, row["flops"], causal=case.causal))

@@ -2,7 +2,8 @@
 
 Protocol: JSON lines. The parent's first message configures the worker
 (``plugins``, ``base_dir``, ``threads``, ``timing``, ``seed``, ``memory_budget``);
-each further message is one case (``{"case": {...}}``) and is answered with
+each further message is one case (``{"case": {...}}``, with ``"time_only": true`` to
+stop after timing) and is answered with
 ``{"row": {...}, "samples_s": [...]}``. The worker answers on a private copy of
 its original stdout; fd 1 itself is pointed at stderr, so anything a variant
 prints (from Python or C) cannot corrupt the protocol and ends up in the
@@ -47,9 +48,11 @@ def main() -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        case = Case(**json.loads(line)["case"])
+        message = json.loads(line)
+        case = Case(**message["case"])
         result = run_case(case, timing, seed=config.get("seed", 0), memory_budget=config.get("memory_budget"),
-                          on_phase=lambda name: channel.write(json.dumps({"phase": name}) + "\n"))
+                          on_phase=lambda name: channel.write(json.dumps({"phase": name}) + "\n"),
+                          time_only=bool(message.get("time_only")))
         channel.write(json.dumps({"row": result.row, "samples_s": result.samples_s}) + "\n")
     return 0
 

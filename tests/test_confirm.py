@@ -251,3 +251,17 @@ def test_confirm_across_commits_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     case = json.loads(proc.stdout)["cases"][0]
     assert case["verdict"] == "improved" and 0.4 < case["confirm_ratio"] < 0.63
+
+
+def test_time_only_rounds_skip_memory_flops_and_accuracy():
+    from harness.cases import Case
+    from harness.runner import run_case
+    from harness.timing import TimingConfig
+
+    case = Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=16)
+    timing = TimingConfig(warmup=1, min_time_s=0.0, min_reps=3, max_reps=3)
+    full, quick = run_case(case, timing), run_case(case, timing, time_only=True)
+    assert full.row["status"] == quick.row["status"] == "ok" and len(quick.samples_s) == 3
+    assert quick.row["time_ms"] > 0 and full.row["peak_mem_bytes"] > 0 and full.row["rel_err"] < 1e-5
+    assert "rel_err" not in quick.row or not np.isfinite(quick.row["rel_err"])
+    assert "peak_mem_bytes" not in quick.row or not np.isfinite(quick.row["peak_mem_bytes"])
