@@ -90,6 +90,9 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.environment import pin_allocator
+
+    pin_allocator()
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help(sys.stderr)

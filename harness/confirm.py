@@ -135,6 +135,8 @@ class Side:
     threads: int | None
     plugins: list[str] = field(default_factory=list)
     suite_dir: Path = field(default_factory=Path.cwd)
+    #: the checkout's path when the run was recorded (perhaps on another machine)
+    recorded_root: Path | None = None
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "Side":
@@ -151,19 +153,22 @@ class Side:
             threads=timing.get("threads") or env.get("threads"),
             plugins=list((suite.get("definition") or {}).get("plugins") or []),
             suite_dir=suite_dir,
+            recorded_root=Path(root) if (root := (env.get("git") or {}).get("root")) else None,
         )
 
     def in_tree(self, tree: Path) -> tuple[Path, list[str]]:
         """(base_dir, plugins) with paths inside the recorded checkout moved into ``tree``."""
         from harness.plugins import looks_like_path
 
-        root = self.repo.resolve()
+        roots = [r for r in (self.recorded_root, self.repo.resolve()) if r is not None]
 
         def move(p: Path) -> Path:
-            try:
-                return tree / p.resolve().relative_to(root)
-            except ValueError:
-                return p  # outside the checkout: the same file for both sides
+            for root in roots:
+                try:
+                    return tree / p.resolve().relative_to(root)
+                except ValueError:
+                    continue
+            return p  # outside the checkout: the same file for both sides
 
         base_dir = move(self.suite_dir)
         plugins = [str(move(self.suite_dir / spec)) if looks_like_path(spec) else spec for spec in self.plugins]

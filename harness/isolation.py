@@ -110,6 +110,7 @@ class WorkerPool:
             self.log_path = Path(name)
         log = open(self.log_path, "wb")
         env = dict(os.environ)
+        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # harness.environment.pin_allocator; older workers too
         root = str(self.code_root)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(

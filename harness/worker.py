@@ -30,6 +30,7 @@ def main() -> int:
     if not config_line:
         return 0
     config = json.loads(config_line)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as harness.environment.pin_allocator, before torch
 
     import torch
 

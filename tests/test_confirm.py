@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,6 +158,10 @@ def test_extract_commit_and_side_paths(tmp_path):
     base_dir, plugins = side.in_tree(tree)
     assert base_dir == tree / "suites"
     assert plugins == [str(tree / "tests" / "plugins" / "slow_sdpa.py"), "some.module"]
+    # recorded in a checkout elsewhere (a baseline from another machine): moved all the same
+    elsewhere = Side(commit=head, repo=PROJECT_ROOT, timing={}, seed=0, threads=1, plugins=["p.py", "/opt/x.py"],
+                     suite_dir=Path("/home/ci/bench/suites"), recorded_root=Path("/home/ci/bench"))
+    assert elsewhere.in_tree(tree) == (tree / "suites", [str(tree / "suites" / "p.py"), "/opt/x.py"])
 
 
 @needs_git

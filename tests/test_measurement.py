@@ -94,3 +94,27 @@ def test_inputs_start_on_a_page_and_keep_their_values(dtype):
         src = torch.randn(offset + 100)[offset:].view(4, 25)
         out = aligned_copy(src)
         assert out.data_ptr() % ALIGNMENT == 0 and torch.equal(out, src)
+
+
+def test_large_cpu_allocations_are_pinned_to_pages_for_measurement(monkeypatch):
+    """Where glibc puts a large temporary changes CPU BLAS speed by up to 2x (see
+    harness.environment.pin_allocator): runs pin it with THP_MEM_ALLOC_ENABLE unless the user chose."""
+    import os
+    import subprocess
+    import sys
+
+    from harness.environment import ALLOCATOR_ENV, capture, pin_allocator
+
+    monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
+    pin_allocator()
+    assert os.environ[ALLOCATOR_ENV] == "1"
+    monkeypatch.setenv(ALLOCATOR_ENV, "0")
+    pin_allocator()
+    assert os.environ[ALLOCATOR_ENV] == "0" and capture()["allocator"] == {ALLOCATOR_ENV: "0"}
+    # and this torch honours it: after frees, new 16 MiB tensors still start on a page
+    code = ("import torch\nptrs = []\nfor i in range(8):\n    a = torch.empty(4 << 20); b = torch.empty(37000)\n"
+            "    c = torch.empty(4 << 20); ptrs += [a.data_ptr(), c.data_ptr()]; del a\n"
+            "print(all(p % 4096 == 0 for p in ptrs))")
+    env = dict(os.environ, **{ALLOCATOR_ENV: "1"})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
