@@ -360,6 +360,9 @@ def cmd_baseline_set(args) -> int:
         return _usage(f"bench baseline set: {exc}")
     info = run_info(dest)
     print(f"baseline of suite {info.suite}: {info.run_id} (commit {info.short_commit}) → {dest}")
+    if info.dirty is not False or not info.commit:
+        print("warning: this run was not recorded from a clean commit, so bench compare --confirm cannot "
+              "re-run its code; promote a run made from a committed tree", file=sys.stderr)
     print(f"commit it: git add {dest} && git commit -m 'baseline {info.suite}: {info.run_id}'", file=sys.stderr)
     return EXIT_OK
 

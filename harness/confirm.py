@@ -8,24 +8,31 @@ slower than the run before, with no change at all), so a per-case test on stored
 samples is a screen, not proof: it flags anything that moved, and the nightly
 job would fail most nights.
 
-How. Each case whose time verdict is ``regressed`` or ``improved`` is measured
-again, ``rounds`` times per side, alternately A B B A A B … (counterbalanced, so
-a drift of the machine favours neither side). A round is one complete fresh
-measurement (new inputs, warm-up, timing: :func:`harness.runner.run_case`) in a
-worker process of its side. A side's code is the project commit its run was
-recorded at, extracted from git (``git archive``) into a temporary directory,
-so last month's baseline runs its own code beside tonight's, on the spot, under
-the same conditions; its recorded seed, timing rule and thread count are
-reused; only the time is measured (no memory, FLOP count or accuracy, which
-the stored runs already have; a worker of a commit older than this option
-measures them too, and ignores them). The unit of replication is the round: the test (Mann–Whitney, with the
-Moses interval for the ratio; :func:`harness.compare.time_test`) compares the
-rounds' medians, because the samples within one round share their process's and
-their minute's state and would overstate the certainty. Benjamini–Hochberg
-adjusts the p-values across the re-run cases. A case keeps its verdict only if
-the re-run shows it again: q < alpha and the ratio beyond the threshold in the
-same direction. Otherwise it becomes ``unchanged``, with a note giving the
-re-run's ratio and interval.
+How. The suspects are the cases whose time verdict is ``regressed`` or
+``improved``, and those called ``unchanged`` whose stored ratio is beyond half the
+threshold (a real change the stored samples happened to understate). Each is
+measured again, ``rounds`` times per side, alternately A B B A A B …
+(counterbalanced, so a drift of the machine favours neither side). A round is
+one fresh measurement of every suspect on both sides (new inputs, warm-up,
+timing; :func:`harness.runner.run_case`) in new worker processes, one per side,
+so each round also draws a new process (memory layout, thread placement) and a
+case's rounds are spread over the whole re-run. A side's code is the project
+commit its run was recorded at, extracted from git (``git archive``) into a
+temporary directory, so last month's baseline runs its own code beside
+tonight's, on the spot, under the same conditions; its recorded seed, timing
+rule (with at most ``ROUND_MIN_TIME_S`` of timing and ``ROUND_MIN_REPS`` samples
+a round: the rounds are the replicates) and thread count are reused; only the
+time is measured (no memory, FLOP count or accuracy, which the stored runs
+already have; a worker of a commit older than this option measures them too,
+and ignores them). The unit of replication is the round: the test (Mann–Whitney,
+with the Moses interval for the ratio; :func:`harness.compare.time_test`)
+compares the rounds' medians, because the samples within one round share their
+process's and their minute's state and would overstate the certainty.
+Benjamini–Hochberg adjusts the p-values across the re-run cases. The re-run
+decides a suspect's time verdict: ``regressed`` (``improved``) when q < alpha
+and the ratio is beyond the threshold, else ``unchanged``; the note says what
+the re-run found (ratio, interval, q) and whether it confirmed, cleared or
+found the change.
 
 Runnable here. Each side must have been recorded from a clean tree at a known
 commit that this repository holds, with the same Python, torch, CUDA and Triton
@@ -44,7 +51,6 @@ stored samples.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import subprocess
@@ -56,6 +62,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pandas as pd
 
 from harness.compare import Comparison, CompareError, TimeTest, _finite, bh_adjust, sort_by_severity, time_test
 from harness.environment import PROJECT_ROOT
@@ -63,6 +70,9 @@ from harness.environment import PROJECT_ROOT
 #: Interleaved rounds per side, by default. Eight rounds allow a two-sided exact p-value as
 #: small as 2/C(16,8) = 0.00016, enough to survive the FDR adjustment across many suspects.
 DEFAULT_ROUNDS = 8
+#: Also re-run a case the stored samples call unchanged when its ratio is beyond this share of
+#: the threshold (e.g. ±2.5% for a 5% threshold): real changes the stored samples understated.
+SCREEN_SHARE = 0.5
 #: Versions that must match: the packages both sides' workers import from this environment.
 SHARED_VERSIONS = ("python", "torch", "cuda", "triton")
 
@@ -175,27 +185,66 @@ class Side:
         return base_dir, plugins
 
 
-Runner = Callable[[Any], Any]  # case -> harness.runner.CaseResult
+#: A round's timing rule: the side's own, with at most this much timing and this many samples
+#: (a round's median needs less precision than a stored run's: the rounds are the replicates).
+ROUND_MIN_TIME_S = 0.1
+ROUND_MIN_REPS = 10
+
+
+def round_timing(timing: dict[str, Any]) -> dict[str, Any]:
+    t = dict(timing)
+    if "min_time_s" in t:
+        t["min_time_s"] = min(float(t["min_time_s"]), ROUND_MIN_TIME_S)
+    if "min_reps" in t:
+        t["min_reps"] = min(int(t["min_reps"]), ROUND_MIN_REPS)
+    return t
+
+
+class Workers:
+    """Worker processes for the sides, each running its side's commit extracted from git.
+
+    :meth:`new_round` replaces them with fresh ones, so that each round also draws a new
+    process (its memory layout, its thread placement): the rounds are then independent
+    replicates of everything that differs from one process to the next."""
+
+    def __init__(self, sides: dict[str, Side], tmp: Path, log_dir: Path | None = None):
+        self.sides, self.log_dir = sides, log_dir
+        self.trees: dict[str, Path] = {}
+        for side in sides.values():
+            if side.commit not in self.trees:
+                self.trees[side.commit] = extract_commit(side.repo, side.commit, tmp / side.commit[:12])
+        self.pools: dict[str, Any] = {}
+        self.rounds = 0
+
+    def new_round(self) -> None:
+        from harness.isolation import WorkerPool
+
+        self.close()
+        self.rounds += 1
+        for name, side in self.sides.items():
+            tree = self.trees[side.commit]
+            base_dir, plugins = side.in_tree(tree)
+            log_dir = self.log_dir / f"round-{self.rounds}-{name}" if self.log_dir else None
+            self.pools[name] = WorkerPool(round_timing(side.timing), seed=side.seed, plugins=plugins,
+                                          base_dir=base_dir, threads=side.threads, code_root=tree, log_dir=log_dir)
+
+    def run(self, name: str, case):
+        return self.pools[name].run(case, time_only=True)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools = {}
 
 
 @contextlib.contextmanager
-def worker_runners(sides: dict[str, Side], log_dir: Path | None = None) -> Iterator[dict[str, Runner]]:
-    """One worker process per side, each running its side's commit extracted from git."""
-    from harness.isolation import WorkerPool
-
-    with tempfile.TemporaryDirectory(prefix="bench-confirm-") as tmp, contextlib.ExitStack() as stack:
-        trees: dict[str, Path] = {}
-        runners = {}
-        for name, side in sides.items():
-            if side.commit not in trees:
-                trees[side.commit] = extract_commit(side.repo, side.commit, Path(tmp) / side.commit[:12])
-            base_dir, plugins = side.in_tree(trees[side.commit])
-            pool = stack.enter_context(WorkerPool(
-                side.timing, seed=side.seed, plugins=plugins, base_dir=base_dir, threads=side.threads,
-                code_root=trees[side.commit], log_dir=(log_dir / name) if log_dir else None,
-            ))
-            runners[name] = functools.partial(pool.run, time_only=True)
-        yield runners
+def worker_runners(sides: dict[str, Side], log_dir: Path | None = None) -> Iterator[Workers]:
+    with tempfile.TemporaryDirectory(prefix="bench-confirm-") as tmp:
+        workers = Workers(sides, Path(tmp), log_dir)
+        try:
+            yield workers
+        finally:
+            workers.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,18 +260,29 @@ class Rounds:
     problems: list[str] = field(default_factory=list)
 
 
-def interleaved_rounds(case, runners: dict[str, Runner], rounds: int) -> Rounds:
-    """Run ``case`` on side A and side B alternately, ``rounds`` times each: A B B A A B …"""
-    out = Rounds()
+def interleaved_rounds(cases: dict[Any, Any], workers, rounds: int,
+                       log: Callable[[str], None] = lambda s: None) -> dict[Any, Rounds]:
+    """Every case on side A and side B, ``rounds`` times each, A B B A A B … per case.
+
+    Rounds are the outer loop: each starts with fresh processes (``workers.new_round()``) and
+    runs every case once per side, so a case's rounds are spread over the whole re-run."""
+    out = {key: Rounds() for key in cases}
     for r in range(rounds):
-        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            result = runners[name](case)
-            if result.row.get("status") != "ok" or not result.samples_s:
-                out.problems.append(f"{name}: {result.row.get('status')} ({result.row.get('reason')})")
-                return out
-            ms = [s * 1e3 for s in result.samples_s]
-            out.medians[name].append(float(np.median(ms)))
-            out.samples[name].extend(ms)
+        log(f"confirm: round {r + 1} of {rounds} ({len(cases)} case(s), both sides)")
+        workers.new_round()
+        order = ("A", "B") if r % 2 == 0 else ("B", "A")
+        for key, case in cases.items():
+            got = out[key]
+            if got.problems:
+                continue
+            for name in order:
+                result = workers.run(name, case)
+                if result.row.get("status") != "ok" or not result.samples_s:
+                    got.problems.append(f"{name}: {result.row.get('status')} ({result.row.get('reason')})")
+                    break
+                ms = [x * 1e3 for x in result.samples_s]
+                got.medians[name].append(float(np.median(ms)))
+                got.samples[name].extend(ms)
     return out
 
 
@@ -252,6 +312,17 @@ def _overall(table, i) -> str:
     return "regressed" if "regressed" in parts else ("improved" if "improved" in parts else "unchanged")
 
 
+def suspects_of(table, threshold: float) -> list:
+    """Cases to re-run: a time verdict of regressed or improved, or a stored ratio beyond
+    ``SCREEN_SHARE`` of the threshold (a real change the stored samples happened to understate)."""
+    if table.empty:
+        return []
+    changed = table["time_verdict"].isin(["regressed", "improved"])
+    ratio = pd.to_numeric(table["time_ratio"], errors="coerce")
+    near = (table["time_verdict"] == "unchanged") & (np.abs(np.log(ratio)) >= SCREEN_SHARE * np.log1p(threshold))
+    return table.index[changed | near.fillna(False)].tolist()
+
+
 def confirm(
     comparison: Comparison,
     rounds: int = DEFAULT_ROUNDS,
@@ -259,14 +330,16 @@ def confirm(
     runners: Callable[[dict[str, Side]], contextlib.AbstractContextManager] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
-    """Re-run the cases whose time verdict is regressed or improved, interleaved, when both sides are runnable.
+    """Re-run the suspect cases (:func:`suspects_of`), interleaved, when both sides are runnable here;
+    the re-run decides their time verdicts.
 
     Updates ``comparison.cases`` in place and sets and returns ``comparison.confirm``.
-    ``runners(sides)`` is a context manager giving one case runner per side ("A" = BASE,
-    "B" = NEW); by default :func:`worker_runners`.
+    ``runners(sides)`` is a context manager giving an object with ``new_round()`` and
+    ``run(side, case)`` (sides "A" = BASE, "B" = NEW); by default :func:`worker_runners`.
     """
     table = comparison.cases
-    suspects = table.index[table["time_verdict"].isin(["regressed", "improved"])].tolist() if not table.empty else []
+    th = comparison.thresholds
+    suspects = suspects_of(table, th.time)
     if not suspects:
         comparison.confirm = {"status": "nothing to confirm", "message": "no case changed in time; nothing to re-run"}
         return comparison.confirm
@@ -286,61 +359,60 @@ def confirm(
         }
         return comparison.confirm
     sides = {"A": Side.from_meta(comparison.base.meta), "B": Side.from_meta(comparison.new.meta)}
-    th = comparison.thresholds
-    tests: dict[int, TimeTest] = {}
-    failures: dict[int, str] = {}
+    log(f"confirm: re-running {len(suspects)} case(s), {rounds} interleaved rounds per side")
     try:
-        with (runners or worker_runners)(sides) as run:
-            for n, i in enumerate(suspects, 1):
-                row = table.loc[i].to_dict()
-                log(f"confirm [{n}/{len(suspects)}] {row['label']}: {rounds} interleaved rounds per side")
-                result = interleaved_rounds(case_from_row(row), run, rounds)
-                if result.problems:
-                    failures[i] = "; ".join(result.problems)
-                    continue
-                tests[i] = time_test(result.medians["A"], result.medians["B"], th.alpha)
+        cases = {i: case_from_row(table.loc[i].to_dict()) for i in suspects}
+        with (runners or worker_runners)(sides) as workers:
+            measured = interleaved_rounds(cases, workers, rounds, log)
     except (CompareError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
         comparison.confirm = {
             "status": "failed",
             "message": f"could not re-run: {exc}; verdicts stand as computed from the stored samples",
         }
         return comparison.confirm
+    failures = {i: "; ".join(m.problems) for i, m in measured.items() if m.problems}
+    tests: dict[Any, TimeTest] = {i: time_test(m.medians["A"], m.medians["B"], th.alpha)
+                                  for i, m in measured.items() if i not in failures}
     q = dict(zip(tests, bh_adjust([t.p_value for t in tests.values()]))) if tests else {}
     for col in ("confirm_ratio", "confirm_ci_low", "confirm_ci_high", "confirm_q"):
         if col not in table:
             table[col] = np.nan
-    kept = 0
+    tally = {"confirmed": 0, "cleared": 0, "found": 0, "agreed": 0}
     for i in suspects:
         if i in failures:
             table.at[i, "note"] = f"{table.at[i, 'note']}; re-run failed ({failures[i]}), not confirmed either way"
             continue
-        t, verdict = tests[i], table.at[i, "time_verdict"]
+        t, before = tests[i], table.at[i, "time_verdict"]
         table.at[i, "confirm_ratio"] = t.ratio
         table.at[i, "confirm_ci_low"] = t.ci_low
         table.at[i, "confirm_ci_high"] = t.ci_high
         table.at[i, "confirm_q"] = q[i]
-        beyond = t.ratio >= 1 + th.time if verdict == "regressed" else t.ratio <= 1 / (1 + th.time)
-        again = _finite(q[i]) and q[i] < th.alpha and beyond
+        significant = _finite(q[i]) and q[i] < th.alpha
+        after = ("regressed" if significant and t.ratio >= 1 + th.time
+                 else "improved" if significant and t.ratio <= 1 / (1 + th.time) else "unchanged")
         ci = f" [{t.ci_low:.3f}, {t.ci_high:.3f}]" if _finite(t.ci_low) else ""
-        if again:
-            kept += 1
-            table.at[i, "note"] = f"{table.at[i, 'note']}; confirmed by interleaved re-run ×{t.ratio:.3f}{ci}"
+        rerun = f"interleaved re-run ×{t.ratio:.3f}{ci}, q={q[i]:.2g}"
+        if before == after:
+            key = "agreed" if after == "unchanged" else "confirmed"
+            text = f"confirmed by {rerun}" if after != "unchanged" else f"{rerun}: unchanged"
+        elif after == "unchanged":
+            key, text = "cleared", f"not confirmed by {rerun}"
         else:
-            table.at[i, "time_verdict"] = "unchanged"
-            table.at[i, "verdict"] = _overall(table, i)
-            table.at[i, "note"] = (f"{table.at[i, 'note']}; not confirmed by interleaved re-run "
-                                   f"(×{t.ratio:.3f}{ci}, q={q[i]:.2g})")
+            key, text = "found", f"{after} in {rerun} (the stored samples said {before})"
+        tally[key] += 1
+        table.at[i, "time_verdict"] = after
+        table.at[i, "verdict"] = _overall(table, i)
+        table.at[i, "note"] = f"{table.at[i, 'note']}; {text}" if table.at[i, "note"] else text
     comparison.cases = sort_by_severity(table)
-    cleared = len(suspects) - kept - len(failures)
     comparison.confirm = {
         "status": "done",
         "rounds": rounds,
         "suspects": len(suspects),
-        "confirmed": kept,
-        "cleared": cleared,
+        **tally,
         "failed": len(failures),
-        "message": f"re-ran {len(suspects)} changed case(s) interleaved, {rounds} rounds per side: "
-                   f"{kept} confirmed, {cleared} cleared"
+        "message": f"re-ran {len(suspects)} case(s) interleaved, {rounds} rounds per side: "
+                   f"{tally['confirmed']} confirmed, {tally['cleared']} cleared, "
+                   f"{tally['found']} changed beyond the threshold only in the re-run, {tally['agreed']} unchanged"
                    + (f", {len(failures)} could not be re-run" if failures else ""),
     }
     return comparison.confirm

@@ -207,8 +207,9 @@ def pin_allocator() -> None:
     16.5 or 33 ms, by the luck of where the score matrices landed, changing from round to
     round and process to process. With ``THP_MEM_ALLOC_ENABLE=1`` PyTorch aligns every CPU
     allocation of 2 MiB or more to a page and advises huge pages for it; the same cases then
-    took 27.3 ± 0.3 and 20.5 ± 0.4 ms in every round. An explicit setting in the environment
-    (``THP_MEM_ALLOC_ENABLE=0`` to measure the lottery) is left alone; run.json records it.
+    took 26.8-27.8 and 20.2-21.7 ms in each of 16 rounds, with the heap deliberately shuffled.
+    An explicit setting in the environment (``THP_MEM_ALLOC_ENABLE=0`` to measure the lottery)
+    is left alone; run.json records it.
     """
     os.environ.setdefault(ALLOCATOR_ENV, "1")
 

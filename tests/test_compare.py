@@ -380,3 +380,13 @@ def test_a_change_of_shape_is_pointed_out():
     v = verdicts({"c": {"samples": base}}, {"c": {"samples": new}})["c"]
     assert v["time_ratio"] < 0.55 and v["ci_low"] < 1 < v["ci_high"]
     assert v["verdict"] == "unchanged" and "distribution changed shape" in v["note"]
+
+
+def test_baseline_set_warns_when_confirm_could_not_rerun_it(bench, tmp_path):
+    root = tmp_path / "results"
+    fake_run(root, "20260101-000000-s-aaaaaa", started="2026-01-01T00:00:00+00:00", dirty=True)
+    fake_run(root, "20260102-000000-s-bbbbbb", started="2026-01-02T00:00:00+00:00", dirty=False)
+    status, _, err = bench("baseline", "set", "20260101-000000-s-aaaaaa", "--root", root)
+    assert status == 0 and "not recorded from a clean commit" in err
+    status, _, err = bench("baseline", "set", "20260102-000000-s-bbbbbb", "--root", root)
+    assert status == 0 and "not recorded from a clean commit" not in err

@@ -55,20 +55,23 @@ def test_runnable_means_clean_known_code_and_same_packages():
 class FakeSides:
     """Stands in for worker_runners: records the order of calls; B is ``slowdown`` times A.
 
-    Each round gets its own random level (``between`` log-sd: the process-and-minute state a
+    Each call gets its own random level (``between`` log-sd: the process-and-minute state a
     real round has) and ten samples around it (``within`` log-sd)."""
 
     def __init__(self, slowdown, between=0.01, within=0.01, seed=0):
         self.calls, self.slowdown, self.between, self.within = [], slowdown, between, within
         self.rng = np.random.default_rng(seed)
-        self.sides = None
+        self.sides, self.rounds = None, 0
 
     @contextlib.contextmanager
     def __call__(self, sides):
         self.sides = sides
-        yield {"A": lambda case: self.run("A"), "B": lambda case: self.run("B")}
+        yield self
 
-    def run(self, name):
+    def new_round(self):
+        self.rounds += 1
+
+    def run(self, name, case):
         self.calls.append(name)
         level = (self.slowdown if name == "B" else 1.0) * np.exp(self.rng.normal(0, self.between))
         s = list(1e-3 * level * np.exp(self.rng.normal(0, self.within, 10)))
@@ -99,12 +102,29 @@ def test_confirm_reruns_changed_cases_interleaved(tmp_path, factor, slowdown, ex
     fake = FakeSides(slowdown)
     result = confirm(comparison, rounds=4, here=_meta()["environment"], runners=fake, log=lambda s: None)
     assert fake.calls == ["A", "B", "B", "A", "A", "B", "B", "A"]  # counterbalanced interleaving, one suspect only
+    assert fake.rounds == 4  # fresh processes every round
     assert fake.sides["A"].seed == 1 and fake.sides["B"].seed == 2  # each side as it was recorded
     assert result["status"] == "done" and result["confirmed"] == (0 if expected == "unchanged" else 1)
     row = comparison.cases.set_index("case_id").loc[real_id(0)]
     assert row["verdict"] == expected
     assert ("not confirmed" if expected == "unchanged" else "confirmed by interleaved re-run") in row["note"]
     assert np.isfinite(row["confirm_ratio"]) and row["confirm_ratio"] == pytest.approx(slowdown, rel=0.05)
+
+
+def test_confirm_also_reruns_near_threshold_cases_and_the_rerun_decides(tmp_path):
+    """Stored ×1.03 is under the 5% threshold (unchanged) but beyond half of it: re-run, and a
+    real ×1.3 found there makes it regressed. Stored ×1.01 is not re-run at all."""
+    comparison = _suspect_comparison(tmp_path, 1.03)
+    assert comparison.counts["regressed"] == 0
+    result = confirm(comparison, rounds=6, here=_meta()["environment"], runners=FakeSides(1.3), log=lambda s: None)
+    assert result["found"] == 1 and result["suspects"] == 1
+    row = comparison.cases.set_index("case_id").loc[real_id(0)]
+    assert row["verdict"] == "regressed" and "the stored samples said unchanged" in row["note"]
+    assert comparison.has_regression
+    quiet = _suspect_comparison(tmp_path / "q", 1.01)
+    fake = FakeSides(1.3)
+    assert confirm(quiet, here=_meta()["environment"], runners=fake, log=lambda s: None)["status"] == "nothing to confirm"
+    assert fake.calls == []
 
 
 def test_confirm_tests_rounds_not_pooled_samples(tmp_path):
@@ -116,8 +136,8 @@ def test_confirm_tests_rounds_not_pooled_samples(tmp_path):
     row = comparison.cases.set_index("case_id").loc[real_id(0)]
     assert row["verdict"] == "unchanged" and row["confirm_q"] > 0.05
     pooled = FakeSides(1.0, between=0.08, within=0.001, seed=3)
-    with pooled({}) as run:
-        r = interleaved_rounds(None, run, 8)
+    with pooled({}) as workers:
+        r = interleaved_rounds({"case": None}, workers, 8)["case"]
     assert time_test(r.samples["A"], r.samples["B"]).p_value < 0.01  # what pooling would have said
     assert time_test(r.medians["A"], r.medians["B"]).p_value > 0.05
 
@@ -135,12 +155,14 @@ def test_confirm_declines_when_a_side_is_not_runnable(tmp_path):
 def test_confirm_reports_a_failed_rerun(tmp_path):
     comparison = _suspect_comparison(tmp_path)
 
-    @contextlib.contextmanager
-    def failing(sides):
-        class R:
-            row = {"status": "error", "reason": "RuntimeError: boom"}
-            samples_s = []
-        yield {"A": lambda case: R(), "B": lambda case: R()}
+    class Failing(FakeSides):
+        def run(self, name, case):
+            class R:
+                row = {"status": "error", "reason": "RuntimeError: boom"}
+                samples_s = []
+            return R()
+
+    failing = Failing(1.0)
 
     result = confirm(comparison, here=_meta()["environment"], runners=failing, log=lambda s: None)
     assert result["failed"] == 1 and "could not be re-run" in result["message"]
@@ -173,8 +195,12 @@ def test_worker_runners_really_run_the_case():
     assert case_from_row(row) == case
     side = Side(commit=git_commit()["commit"], repo=PROJECT_ROOT, seed=0, threads=1,
                 timing={"warmup": 1, "min_time_s": 0.0, "min_reps": 3, "max_reps": 3})
-    with worker_runners({"A": side, "B": side}) as run:
-        r = interleaved_rounds(case, run, rounds=2)
+    with worker_runners({"A": side, "B": side}) as workers:
+        r = interleaved_rounds({"c": case}, workers, rounds=2)["c"]
+        pids = {name: pool.proc.pid for name, pool in workers.pools.items()}
+        workers.new_round()
+        workers.run("A", case)
+        assert workers.pools["A"].proc.pid != pids["A"]  # a new round, a new process
     assert r.problems == [] and len(r.medians["A"]) == len(r.medians["B"]) == 2
     assert len(r.samples["A"]) == 6 and min(r.samples["A"] + r.samples["B"]) > 0
 
