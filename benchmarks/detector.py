@@ -19,8 +19,8 @@ nightly job runs it:
 
 Each comparison is made twice, as ``bench compare`` makes it: from the stored
 samples alone (the screen), and then with ``--confirm`` (what the nightly job
-uses: cases that changed are re-run, BASE's commit and NEW's interleaved, and
-keep their verdict only if the re-run shows it again). For both it prints
+uses: the suspect cases are re-run, BASE's commit and NEW's interleaved in fresh
+processes, and the re-run decides their verdicts). For both it prints
 
 * the false-alarm rate: A/A comparisons that reported any regression (the
   nightly job would have failed), and the share of all unchanged case
@@ -30,8 +30,8 @@ keep their verdict only if the re-run shows it again). For both it prints
   than assumed.
 
 Goal (issue 5): no false alarm in 20 A/A comparisons, and at least 95% of the
-10% slowdowns detected. A suite run takes about 40 s on 2 cores, and a
-confirmation about 15 s per case it re-runs.
+10% slowdowns detected. A suite run takes about 30 s on 2 cores, and a
+confirmation a few seconds per case it re-runs plus 16 worker starts.
 """
 
 from __future__ import annotations
