@@ -1,7 +1,6 @@
 """Isolation, interruption and resume: one bad case never costs the rest of the run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
