@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cases import Case
+from harness.environment import ALLOCATOR_ENV
 from harness.runner import CaseResult, base_row
 from harness.timing import TimingConfig
 
@@ -110,7 +111,7 @@ class WorkerPool:
             self.log_path = Path(name)
         log = open(self.log_path, "wb")
         env = dict(os.environ)
-        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # harness.environment.pin_allocator; older workers too
+        env.setdefault(ALLOCATOR_ENV, "1")  # as harness.environment.pin_allocator; reaches older workers too
         root = str(self.code_root)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(
