@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.aa < 0 or args.slow < 0 or args.aa + args.slow == 0:
         p.error("--aa and --slow must be >= 0 and not both 0")
 
-    from harness import environment
-    from harness.compare import compare_runs
-    from harness.confirm import confirm
+    from harness.measure import environment
+    from harness.regression.compare import compare_runs
+    from harness.regression.confirm import confirm
 
     tmp = None
     if args.work is None:

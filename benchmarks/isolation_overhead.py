@@ -3,7 +3,7 @@
     python benchmarks/isolation_overhead.py [suites/quick.toml]
 
 Every case of the suite is run twice, once in this process and once through the reusable
-worker (harness.isolation.WorkerPool), alternating which goes first, and the wall time of
+worker (harness.engine.executors.WorkerPool), alternating which goes first, and the wall time of
 each is recorded. Prints the worker's start-up time, the total of each way, and the median
 per-case overhead (isolated minus in-process).
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.cases import expand_cases  # noqa: E402
-from harness.isolation import InProcess, WorkerPool  # noqa: E402
-from harness.runner import default_memory_budget  # noqa: E402
-from harness.suite import load_suite  # noqa: E402
+from harness.core.cases import expand_cases  # noqa: E402
+from harness.engine.executors import InProcess, WorkerPool  # noqa: E402
+from harness.engine.runner import default_memory_budget  # noqa: E402
+from harness.engine.suite import load_suite  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -8,7 +8,7 @@ Targets (issue 3), CPU, float32:
 
 Each pair is timed in rounds that alternate the two implementations (A, B, A, B, ...), so slow
 drift of the machine affects both alike; the ratio of medians is printed with the spread of the
-per-round ratios. Peak memory is the exact CPU peak (harness.memory).
+per-round ratios. Peak memory is the exact CPU peak (harness.measure.memory).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import get_variant  # noqa: E402
-from harness.cases import Case  # noqa: E402
-from harness.inputs import make_qkv  # noqa: E402
-from harness.memory import peak_memory_bytes  # noqa: E402
+from harness.core.cases import Case  # noqa: E402
+from harness.measure.inputs import make_qkv  # noqa: E402
+from harness.measure.memory import peak_memory_bytes  # noqa: E402
 
 
 def call(name: str, params: dict, case: Case, qkv):

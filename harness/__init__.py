@@ -1,32 +1,52 @@
 """Attention Bench: measure attention implementations on your own hardware.
 
-Public API::
+Public API (imported lazily, so ``bench --help`` does not pay for torch)::
 
     from harness import register_variant, get_variant, list_variants, Param, Supports
+    from harness import attention_flops, pair_flops, Case, masks
+
+Layers (see the README's Architecture section): ``harness.core`` (the vocabulary: cases,
+registry, masks, FLOP rules, result schema), ``harness.measure`` (timing, memory, FLOPs,
+accuracy, the machine), ``harness.engine`` (suite → cases → executor → worker → rows → store),
+``harness.regression`` (history, statistics, verdicts, compare, confirm, change points),
+``harness.cli`` (argument parsing only).
 """
 
-from harness.flops import attention_flops, pair_flops
-from harness.registry import (
-    Param,
-    RegistryError,
-    Supports,
-    Variant,
-    get_variant,
-    list_variants,
-    register_variant,
-)
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Param",
-    "RegistryError",
-    "Supports",
-    "Variant",
-    "attention_flops",
-    "get_variant",
-    "list_variants",
-    "pair_flops",
-    "register_variant",
-    "__version__",
-]
+#: public name -> (module, attribute or None for the module itself)
+_PUBLIC = {
+    "Param": ("harness.core.registry", "Param"),
+    "RegistryError": ("harness.core.registry", "RegistryError"),
+    "Supports": ("harness.core.registry", "Supports"),
+    "Variant": ("harness.core.registry", "Variant"),
+    "register_variant": ("harness.core.registry", "register_variant"),
+    "get_variant": ("harness.core.registry", "get_variant"),
+    "list_variants": ("harness.core.registry", "list_variants"),
+    "attention_flops": ("harness.core.flops", "attention_flops"),
+    "pair_flops": ("harness.core.flops", "pair_flops"),
+    "Case": ("harness.core.cases", "Case"),
+    "masks": ("harness.core.masks", None),
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _PUBLIC[name]
+    except KeyError:
+        raise AttributeError(f"module 'harness' has no attribute {name!r}") from None
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
 
-from reports import format as fmt  # noqa: E402
+from harness.core import units as fmt  # noqa: E402
 from reports.plots import to_svg  # noqa: E402
 
 TEMPLATES = Path(__file__).parent / "templates"

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from harness import store
-from reports import format as fmt
+from harness.engine import store
+from harness.core import units as fmt
 from reports.analysis import (
     GROUP_KEYS,
     baseline_label,

@@ -356,7 +356,7 @@ def derive_run(src: Path, dst: Path, run_id: str, started: str, slow: dict[str, 
 @pytest.fixture(scope="module")
 def regression_pages(tmp_path_factory):
     """compare.html and trend.html from the regression commands, over runs derived from a real one."""
-    cli = pytest.importorskip("harness.cli_regression", reason="regression tracking (bench compare/trend) not present")
+    cli = pytest.importorskip("harness.cli.regression", reason="regression tracking (bench compare/trend) not present")
     import argparse
 
     src = shared_tiny_run(tmp_path_factory)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from harness import calibrate
-from harness.cases import Case
-from harness.flops import attention_flops
+from harness.measure import calibrate
+from harness.core.cases import Case
+from harness.core.flops import attention_flops
 
 
 def fake_measure(calls):
@@ -99,7 +99,7 @@ def test_real_measurement_is_positive_and_consistent():
 
 
 def _parser():
-    from harness import cli_measure
+    from harness.cli import measure as cli_measure
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.changepoint import case_trends, detect_steps, l1_cost_matrix, pelt
+from harness.regression.changepoint import case_trends, detect_steps, l1_cost_matrix, pelt
 
 
 def series(n, sigma, seed, steps=(), heavy=False, level=10.0):

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from harness import store
+from harness.engine import store
 
 REQUIRED_COLUMNS = (
     "run_id suite variant family params device dtype mode batch heads kv_heads seq_len head_dim causal status "

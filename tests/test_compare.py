@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import store
-from harness.compare import (
+from harness.engine import store
+from harness.regression.compare import (
     CompareError,
     Thresholds,
     bh_adjust,
@@ -23,7 +23,7 @@ from harness.compare import (
     u_null_cdf,
     validate_compare_table,
 )
-from harness.history import run_info
+from harness.regression.history import run_info
 from tests.test_history import fake_run, tiny_real_runs
 
 IDENT = {"variant": "naive", "family": "dense", "exact": True, "params": "{}", "device": "cpu", "dtype": "float32",
@@ -45,7 +45,7 @@ def quantile_samples(n, median, cv):
 
 def real_id(i):
     """The case id of the i-th case that frames() builds (naive, L = 64 + i)."""
-    from harness.cases import Case
+    from harness.core.cases import Case
 
     return Case("naive", {}, heads=2, kv_heads=2, seq_len=64 + i, head_dim=16).case_id
 
@@ -261,9 +261,9 @@ def real(tmp_path_factory):
 
 @pytest.fixture
 def bench(capsys):
-    import harness.cli as cli
+    import harness.cli.main as cli
 
-    assert "harness.cli_regression" in cli.COMMAND_MODULES
+    assert "harness.cli.regression" in cli.COMMAND_MODULES
 
     def run(*args):
         status = cli.main([str(a) for a in args])

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.compare import Comparison, Thresholds, compare_frames, time_test
-from harness.confirm import (
+from harness.regression.compare import Comparison, Thresholds, compare_frames, time_test
+from harness.regression.confirm import (
     Side,
     case_from_row,
     confirm,
@@ -23,8 +23,8 @@ from harness.confirm import (
     runnable_reasons,
     worker_runners,
 )
-from harness.environment import PROJECT_ROOT, git_commit
-from harness.history import run_info
+from harness.measure.environment import PROJECT_ROOT, git_commit
+from harness.regression.history import run_info
 from tests.scratch_repo import commit_change, git, make_scratch_repo
 from tests.test_compare import IDENT, frames, real_id, samples
 from tests.test_history import fake_run
@@ -174,7 +174,7 @@ def test_confirm_reports_a_failed_rerun(tmp_path):
 def test_extract_commit_and_side_paths(tmp_path):
     head = git_commit()["commit"]
     tree = extract_commit(PROJECT_ROOT, head, tmp_path / "tree")
-    assert (tree / "harness" / "confirm.py").is_file() or (tree / "harness" / "runner.py").is_file()
+    assert (tree / "harness" / "regression" / "confirm.py").is_file() or (tree / "harness" / "confirm.py").is_file()
     side = Side(commit=head, repo=PROJECT_ROOT, timing={}, seed=0, threads=1,
                 plugins=["../tests/plugins/slow_sdpa.py", "some.module"], suite_dir=PROJECT_ROOT / "suites")
     base_dir, plugins = side.in_tree(tree)
@@ -188,7 +188,7 @@ def test_extract_commit_and_side_paths(tmp_path):
 
 @needs_git
 def test_worker_runners_really_run_the_case():
-    from harness.cases import Case
+    from harness.core.cases import Case
 
     case = Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=16)
     row = dict(IDENT, case_id=case.case_id, seq_len=32)
@@ -285,9 +285,9 @@ def test_confirm_across_commits_end_to_end(tmp_path):
 
 
 def test_time_only_rounds_skip_memory_flops_and_accuracy():
-    from harness.cases import Case
-    from harness.runner import run_case
-    from harness.timing import TimingConfig
+    from harness.core.cases import Case
+    from harness.engine.runner import run_case
+    from harness.measure.timing import TimingConfig
 
     case = Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=16)
     timing = TimingConfig(warmup=1, min_time_s=0.0, min_reps=3, max_reps=3)

@@ -29,9 +29,9 @@ from pytest_benchmark.storage.file import FileStorage  # noqa: E402
 from pytest_benchmark.table import TableResults  # noqa: E402
 from pytest_benchmark.utils import NAME_FORMATTERS, get_machine_id, report_noprogress  # noqa: E402
 
-from harness import cli_export  # noqa: E402
-from harness.cases import Case  # noqa: E402
-from harness.export import benchmark_group, benchmark_id  # noqa: E402
+from harness.cli import export as cli_export  # noqa: E402
+from harness.core.cases import Case  # noqa: E402
+from harness.regression.export import benchmark_group, benchmark_id  # noqa: E402
 from tests.test_report import TINY_SUITE, shared_tiny_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_runs_are_found_by_id_and_latest(run, tmp_path, capsys):
-    pytest.importorskip("harness.history")
+    pytest.importorskip("harness.regression.history")
     import shutil
 
     meta = json.loads((run / "run.json").read_text())

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import flop_registry
 
-from harness import flopcount, get_variant
-from harness.cases import Case
-from harness.flops import attention_flops, total_flops
-from harness.inputs import make_grad, make_qkv
+from harness import get_variant
+from harness.measure import flopcount
+from harness.core.cases import Case
+from harness.core.flops import attention_flops, total_flops
+from harness.measure.inputs import make_grad, make_qkv
 
 
 def dense_case(variant="sdpa", kv_heads=4, causal=False, **kw):

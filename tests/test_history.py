@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import store
-from harness.history import (
+from harness.engine import store
+from harness.regression.history import (
     HistoryError,
     list_baselines,
     list_runs,
@@ -178,7 +178,7 @@ def tiny_real_runs(tmp_path_factory) -> Path:
     if "root" not in _RUNS:
         import torch
 
-        from harness.cli import main
+        from harness.cli.main import main
 
         work = tmp_path_factory.mktemp("regress")
         (work / "tiny.toml").write_text(TINY)

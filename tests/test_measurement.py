@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from harness.cases import Case
-from harness.flops import attention_flops, dense_pairs, total_flops
-from harness.memory import peak_from_events, peak_memory_bytes
-from harness.timing import TimingConfig, summarize, time_call
+from harness.core.cases import Case
+from harness.core.flops import attention_flops, dense_pairs, total_flops
+from harness.measure.memory import peak_from_events, peak_memory_bytes
+from harness.measure.timing import TimingConfig, summarize, time_call
 from tests.fakes import FakeClock
 
 
@@ -57,7 +57,7 @@ def test_cpu_peak_memory_sees_a_temporary_that_is_freed():
 
 def test_naive_peak_memory_is_its_score_and_probability_matrices():
     from harness import get_variant
-    from harness.inputs import make_qkv
+    from harness.measure.inputs import make_qkv
 
     case = Case("naive", {}, heads=4, kv_heads=4, seq_len=512, head_dim=32)
     q, k, v = make_qkv(case)
@@ -81,7 +81,7 @@ def test_flop_conventions():
 def test_inputs_start_on_a_page_and_keep_their_values(dtype):
     """CPU BLAS speed depends on where in a page the operands start (2x for naive at L=1024 on
     the test machine), so every input is placed on a 4 KiB boundary, whatever the allocator gave."""
-    from harness.inputs import ALIGNMENT, aligned_copy, make_grad, make_qkv
+    from harness.measure.inputs import ALIGNMENT, aligned_copy, make_grad, make_qkv
 
     case = Case("naive", {}, heads=2, kv_heads=1, seq_len=33, head_dim=24, dtype=dtype)
     q, k, v = make_qkv(case, seed=3)
@@ -98,12 +98,12 @@ def test_inputs_start_on_a_page_and_keep_their_values(dtype):
 
 def test_large_cpu_allocations_are_pinned_to_pages_for_measurement(monkeypatch):
     """Where glibc puts a large temporary changes CPU BLAS speed by up to 2x (see
-    harness.environment.pin_allocator): runs pin it with THP_MEM_ALLOC_ENABLE unless the user chose."""
+    harness.measure.environment.pin_allocator): runs pin it with THP_MEM_ALLOC_ENABLE unless the user chose."""
     import os
     import subprocess
     import sys
 
-    from harness.environment import ALLOCATOR_ENV, capture, pin_allocator
+    from harness.measure.environment import ALLOCATOR_ENV, capture, pin_allocator
 
     monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
     pin_allocator()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import registry
-from harness.plugins import PluginError, load_entry_points, load_plugin
+from harness.core import registry
+from harness.engine.plugins import PluginError, load_entry_points, load_plugin
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import store
+from harness.engine import store
 
 PLUGIN = Path(__file__).parent / "plugins" / "faults.py"
 
@@ -177,10 +177,10 @@ def test_resume_refuses_a_changed_suite(tmp_path):
 
 
 def test_worker_is_reused_while_healthy(tmp_path):
-    from harness.cases import Case
-    from harness.isolation import WorkerPool
-    from harness.plugins import load_plugin
-    from harness.timing import TimingConfig
+    from harness.core.cases import Case
+    from harness.engine.executors import WorkerPool
+    from harness.engine.plugins import load_plugin
+    from harness.measure.timing import TimingConfig
 
     load_plugin(str(PLUGIN))
     timing = TimingConfig(warmup=1, min_time_s=0.0, max_reps=2, min_reps=1)

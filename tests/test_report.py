@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.store import RunWriter
-from reports import format as fmt
+from harness.engine.store import RunWriter
+from harness.core import units as fmt
 from reports.analysis import (
     baseline_label,
     crossover_length,
@@ -334,7 +334,7 @@ def test_report_from_a_real_tiny_run(tiny_run):
         assert external not in html
 
 
-# -- progress while it runs (harness/progress.py) ------------------------------------------------
+# -- progress while it runs (harness/engine/progress.py) ------------------------------------------------
 
 class FakeClock:
     def __init__(self):
@@ -354,8 +354,8 @@ def _ok_row(**extra):
 def test_plain_progress_lines_and_heartbeat_during_a_long_first_call():
     import io
 
-    from harness.cases import Case
-    from harness.progress import PlainProgress
+    from harness.core.cases import Case
+    from harness.engine.progress import PlainProgress
 
     clock, out = FakeClock(), io.StringIO()
     p = PlainProgress(3, verbose=True, stream=out, heartbeat_s=60, clock=clock)
@@ -389,8 +389,8 @@ def test_plain_progress_lines_and_heartbeat_during_a_long_first_call():
 def test_plain_progress_without_verbose_prints_every_tenth():
     import io
 
-    from harness.cases import Case
-    from harness.progress import PlainProgress
+    from harness.core.cases import Case
+    from harness.engine.progress import PlainProgress
 
     out = io.StringIO()
     p = PlainProgress(20, stream=out, heartbeat_s=None, clock=FakeClock())
@@ -408,8 +408,8 @@ def test_rich_progress_shows_the_phase_and_a_compilation_as_such():
 
     from rich.console import Console
 
-    from harness.cases import Case
-    from harness.progress import RichProgress
+    from harness.core.cases import Case
+    from harness.engine.progress import RichProgress
 
     clock, buf = FakeClock(), io.StringIO()
     console = Console(file=buf, force_terminal=True, width=160, color_system=None)
@@ -439,7 +439,7 @@ def test_rich_progress_shows_the_phase_and_a_compilation_as_such():
 def test_make_progress_is_plain_off_a_terminal_and_when_quiet(monkeypatch):
     import io
 
-    from harness.progress import PlainProgress, RichProgress, make_progress
+    from harness.engine.progress import PlainProgress, RichProgress, make_progress
 
     assert isinstance(make_progress(5), PlainProgress)  # pytest's stderr is not a terminal
     assert make_progress(5, verbose=True).verbose

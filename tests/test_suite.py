@@ -4,8 +4,8 @@ import textwrap
 
 import pytest
 
-from harness.cases import expand_cases
-from harness.suite import SuiteError, load_suite, parse_suite
+from harness.core.cases import expand_cases
+from harness.engine.suite import SuiteError, load_suite, parse_suite
 
 GOOD = """
 name = "t"
@@ -61,7 +61,7 @@ def test_kv_heads_defaults_to_heads(tmp_path):
 
 
 def test_case_ids_are_stable_and_distinct():
-    from harness.cases import Case
+    from harness.core.cases import Case
 
     a = Case("naive", {}, seq_len=128)
     assert a.case_id == Case("naive", {}, seq_len=128).case_id
@@ -70,7 +70,7 @@ def test_case_ids_are_stable_and_distinct():
 
 
 def test_unsupported_cases_are_skipped_with_reasons(tmp_path):
-    from harness.runner import run_case
+    from harness.engine.runner import run_case
 
     suite = load_suite(write(tmp_path, GOOD))
     eff = [c for c in expand_cases(suite) if c.params.get("backend") == "efficient"]

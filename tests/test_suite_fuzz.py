@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import list_variants
-from harness.cli import main
+from harness.cli.main import main
 
 list_variants()  # load the registry once, outside the timed examples
 
@@ -80,7 +80,7 @@ def test_any_suite_loads_or_is_refused_cleanly(tmp_path_factory, text):
 @settings(max_examples=100, deadline=5000)
 @given(text=st.text(alphabet=string.printable, max_size=200))
 def test_arbitrary_text_is_refused_or_loaded(text):
-    from harness.suite import SuiteError, parse_suite
+    from harness.engine.suite import SuiteError, parse_suite
 
     try:
         parse_suite(text)

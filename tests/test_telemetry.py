@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from harness import telemetry
+from harness.measure import telemetry
 
 
 class FakeNVMLError(Exception):
@@ -149,7 +149,7 @@ def test_unsupported_queries_leave_their_columns_empty():
 
 
 def test_run_json_states_absence_on_this_machine():
-    from harness.environment import capture
+    from harness.measure.environment import capture
 
     info = capture()["telemetry"]
     assert set(info) >= {"available", "reason"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from harness.timing import (
+from harness.measure.timing import (
     SETTINGS,
     TimingConfig,
     check_setting,
@@ -233,7 +233,7 @@ def test_cuda_graph_capture_failure_falls_back_to_eager():
 
 
 def test_cpu_cache_sizes_from_sysfs(tmp_path):
-    from harness.environment import cpu_caches
+    from harness.measure.environment import cpu_caches
 
     for i, (level, kind, size) in enumerate([(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"),
                                              (3, "Unified", "32768K")]):

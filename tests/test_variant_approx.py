@@ -9,8 +9,8 @@ import torch
 import variants.linear  # noqa: F401  (registers performer)
 import variants.lowrank  # noqa: F401  (registers linformer, nystrom)
 from harness import get_variant
-from harness.inputs import make_qkv
-from harness.reference import errors, reference_attention
+from harness.measure.inputs import make_qkv
+from harness.measure.reference import errors, reference_attention
 from tests.variant_checks import forward_errors, make_case
 from variants.linear import favor_projection
 from variants.lowrank import iterative_pinv, linformer_projections, segment_means

@@ -15,8 +15,8 @@ import torch
 import variants.flex as flex_module
 import variants.triton_fused as triton_module
 from harness import get_variant, masks
-from harness.inputs import make_qkv
-from harness.reference import TOLERANCE, errors, reference_attention
+from harness.measure.inputs import make_qkv
+from harness.measure.reference import TOLERANCE, errors, reference_attention
 from tests.variant_checks import assert_exact, make_case
 from variants.local import window_pairs
 

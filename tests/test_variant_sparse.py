@@ -5,10 +5,10 @@ import torch
 
 import variants.sparse  # noqa: F401  (registers block_sparse)
 from harness import get_variant, masks
-from harness.cases import Case
-from harness.flops import pair_flops
-from harness.inputs import make_qkv
-from harness.memory import peak_memory_bytes
+from harness.core.cases import Case
+from harness.core.flops import pair_flops
+from harness.measure.inputs import make_qkv
+from harness.measure.memory import peak_memory_bytes
 from tests.variant_checks import assert_exact, assert_exact_grads, forward_errors, make_case
 from variants.sparse import PATTERNS, case_layout, pattern_layout, pattern_mask
 

@@ -5,9 +5,9 @@ import torch
 
 import variants.tiled
 from harness import get_variant
-from harness.flops import attention_flops
-from harness.inputs import make_grad, make_qkv
-from harness.memory import peak_memory_bytes
+from harness.core.flops import attention_flops
+from harness.measure.inputs import make_grad, make_qkv
+from harness.measure.memory import peak_memory_bytes
 from tests.variant_checks import assert_exact, assert_exact_grads, make_case
 
 BLOCKS = [

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from harness import get_variant, masks
-from harness.inputs import make_qkv
-from harness.reference import errors
+from harness.measure.inputs import make_qkv
+from harness.measure.reference import errors
 from tests.variant_checks import assert_exact, assert_exact_grads, forward_errors, make_case
 from variants.local import window_pairs
 

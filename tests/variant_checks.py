@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from harness import get_variant
-from harness.cases import Case
-from harness.inputs import make_grad, make_qkv
-from harness.reference import TOLERANCE, errors, reference_attention, reference_grads
+from harness.core.cases import Case
+from harness.measure.inputs import make_grad, make_qkv
+from harness.measure.reference import TOLERANCE, errors, reference_attention, reference_grads
 
 
 def make_case(name: str, params: dict | None = None, **axes) -> Case:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.flops import attention_flops
-from harness.registry import Param, Supports, register_variant
+from harness import attention_flops
+from harness import Param, Supports, register_variant
 from variants.common import group_queries, scale_of, ungroup
 
 

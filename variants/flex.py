@@ -2,7 +2,7 @@
 
 ``flex`` calls :func:`torch.nn.attention.flex_attention.flex_attention` through
 ``torch.compile`` (inductor generates a fused kernel: C++ on the CPU, Triton on
-CUDA). The attention pattern is a mask_mod from :mod:`harness.masks` (the same
+CUDA). The attention pattern is a mask_mod from :mod:`harness.core.masks` (the same
 function the float64 reference applies) plus a *BlockMask*: for every tile of
 ``tile × tile`` (query, key) positions it records whether the tile is empty
 (skipped entirely), full (computed without evaluating the mask) or partial
@@ -51,8 +51,8 @@ import threading
 import torch
 
 from harness import masks
-from harness.flops import pair_flops
-from harness.registry import Param, Supports, register_variant
+from harness import pair_flops
+from harness import Param, Supports, register_variant
 from variants.local import window_pairs
 
 try:  # the block-sparse layouts are optional (another module)
@@ -102,7 +102,7 @@ def _mask_mod(key: tuple, seq_len: int, device: str):
         return masks.and_masks(masks.causal, window) if causal else window
     if _sparse is None:  # pragma: no cover
         raise ValueError(f"flex: mask {kind!r} needs variants/sparse.py")
-    from harness.cases import Case
+    from harness.core.cases import Case
 
     case = Case(variant="flex", params=dict(key[2:], pattern=kind), device=device, seq_len=seq_len, causal=causal)
     return _sparse.pattern_mask(case)  # applies causality itself
@@ -301,8 +301,8 @@ def unavailable(device: str) -> str | None:
             return f"torch.compile on the CPU needs a C++ compiler: {str(exc).strip()[:160]}"
     # the real test: compile and run a tiny causal case, check it against plain softmax attention
     try:
-        from harness.cases import Case
-        from harness.inputs import make_qkv
+        from harness.core.cases import Case
+        from harness.measure.inputs import make_qkv
 
         case = Case(variant="flex", params={"mask": "none"}, device=device, causal=True, **PROBE_SHAPE)
         q, k, v = make_qkv(case)

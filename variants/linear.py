@@ -27,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from harness.registry import Param, register_variant
+from harness import Param, register_variant
 from variants.common import group_queries, pad_seq, ungroup
 
 EPS = 1e-6

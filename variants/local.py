@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from harness import masks
-from harness.flops import pair_flops
-from harness.registry import Param, register_variant
+from harness import pair_flops
+from harness import Param, register_variant
 from variants.common import pad_seq
 
 

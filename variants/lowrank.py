@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from harness.registry import Param, Supports, register_variant
+from harness import Param, Supports, register_variant
 from variants.common import group_queries, scale_of, ungroup
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -73,8 +73,8 @@ from typing import NamedTuple
 
 import torch
 
-from harness.flops import pair_flops
-from harness.registry import Param, register_variant
+from harness import pair_flops
+from harness import Param, register_variant
 from variants.common import masked_value, pad_seq, scale_of
 
 PATTERNS = ("local_global", "bigbird", "strided")

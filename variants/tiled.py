@@ -38,9 +38,9 @@ import math
 
 import torch
 
-from harness.cases import DTYPE_BYTES
-from harness.flops import attention_flops
-from harness.registry import Param, Supports, register_variant
+from harness.core.cases import DTYPE_BYTES
+from harness import attention_flops
+from harness import Param, Supports, register_variant
 
 _F32 = torch.float32
 _LOG2E = math.log2(math.e)

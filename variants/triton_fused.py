@@ -35,8 +35,8 @@ import math
 
 import torch
 
-from harness.flops import attention_flops
-from harness.registry import Supports, register_variant
+from harness import attention_flops
+from harness import Supports, register_variant
 
 try:
     import triton

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.cases import expand_cases
-from harness.export import benchmark_group, benchmark_id
-from harness.inputs import make_qkv
-from harness.registry import get_variant
-from harness.runner import _call_for_mode, default_memory_budget, skip_reasons
-from harness.suite import load_suite
+from harness.core.cases import expand_cases
+from harness.regression.export import benchmark_group, benchmark_id
+from harness.measure.inputs import make_qkv
+from harness.core.registry import get_variant
+from harness.engine.runner import _call_for_mode, default_memory_budget, skip_reasons
+from harness.engine.suite import load_suite
 from tests.benchmarks.conftest import SKIP_REASON, benchmarks_requested
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +84,7 @@ def test_attention(benchmark, case):
         assert torch.isfinite(out).all(), f"{case.label()}: non-finite output"
 
     benchmark.group = benchmark_group(case)
-    from harness import flops as flop_rules
+    from harness.core import flops as flop_rules
 
     flops = flop_rules.total_flops(variant.flops(case), case.mode)
     benchmark.extra_info.update(

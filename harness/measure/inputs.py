@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from harness.cases import Case
+from harness.core.cases import Case
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 

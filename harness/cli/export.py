@@ -1,6 +1,6 @@
 """``bench export``: a run's results in another tool's format (pytest-benchmark's JSON).
 
-Added to the CLI by listing ``harness.cli_export`` in ``harness.cli.COMMAND_MODULES``.
+Added to the CLI by listing ``harness.cli.export`` in ``harness.cli.main.COMMAND_MODULES``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _resolve(run: str, root: str) -> Path:
     if path.exists():
         return path
     try:
-        from harness.history import resolve_run
+        from harness.regression.history import resolve_run
     except ImportError:  # no run history in this version: run ids under ROOT/runs only
         candidate = Path(root) / "runs" / run
         return candidate if candidate.is_dir() else path
@@ -48,8 +48,8 @@ def _resolve(run: str, root: str) -> Path:
 
 
 def cmd_export(args) -> int:
-    from harness.export import ExportError, export_pytest_benchmark
-    from harness.store import StoreError
+    from harness.regression.export import ExportError, export_pytest_benchmark
+    from harness.engine.store import StoreError
 
     try:
         path, written, left_out = export_pytest_benchmark(_resolve(args.run_dir, args.root), args.output, args.storage)

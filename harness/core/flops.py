@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from harness.cases import Case
+    from harness.core.cases import Case
 
 #: FLOPs of a mode, in units of the forward pass.
 MODE_MULTIPLIER = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}

@@ -297,7 +297,7 @@ def _cache_bytes(device: str, config: TimingConfig) -> int | None:
         if config.flush_l2:
             return None
         return _cuda_l2_bytes(device)
-    from harness.environment import llc_bytes
+    from harness.measure.environment import llc_bytes
 
     return llc_bytes()
 

@@ -1,6 +1,6 @@
 """Running cases in a worker process, so a crash, hang or OOM costs one case, not the run.
 
-:class:`WorkerPool` keeps one worker (``python -m harness.worker``) alive across
+:class:`WorkerPool` keeps one worker (``python -m harness.engine.worker``) alive across
 cases while it is healthy. Per case it sends the case and waits for the row, up
 to the case timeout:
 
@@ -29,13 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.cases import Case
-from harness.environment import ALLOCATOR_ENV
-from harness.runner import CaseResult, base_row
-from harness.timing import TimingConfig
+from harness.core.cases import Case
+from harness.measure.environment import ALLOCATOR_ENV
+from harness.engine.runner import CaseResult, base_row
+from harness.measure.timing import TimingConfig
 
 STDERR_TAIL_CHARS = 1500
 START_TIMEOUT_S = 300.0
+
+
+def worker_module(code_root: Path) -> str:
+    """The worker's module in the project tree at ``code_root`` (older commits kept it at ``harness/worker.py``)."""
+    return "harness.worker" if (Path(code_root) / "harness" / "worker.py").is_file() else "harness.engine.worker"
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -90,7 +95,7 @@ class WorkerPool:
         #: the project tree the worker imports harness and variants from (default: this one; another
         #: one, such as an older commit's, also becomes the worker's working directory)
         self.own_tree = code_root is None
-        self.code_root = Path(__file__).resolve().parent.parent if code_root is None else Path(code_root)
+        self.code_root = Path(__file__).resolve().parents[2] if code_root is None else Path(code_root)
         self.log_dir = Path(log_dir) if log_dir else None
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
@@ -111,11 +116,11 @@ class WorkerPool:
             self.log_path = Path(name)
         log = open(self.log_path, "wb")
         env = dict(os.environ)
-        env.setdefault(ALLOCATOR_ENV, "1")  # as harness.environment.pin_allocator; reaches older workers too
+        env.setdefault(ALLOCATOR_ENV, "1")  # as harness.measure.environment.pin_allocator; reaches older workers too
         root = str(self.code_root)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.worker"],
+            [sys.executable, "-m", worker_module(self.code_root)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -221,7 +226,7 @@ class WorkerPool:
 
     @staticmethod
     def _failed(case: Case, status: str, reason: str) -> CaseResult:
-        from harness.registry import get_variant
+        from harness.core.registry import get_variant
 
         try:
             row = base_row(case, get_variant(case.variant))
@@ -245,7 +250,7 @@ class InProcess:
         self.timing, self.seed, self.memory_budget = timing, seed, memory_budget
 
     def run(self, case: Case, on_phase=None) -> CaseResult:
-        from harness.runner import run_case
+        from harness.engine.runner import run_case
 
         return run_case(case, self.timing, seed=self.seed, memory_budget=self.memory_budget, on_phase=on_phase)
 

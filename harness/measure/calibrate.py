@@ -13,7 +13,7 @@
   bytes read + written (2·size, STREAM's "copy" convention; write-allocate traffic
   is not counted).
 
-Both are timed by :func:`harness.timing.time_call` (adaptive, ±1% target); the cache
+Both are timed by :func:`harness.measure.timing.time_call` (adaptive, ±1% target); the cache
 keeps the median and the best sample of each, and rows are compared with the best
 (:data:`PEAK_KEY`), since load from other processes only ever slows a GEMM down.
 
@@ -32,7 +32,7 @@ Per row (:func:`analytic_columns`, :func:`row_roofline`):
   bandwidth)``, the roofline at the row's intensity.
 
 ``bench calibrate --check`` is the cross-check benchmark: the same SDPA cases timed
-in one process, interleaved, by the harness's :func:`harness.timing.time_call`, by
+in one process, interleaved, by the harness's :func:`harness.measure.timing.time_call`, by
 ``torch.utils.benchmark.Timer.blocked_autorange`` and (CUDA) by
 ``triton.testing.do_bench``, several runs each (rounds interleave the methods, each
 round starting with the next one); it prints the medians, their ratios and each
@@ -55,8 +55,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from harness.cases import DTYPE_BYTES, DTYPES, Case
-from harness.timing import TimingConfig, time_call
+from harness.core.cases import DTYPE_BYTES, DTYPES, Case
+from harness.measure.timing import TimingConfig, time_call
 
 CALIBRATION_DIR = Path("results") / "calibration"
 SCHEMA_VERSION = 1
@@ -119,7 +119,7 @@ def cache_path(fingerprint: str, root: Path | None = None) -> Path:
 @lru_cache(maxsize=1)
 def current_fingerprint() -> str:
     """This machine's fingerprint (``environment.capture()["machine"]["fingerprint"]``)."""
-    from harness.environment import machine
+    from harness.measure.environment import machine
 
     return machine()["fingerprint"]
 
@@ -220,7 +220,7 @@ def measure_bandwidth(
             l2 = torch.cuda.get_device_properties(torch.device(device)).L2_cache_size
             nbytes = max(2**30, 8 * l2)
         else:
-            from harness.environment import llc_bytes
+            from harness.measure.environment import llc_bytes
 
             nbytes = max(256 * 2**20, 8 * (llc_bytes() or 0))
     numel = nbytes // 4
@@ -378,8 +378,8 @@ def cross_check(
 
     The harness runs with its default TimingConfig except ``min_time_s`` (the same
     minimum time ``blocked_autorange`` and ``do_bench`` get) and, if given, ``max_time_s``."""
-    from harness.inputs import make_qkv
-    from harness.timing import input_set_count
+    from harness.measure.inputs import make_qkv
+    from harness.measure.timing import input_set_count
 
     records = []
     for case in cases:

@@ -78,3 +78,11 @@ def ci_percent(rel) -> str:
         return ""
     pct = rel * 100
     return f"±{pct:.2g} %" if pct < 100 else f"±{pct:.0f} %"
+
+
+def finite(x) -> bool:
+    """A real, finite number (not None, NaN or ±inf; numpy and torch scalars included)."""
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False

@@ -30,14 +30,14 @@ def main() -> int:
     if not config_line:
         return 0
     config = json.loads(config_line)
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as harness.environment.pin_allocator, before torch
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as harness.measure.environment.pin_allocator, before torch
 
     import torch
 
-    from harness.cases import Case
-    from harness.plugins import load_plugin
-    from harness.runner import run_case
-    from harness.timing import TimingConfig
+    from harness.core.cases import Case
+    from harness.engine.plugins import load_plugin
+    from harness.engine.runner import run_case
+    from harness.measure.timing import TimingConfig
 
     if config.get("threads"):
         torch.set_num_threads(config["threads"])

@@ -38,10 +38,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.cases import DEVICES, DTYPES, MODES
+from harness.core.cases import DEVICES, DTYPES, MODES
 
 if TYPE_CHECKING:
-    from harness.cases import Case
+    from harness.core.cases import Case
 
 
 class RegistryError(Exception):
@@ -147,8 +147,8 @@ class Variant:
         return reasons
 
     def reference_mask(self, case: "Case"):
-        """The mask_mod (harness.masks) whose dense float64 attention this variant is measured against."""
-        from harness import masks
+        """The mask_mod (harness.core.masks) whose dense float64 attention this variant is measured against."""
+        from harness.core import masks
 
         if self.mask is not None:
             return self.mask(case)
@@ -247,7 +247,7 @@ def _load_builtins() -> None:
             return
         _LOADED = True
         importlib.import_module("variants")
-        from harness.plugins import load_entry_points
+        from harness.engine.plugins import load_entry_points
 
         load_entry_points()
 

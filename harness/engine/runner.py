@@ -2,13 +2,13 @@
 
 For one case, in order: the variant's own not-supported reasons and the memory
 budget (a ``skipped`` row if either says no); random inputs; the call for the
-case's mode; timing (:mod:`harness.timing`); peak memory of one more call
-(:mod:`harness.memory`); FLOPs counted by FlopCounterMode (:mod:`harness.flopcount`);
-the roofline columns against this machine's calibration (:mod:`harness.calibrate`);
-error against the float64 reference (:mod:`harness.reference`). Timing runs inside an
-NVML telemetry sampler (:mod:`harness.telemetry`; empty columns off NVIDIA GPUs) and
+case's mode; timing (:mod:`harness.measure.timing`); peak memory of one more call
+(:mod:`harness.measure.memory`); FLOPs counted by FlopCounterMode (:mod:`harness.measure.flopcount`);
+the roofline columns against this machine's calibration (:mod:`harness.measure.calibrate`);
+error against the float64 reference (:mod:`harness.measure.reference`). Timing runs inside an
+NVML telemetry sampler (:mod:`harness.measure.telemetry`; empty columns off NVIDIA GPUs) and
 rotates among several copies of the inputs when one set fits in the cache
-(:func:`harness.timing.input_set_count`). Any exception becomes an ``error`` row and
+(:func:`harness.measure.timing.input_set_count`). Any exception becomes an ``error`` row and
 the run goes on.
 """
 
@@ -24,14 +24,18 @@ from typing import Any, Callable
 
 import torch
 
-from harness import calibrate, environment, flopcount, telemetry, flops as flop_rules
-from harness.cases import Case
-from harness.inputs import aligned_copy, make_grad, make_qkv
-from harness.memory import peak_memory_bytes
-from harness.reference import MAX_GRAD_CHECK_LEN, check_rows, errors, reference_attention, reference_grads
-from harness.registry import Variant, get_variant
-from harness.store import RunWriter
-from harness.timing import TimingConfig, input_set_count, time_call
+from harness.measure import calibrate
+from harness.measure import environment
+from harness.measure import flopcount
+from harness.measure import telemetry
+from harness.core import flops as flop_rules
+from harness.core.cases import Case
+from harness.measure.inputs import aligned_copy, make_grad, make_qkv
+from harness.measure.memory import peak_memory_bytes
+from harness.measure.reference import MAX_GRAD_CHECK_LEN, check_rows, errors, reference_attention, reference_grads
+from harness.core.registry import Variant, get_variant
+from harness.engine.store import RunWriter
+from harness.measure.timing import TimingConfig, input_set_count, time_call
 
 #: Default share of the machine's available memory one case may be estimated to use.
 MEMORY_BUDGET_FRACTION = 0.6
@@ -258,7 +262,7 @@ def run_cases(
     progress=None,
     stop: Callable[[], bool] = lambda: False,
 ) -> int:
-    """Run cases in order through ``executor`` (harness.isolation), appending each row to
+    """Run cases in order through ``executor`` (harness.engine.executors), appending each row to
     ``writer`` as it finishes; returns how many ran."""
     done = 0
     for case in cases:
@@ -286,7 +290,7 @@ class ResumeError(Exception):
 
 def remaining_cases(run_dir: Path, cases: list[Case]) -> list[Case]:
     """The cases of ``cases`` that have no final row in ``run_dir``; refuses if identities changed."""
-    from harness.store import read_meta, read_rows_log
+    from harness.engine.store import read_meta, read_rows_log
 
     meta = read_meta(run_dir)
     recorded = meta.get("case_ids", [])

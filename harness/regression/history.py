@@ -1,7 +1,7 @@
 """The run history: every run under ``results/runs/``, and the baselines under ``results/baseline/``.
 
 Storage. Every run is its own directory ``results/runs/<run_id>/`` written by
-:mod:`harness.store` (``run.json``, ``results.parquet``, ``samples.parquet``);
+:mod:`harness.engine.store` (``run.json``, ``results.parquet``, ``samples.parquet``);
 the history is simply the set of those directories, read together as one table
 (a Parquet dataset partitioned by run). Why not SQLite or DuckDB:
 
@@ -43,8 +43,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness import store
-from harness.store import StoreError
+from harness.engine import store
+from harness.engine.store import StoreError
 
 DEFAULT_ROOT = Path("results")
 RUNS = "runs"

@@ -162,14 +162,14 @@ def detect_steps(
 
 
 def case_trends(rows, runs, *, min_step: float = 0.05, penalty: float = 3.0, min_size: int = 2) -> list[dict]:
-    """Per case of a history table (:func:`harness.history.load_history`): its series and steps.
+    """Per case of a history table (:func:`harness.regression.history.load_history`): its series and steps.
 
     Each entry: ``case_id``, ``label``, ``points`` (one per run where the case was measured:
     ``run_index, run_id, commit, started, time_ms, time_ms_p10, time_ms_p90``) and ``steps``
     (``index`` into points, ``run_id`` and ``commit`` of the first run at the new level,
     ``before``, ``after``, ``ratio``). Cases with steps come first, largest step first.
     """
-    from harness.compare import case_label
+    from harness.regression.compare import case_label
 
     if rows is None or len(rows) == 0:
         return []

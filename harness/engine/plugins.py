@@ -14,7 +14,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from harness.registry import RegistryError, registering_from
+from harness.core.registry import RegistryError, registering_from
 
 ENTRY_POINT_GROUP = "attention_bench.variants"
 _LOADED: dict[str, str] = {}
@@ -60,7 +60,7 @@ def _import_file(module_name: str, path: Path):
 
 
 def _import(spec: str, do_import) -> None:
-    from harness.registry import _load_builtins
+    from harness.core.registry import _load_builtins
 
     _load_builtins()  # so a plugin that reuses a built-in name is caught as a duplicate
     try:

@@ -2,7 +2,7 @@
 
 Pairing. Cases are paired by ``case_id``, the stable hash of everything that
 defines a measurement (variant, its parameters, device, dtype, mode, shape,
-causal, inputs; :class:`harness.cases.Case`). A case in only one run is ``new``
+causal, inputs; :class:`harness.core.cases.Case`). A case in only one run is ``new``
 or ``missing``.
 
 Time. For a case measured in both runs the point estimate is the ratio of the
@@ -43,7 +43,7 @@ Thresholds come from, in order: the command line; the ``[compare]`` table of
 NEW's suite (stored in run.json); that of BASE's suite; the defaults (5% time,
 10% memory, alpha 0.05).
 
-Confirmation (``--confirm``, :mod:`harness.confirm`): a case whose time verdict is
+Confirmation (``--confirm``, :mod:`harness.regression.confirm`): a case whose time verdict is
 ``regressed`` or ``improved`` is measured again on the spot, BASE's code and
 NEW's interleaved, and keeps its verdict only if the re-run shows it again.
 """
@@ -60,10 +60,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from harness import store
-from harness.history import RunInfo, run_info
-from harness.store import StoreError
-from reports.format import duration_ms
+from harness.engine import store
+from harness.regression.history import RunInfo, run_info
+from harness.engine.store import StoreError
+from harness.core.units import duration_ms
 
 #: Verdicts, most severe first (the order of the terminal table).
 VERDICTS = ("now failing", "regressed", "missing", "new", "now passing", "improved", "unchanged", "not compared")
@@ -115,7 +115,7 @@ class Thresholds:
 def validate_compare_table(table: Any) -> list[tuple[str | None, str]]:
     """Problems of a suite's ``[compare]`` table, as ``(key, message)`` pairs (empty: fine).
 
-    For :mod:`harness.suite` to call, so a bad value is reported with its line before
+    For :mod:`harness.engine.suite` to call, so a bad value is reported with its line before
     anything runs.
     """
     if not isinstance(table, dict):

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from harness.masks import MaskMod, dense_mask
+from harness.core.masks import MaskMod, dense_mask
 
 #: At most this many query rows are checked in the forward pass.
 MAX_CHECK_ROWS = 2048

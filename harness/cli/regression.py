@@ -1,6 +1,6 @@
 """Regression-tracking subcommands: ``compare``, ``history``, ``show``, ``trend``, ``baseline``.
 
-Listed in :data:`harness.cli.COMMAND_MODULES`; :func:`register` adds the parsers.
+Listed in :data:`harness.cli.main.COMMAND_MODULES`; :func:`register` adds the parsers.
 Exit status: 0 fine; 1 ``compare --fail-on-regression`` found a regression
 (``regressed`` or ``now failing``); 2 bad input (a run that cannot be found or
 read, a bad threshold), as one line on stderr.
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from harness.store import StoreError
+from harness.engine.store import StoreError
 
 EXIT_OK, EXIT_REGRESSED, EXIT_USAGE = 0, 1, 2
 
@@ -118,7 +118,7 @@ def _console():
 
 
 def _resolve_pair(base: str, new: str, root: str) -> tuple[Path, Path]:
-    from harness.history import resolve_run, run_info
+    from harness.regression.history import resolve_run, run_info
 
     def is_baseline(spec: str) -> bool:
         return spec == "baseline" or spec.startswith("baseline@")
@@ -131,8 +131,8 @@ def _resolve_pair(base: str, new: str, root: str) -> tuple[Path, Path]:
 
 
 def cmd_compare(args) -> int:
-    from harness.compare import compare_runs
-    from harness.confirm import confirm
+    from harness.regression.compare import compare_runs
+    from harness.regression.confirm import confirm
 
     try:
         base_dir, new_dir = _resolve_pair(args.base, args.new, args.root)
@@ -178,8 +178,8 @@ def _default_html(new_dir: Path, root: Path) -> Path:
 def print_table(comparison, all_cases: bool = False) -> None:
     from rich.table import Table
 
-    from harness.compare import format_ratio_ci
-    from reports import format as fmt
+    from harness.regression.compare import format_ratio_ci
+    from harness.core import units as fmt
 
     th = comparison.thresholds
     console = _console()
@@ -216,7 +216,7 @@ def print_table(comparison, all_cases: bool = False) -> None:
 
 
 def cmd_history(args) -> int:
-    from harness.history import list_baselines, list_runs
+    from harness.regression.history import list_baselines, list_runs
 
     runs = list_runs(args.root, args.suite)
     if args.last is not None:
@@ -254,10 +254,10 @@ def cmd_history(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from harness import store
-    from harness.compare import case_label
-    from harness.history import resolve_run, run_info
-    from reports import format as fmt
+    from harness.engine import store
+    from harness.regression.compare import case_label
+    from harness.regression.history import resolve_run, run_info
+    from harness.core import units as fmt
 
     try:
         info = run_info(resolve_run(args.run, args.root))
@@ -302,8 +302,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_trend(args) -> int:
-    from harness.changepoint import case_trends
-    from harness.history import list_runs, load_history
+    from harness.regression.changepoint import case_trends
+    from harness.regression.history import list_runs, load_history
     from reports.compare import render_trend
 
     runs = list_runs(args.root, args.suite)
@@ -336,7 +336,7 @@ def cmd_trend(args) -> int:
         table = Table()
         for col in ("case", "change", "at run", "commit", "before", "after"):
             table.add_column(col, overflow="fold")
-        from reports import format as fmt
+        from harness.core import units as fmt
 
         for t, s in sorted(steps, key=lambda ts: -abs(ts[1]["ratio"] - 1)):
             style = "red" if s["ratio"] > 1 else "green"
@@ -352,7 +352,7 @@ def cmd_trend(args) -> int:
 
 
 def cmd_baseline_set(args) -> int:
-    from harness.history import run_info, set_baseline
+    from harness.regression.history import run_info, set_baseline
 
     try:
         dest = set_baseline(args.run, args.root, force=args.force)
@@ -368,7 +368,7 @@ def cmd_baseline_set(args) -> int:
 
 
 def cmd_baseline_list(args) -> int:
-    from harness.history import list_baselines
+    from harness.regression.history import list_baselines
 
     baselines = list_baselines(args.root)
     if not baselines:

@@ -18,7 +18,7 @@ FLOPs PyTorch's formulas attribute to the ATen operators it dispatched, or
   running compiled code under a dispatch mode would otherwise make dynamo mark its
   frames as skipped, breaking every later compiled call of the variant.
 
-Conventions differ from the analytic ones (:mod:`harness.flops`) in two known
+Conventions differ from the analytic ones (:mod:`harness.core.flops`) in two known
 ways, which the cross-check states rather than hides: FlopCounterMode counts every
 (query, key) pair of a causal call (its SDPA formulas ignore ``is_causal``, and a
 masked matmul computes every pair), where the analytic convention counts L²/2;

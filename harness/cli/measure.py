@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness.cli import positive_number
+from harness.cli.main import positive_number
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -21,7 +21,7 @@ def _positive_int(text: str) -> int:
 
 
 def register(sub) -> None:
-    from harness.cases import DTYPES
+    from harness.core.cases import DTYPES
 
     p = sub.add_parser(
         "calibrate",
@@ -69,7 +69,7 @@ def cmd_calibrate(args) -> int:
     import torch
     from pathlib import Path
 
-    from harness import calibrate
+    from harness.measure import calibrate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,7 +80,7 @@ def cmd_calibrate(args) -> int:
         print("note: no CUDA device here; CUDA calibration, do_bench and L2 flushing are skipped", file=sys.stderr)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.check:
-        from harness.cases import Case
+        from harness.core.cases import Case
 
         dtypes = args.dtype or ["float32"]
         cases = [

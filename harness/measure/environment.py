@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def cpu_model() -> str:
@@ -237,7 +237,7 @@ def capture() -> dict[str, Any]:
 def _telemetry_availability(machine_info: dict[str, Any]) -> dict[str, Any]:
     """Whether NVML telemetry (power, clocks, energy) can be recorded, and why not."""
     try:
-        from harness.telemetry import availability
+        from harness.measure.telemetry import availability
 
         return availability("cuda" if machine_info.get("gpu") else "cpu")
     except Exception as exc:  # never let telemetry break a run

@@ -1,6 +1,6 @@
 """Suite files (TOML): loading and validation, with every problem found at once.
 
-A suite names what to sweep; :func:`harness.cases.expand_cases` turns it into
+A suite names what to sweep; :func:`harness.core.cases.expand_cases` turns it into
 cases. See the README for the format. Every problem is reported as one line
 ``FILE:LINE: KEY: message`` (LINE where the key can be found in the file), all
 problems together, before anything runs.
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, MODES
-from harness.registry import RegistryError, get_variant
-from harness.timing import SETTINGS as TIMING_SETTINGS, TimingConfig, check_setting, config_problems
+from harness.core.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, MODES
+from harness.core.registry import RegistryError, get_variant
+from harness.measure.timing import SETTINGS as TIMING_SETTINGS, TimingConfig, check_setting, config_problems
 
 TOP_KEYS = ("name", "description", "plugins", "seed", "defaults", "sweep", "timing", "run", "compare", "variant")
 TIMING_KEYS = tuple(TIMING_SETTINGS)
@@ -189,7 +189,7 @@ def parse_suite(text: str, path: Path | None = None) -> Suite:
     suite.timing = _timing(raw.get("timing", {}), check)
     suite.run = _run(raw.get("run", {}), check)
     if "compare" in raw:
-        from harness.compare import validate_compare_table
+        from harness.regression.compare import validate_compare_table
 
         for key, message in validate_compare_table(raw["compare"]):
             check.add("compare", key, message)
@@ -207,7 +207,7 @@ def _plugins(value: Any, check: _Checker, base: Path) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         check.add(None, "plugins", "expected an array of strings (python files or module names)")
         return []
-    from harness.plugins import looks_like_path
+    from harness.engine.plugins import looks_like_path
 
     for plugin in value:
         if looks_like_path(plugin) and not (base / plugin).is_file():
@@ -216,7 +216,7 @@ def _plugins(value: Any, check: _Checker, base: Path) -> list[str]:
 
 
 def _load_plugins(suite: Suite, check: _Checker) -> bool:
-    from harness.plugins import PluginError, load_plugin
+    from harness.engine.plugins import PluginError, load_plugin
 
     failed = False
     for plugin in suite.plugins:

@@ -1,6 +1,6 @@
 """Cases: one fully specified benchmark measurement, and their expansion from a suite.
 
-A suite (see :mod:`harness.suite`) sweeps axes as a cartesian product; every point
+A suite (see :mod:`harness.engine.suite`) sweeps axes as a cartesian product; every point
 of that product, for every variant entry and every combination of the variant's
 own parameter lists, is one :class:`Case`. A case's identity (``case_id``) is a
 stable hash of everything that defines what is measured, so two runs can be
@@ -81,6 +81,21 @@ class Case:
     def element_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Case":
+        """The case a result row measured; ``ValueError`` when the row's ``case_id`` does not match it."""
+        params = row.get("params") or "{}"
+        fields = {f.name: f.type for f in dataclasses.fields(cls) if f.name not in ("variant", "params")}
+        casts = {"int": int, "bool": bool, "str": str}
+        case = cls(
+            variant=str(row["variant"]),
+            params=json.loads(params) if isinstance(params, str) else dict(params),
+            **{name: casts[kind](row[name]) for name, kind in fields.items()},
+        )
+        if "case_id" in row and case.case_id != row["case_id"]:
+            raise ValueError(f"case {row['case_id']} cannot be rebuilt from its row (got {case.case_id})")
+        return case
+
     def label(self) -> str:
         p = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
         head = f"{self.variant}({p})" if p else self.variant
@@ -99,7 +114,7 @@ def _product(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def expand_cases(suite) -> list[Case]:
     """Every case of a validated suite, in a stable order (variant entry, then params, then axes)."""
-    from harness.registry import get_variant
+    from harness.core.registry import get_variant
 
     cases: list[Case] = []
     seen: set[str] = set()

@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 #: Modules that add subcommands: each has ``register(subparsers)`` which adds parsers and sets
 #: ``handler=function(args) -> exit status`` on them with ``set_defaults``.
-COMMAND_MODULES: list[str] = ["harness.cli_measure", "harness.cli_regression", "harness.cli_export"]
+COMMAND_MODULES: list[str] = ["harness.cli.measure", "harness.cli.regression", "harness.cli.export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,17 +90,17 @@ def _add_execution_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.environment import pin_allocator
+    from harness.measure.environment import pin_allocator
 
     pin_allocator()
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help(sys.stderr)
         return EXIT_USAGE
-    from harness.registry import RegistryError
-    from harness.store import StoreError
-    from harness.runner import ResumeError
-    from harness.suite import SuiteError
+    from harness.core.registry import RegistryError
+    from harness.engine.store import StoreError
+    from harness.engine.runner import ResumeError
+    from harness.engine.suite import SuiteError
 
     try:
         return args.handler(args)
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_list(args) -> int:
-    from harness.plugins import load_plugin
-    from harness.registry import list_variants
+    from harness.engine.plugins import load_plugin
+    from harness.core.registry import list_variants
 
     for plugin in args.plugin:
         load_plugin(plugin, Path.cwd())
@@ -150,10 +150,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from harness.cases import expand_cases
-    from harness.runner import remaining_cases, start_run
-    from harness.store import RunWriter, read_meta
-    from harness.suite import load_suite
+    from harness.core.cases import expand_cases
+    from harness.engine.runner import remaining_cases, start_run
+    from harness.engine.store import RunWriter, read_meta
+    from harness.engine.suite import load_suite
 
     suite = load_suite(args.suite)
     cases = expand_cases(suite)
@@ -172,10 +172,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from harness.cases import expand_cases
-    from harness.runner import remaining_cases
-    from harness.store import RunWriter, read_meta
-    from harness.suite import parse_suite
+    from harness.core.cases import expand_cases
+    from harness.engine.runner import remaining_cases
+    from harness.engine.store import RunWriter, read_meta
+    from harness.engine.suite import parse_suite
 
     run_dir = Path(args.run_dir)
     meta = read_meta(run_dir)
@@ -186,8 +186,8 @@ def cmd_resume(args) -> int:
 
 
 def _executor(suite, args, writer):
-    from harness.isolation import InProcess, WorkerPool
-    from harness.runner import default_memory_budget
+    from harness.engine.executors import InProcess, WorkerPool
+    from harness.engine.runner import default_memory_budget
 
     gib = args.memory_budget_gib or suite.run.memory_budget_gib
     budget = int(gib * 2**30) if gib else default_memory_budget()
@@ -203,8 +203,8 @@ def _executor(suite, args, writer):
 
 def _execute(suite, cases, writer, args, resumed: bool = False) -> int:
     """Run ``cases`` into ``writer``'s directory, handling SIGINT/SIGTERM; write tables and report."""
-    from harness.progress import make_progress
-    from harness.runner import finish_run, run_cases
+    from harness.engine.progress import make_progress
+    from harness.engine.runner import finish_run, run_cases
 
     verb = "resuming" if resumed else "running"
     total = len(writer.meta.get("case_ids", cases))

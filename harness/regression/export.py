@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from harness import store
+from harness.engine import store
 
 #: The test that runs the same cases under pytest-benchmark (``tests/benchmarks``).
 BENCHMARK_MODULE = "tests/benchmarks/test_attention.py"
@@ -53,7 +53,7 @@ def _get(case, key):
 
 
 def benchmark_id(case) -> str:
-    """The pytest parameter id of a case (a :class:`~harness.cases.Case` or a result row).
+    """The pytest parameter id of a case (a :class:`~harness.core.cases.Case` or a result row).
 
     ``sdpa(backend=flash)-cpu-float32-fwd-B1-H8-L256-D64-causal``: variant and its parameters,
     device, dtype, mode, shape (``H8/2`` for grouped-query), causal, and the inputs when not gaussian.
@@ -105,7 +105,7 @@ def _machine_info(meta: dict[str, Any]) -> dict[str, Any]:
     versions = env.get("versions") or {}
     info: dict[str, Any] = {}
     try:
-        from harness.environment import fingerprint, machine as this_machine
+        from harness.measure.environment import fingerprint, machine as this_machine
 
         here = this_machine()
         if machine.get("fingerprint") and fingerprint(here) == machine.get("fingerprint"):

@@ -14,7 +14,7 @@ threshold (a real change the stored samples happened to understate). Each is
 measured again, ``rounds`` times per side, alternately A B B A A B …
 (counterbalanced, so a drift of the machine favours neither side). A round is
 one fresh measurement of every suspect on both sides (new inputs, warm-up,
-timing; :func:`harness.runner.run_case`) in new worker processes, one per side,
+timing; :func:`harness.engine.runner.run_case`) in new worker processes, one per side,
 so each round also draws a new process (memory layout, thread placement) and a
 case's rounds are spread over the whole re-run. A side's code is the project
 commit its run was recorded at, extracted from git (``git archive``) into a
@@ -25,7 +25,7 @@ a round: the rounds are the replicates) and thread count are reused; only the
 time is measured (no memory, FLOP count or accuracy, which the stored runs
 already have; a worker of a commit older than this option measures them too,
 and ignores them). The unit of replication is the round: the test (Mann–Whitney,
-with the Moses interval for the ratio; :func:`harness.compare.time_test`)
+with the Moses interval for the ratio; :func:`harness.regression.compare.time_test`)
 compares the rounds' medians, because the samples within one round share their
 process's and their minute's state and would overstate the certainty.
 Benjamini–Hochberg adjusts the p-values across the re-run cases. The re-run
@@ -64,8 +64,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from harness.compare import Comparison, CompareError, TimeTest, _finite, bh_adjust, sort_by_severity, time_test
-from harness.environment import PROJECT_ROOT
+from harness.regression.compare import Comparison, CompareError, TimeTest, _finite, bh_adjust, sort_by_severity, time_test
+from harness.measure.environment import PROJECT_ROOT
 
 #: Interleaved rounds per side, by default. Eight rounds allow a two-sided exact p-value as
 #: small as 2/C(16,8) = 0.00016, enough to survive the FDR adjustment across many suspects.
@@ -117,7 +117,7 @@ def extract_commit(repo: Path, commit: str, dest: Path) -> Path:
 def runnable_reasons(meta: dict[str, Any], here: dict[str, Any], check_repo: bool = True) -> list[str]:
     """Why the run described by ``meta`` cannot be re-run here (empty: it can).
 
-    ``here`` is :func:`harness.environment.capture` of this process. ``check_repo``: also
+    ``here`` is :func:`harness.measure.environment.capture` of this process. ``check_repo``: also
     require that the recorded commit is in the repository (:func:`recorded_repo`).
     """
     reasons = []
@@ -171,7 +171,7 @@ class Side:
 
     def in_tree(self, tree: Path) -> tuple[Path, list[str]]:
         """(base_dir, plugins) with paths inside the recorded checkout moved into ``tree``."""
-        from harness.plugins import looks_like_path
+        from harness.engine.plugins import looks_like_path
 
         roots = [r for r in (self.recorded_root, self.repo.resolve()) if r is not None]
 
@@ -220,7 +220,7 @@ class Workers:
         self.rounds = 0
 
     def new_round(self) -> None:
-        from harness.isolation import WorkerPool
+        from harness.engine.executors import WorkerPool
 
         self.close()
         self.rounds += 1
@@ -290,20 +290,13 @@ def interleaved_rounds(cases: dict[Any, Any], workers, rounds: int,
 
 
 def case_from_row(row: dict[str, Any]):
-    """The :class:`harness.cases.Case` a result row measured (its case_id must match)."""
-    from harness.cases import Case
+    """The :class:`harness.core.cases.Case` a result row measured (its case_id must match)."""
+    from harness.core.cases import Case
 
-    params = row.get("params") or "{}"
-    case = Case(
-        variant=str(row["variant"]),
-        params=json.loads(params) if isinstance(params, str) else dict(params),
-        device=str(row["device"]), mode=str(row["mode"]), batch=int(row["batch"]), heads=int(row["heads"]),
-        kv_heads=int(row["kv_heads"]), seq_len=int(row["seq_len"]), head_dim=int(row["head_dim"]),
-        dtype=str(row["dtype"]), causal=bool(row["causal"]), inputs=str(row["inputs"]),
-    )
-    if case.case_id != row["case_id"]:
-        raise CompareError(f"case {row['case_id']} cannot be rebuilt from its row (got {case.case_id})")
-    return case
+    try:
+        return Case.from_row(row)
+    except ValueError as exc:
+        raise CompareError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +340,7 @@ def confirm(
         comparison.confirm = {"status": "nothing to confirm", "message": "no case changed in time; nothing to re-run"}
         return comparison.confirm
     if here is None:
-        from harness import environment
+        from harness.measure import environment
 
         here = environment.capture()
     check_repo = runners is None
