@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.core.cases import expand_cases  # noqa: E402
+from harness.engine.suite import expand_cases  # noqa: E402
 from harness.engine.executors import InProcess, WorkerPool  # noqa: E402
-from harness.engine.runner import default_memory_budget  # noqa: E402
+from harness.engine.lifecycle import default_memory_budget  # noqa: E402
 from harness.engine.suite import load_suite  # noqa: E402
 
 

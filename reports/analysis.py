@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pandas as pd
 
+from harness.core.registry import PATTERN_FAMILIES, declared_baselines
+
 #: A configuration: everything but the variant and the sequence length.
 GROUP_KEYS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads", "head_dim", "inputs"]
 #: Exponents are fitted over at most this many of the largest lengths.
@@ -89,9 +91,6 @@ def exponents(ok: pd.DataFrame) -> pd.DataFrame:
 
 # -- exact dense baseline, crossovers, Pareto fronts ---------------------------------------------
 
-#: Families whose variants are compared with the exact dense baseline even when exact
-#: (they skip work by pattern rather than approximate it).
-SPARSE_FAMILIES = ("sparse", "local")
 #: sdpa backends in order of preference for the baseline (flash first, math last).
 SDPA_PREFERENCE = ("flash", "auto", "efficient", "cudnn", "math")
 
@@ -108,8 +107,9 @@ def _is_exact(value) -> bool:
 
 
 def is_candidate(family, exact) -> bool:
-    """An approximate variant, or one of a sparse/local family: what crossovers are computed for."""
-    return not _is_exact(exact) or family in SPARSE_FAMILIES
+    """An approximate variant, or one of a family that skips pairs by a pattern (the registry's
+    ``PATTERN_FAMILIES``: local, sparse): what crossovers are computed for."""
+    return not _is_exact(exact) or family in PATTERN_FAMILIES
 
 
 def is_approximate(exact) -> bool:
@@ -119,10 +119,29 @@ def is_approximate(exact) -> bool:
 def baseline_label(group: pd.DataFrame) -> tuple[str | None, str]:
     """The exact dense baseline among a configuration's ``ok`` rows, and why it was chosen.
 
-    Preference: sdpa's flash backend, else another sdpa backend (auto, efficient, cudnn,
-    math in that order), else naive. Returns ``(None, reason)`` when none ran.
+    Variants that declared themselves baselines (``register_variant(..., baseline=True)``: a
+    ``baseline`` column of the rows where they record it, else the variants registered in this
+    process, plugins included) come first; only when none of them ran do the name rules choose
+    among all rows. Either way the preference is sdpa's flash backend, else another sdpa
+    backend (auto, efficient, cudnn, math in that order), else naive; among declared baselines
+    that are none of these, the first by label. Returns ``(None, reason)`` when none ran.
     """
     labels = group.drop_duplicates("label").set_index("label")
+    declared = labels["variant"].isin(declared_baselines())
+    if "baseline" in labels.columns:
+        declared |= labels["baseline"].map(_is_exact).astype(bool)
+    declared = labels[declared]
+    if not declared.empty:
+        chosen, why = _by_name(declared)
+        if chosen is None:
+            chosen = str(min(declared.index))
+            why = f"{chosen} (declared baseline)"
+        return chosen, why
+    return _by_name(labels)
+
+
+def _by_name(labels: pd.DataFrame) -> tuple[str | None, str]:
+    """The name rules: sdpa flash, else another sdpa backend, else naive."""
     sdpa = {}
     for label, r in labels.iterrows():
         if r["variant"] == "sdpa":

@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator  # noqa: E402
 
+from harness.core.units import finite, rate_tflops  # noqa: E402
+
 plt.rcParams.update(
     {
         "svg.fonttype": "none",  # text stays text: searchable, sharp when printed
@@ -183,9 +185,9 @@ def scaling_chart(
         if exponents and name in exponents:
             t, m = exponents[name]
             bits = []
-            if t is not None and t == t:
+            if finite(t):
                 bits.append(f"time ∝ L^{t:.2f}")
-            if m is not None and m == m:
+            if finite(m):
                 bits.append(f"memory ∝ L^{m:.2f}")
             if bits:
                 text += "  (" + ", ".join(bits) + ")"
@@ -291,9 +293,9 @@ def roofline_chart(
             lo, hi = min(lo, ridge / 8), max(hi, ridge * 8)
             x = np.geomspace(lo, hi, 200)
             ax.plot(x, np.minimum(peak, bw * 1e9 * x / 1e12) * scale, color=color, lw=1.6, zorder=2,
-                    label=f"roof {name}: {_fmt_tflops(peak)}, {bw:,.0f} GB/s")
+                    label=f"roof {name}: {rate_tflops(peak)}, {bw:,.0f} GB/s")
         elif peak:
-            ax.axhline(peak * scale, color=color, lw=1.6, zorder=2, label=f"compute roof {name}: {_fmt_tflops(peak)}")
+            ax.axhline(peak * scale, color=color, lw=1.6, zorder=2, label=f"compute roof {name}: {rate_tflops(peak)}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
@@ -303,7 +305,3 @@ def roofline_chart(
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7.5)
     fig.tight_layout()
     return to_svg(fig, title)
-
-
-def _fmt_tflops(t: float) -> str:
-    return f"{t:.3g} TFLOP/s" if t >= 1 else f"{t * 1e3:.3g} GFLOP/s"

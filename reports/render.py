@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from harness.engine import store
+from harness.core import schema
 from harness.core import units as fmt
+from harness.engine import store
 from reports.analysis import (
     GROUP_KEYS,
     baseline_label,
@@ -43,15 +44,12 @@ STATUS_ORDER = ["ok", "skipped", "error", "crash", "timeout", "oom"]
 #: Problems are listed failures first (the ones that need a look), skips last.
 PROBLEM_ORDER = ["crash", "timeout", "oom", "error", "skipped"]
 
-#: Columns the results table shows in its own cells; any other numeric column is shown after them.
-KNOWN_COLUMNS = set(
-    """case_id run_id suite variant family exact params device dtype mode batch heads kv_heads seq_len head_dim
-    causal inputs status reason time_ms time_ms_p10 time_ms_p90 reps first_call_ms flops tflops_per_s
-    peak_mem_bytes working_set_bytes max_abs_err rel_err grad_rel_err threads label attempt_id
-    pct_of_peak arith_intensity peak_tflops_per_s peak_gb_per_s attainable_tflops_per_s min_bytes
-    time_ms_ci_low time_ms_ci_high time_ci_rel input_sets telemetry_samples flops_counted""".split()
-)
-#: Unit suffixes of other columns, shown as the header's unit (``power_w`` → "power (W)").
+#: Columns the results table either shows in its own cells or leaves out: every declared column but
+#: those the schema marks ``report_extra``, and the report's ``label``. Any other numeric column (the
+#: ``report_extra`` ones, a variant's own such as ``density``) is shown after them when it holds numbers.
+KNOWN_COLUMNS = {c.name for c in schema.COLUMNS if not c.report_extra} | {"label"}
+#: Unit suffixes of a column name, stripped from the header's name (``power_w`` → "power (W)"); the unit
+#: of an undeclared column (a variant's) is taken from its suffix.
 UNIT_SUFFIXES = {"_w": "W", "_j": "J", "_mhz": "MHz", "_c": "°C", "_pct": "%", "_bytes": "bytes", "_ms": "ms",
                  "_s": "s", "_gib": "GiB", "_mib": "MiB", "_gbs": "GB/s", "_gb_per_s": "GB/s"}
 
@@ -70,10 +68,6 @@ def _sort_key(x) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return ""
     return repr(float(x)) if isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) else ""
-
-
-def _finite(x) -> bool:
-    return x is not None and isinstance(x, (int, float, np.floating, np.integer)) and math.isfinite(float(x))
 
 
 #: Columns of a configuration that may be constant in a run: shown in the header when they are,
@@ -111,6 +105,7 @@ def _extra_columns(rows: pd.DataFrame) -> list[dict[str, str]]:
                 if base.endswith(suffix) and len(base) > len(suffix):
                     name, unit = base[: -len(suffix)], u
                     break
+            unit = schema.unit(c) if c in schema.BY_NAME else unit
             name = name.replace("_", " ") + (f" {stat}" if stat else "")
             extra.append({"column": c, "name": name, "unit": unit})
     return extra
@@ -162,7 +157,7 @@ def _scaling(ok: pd.DataFrame, styles: dict) -> tuple[list[dict], list[dict]]:
     records = exps.to_dict("records") if not exps.empty else []
     for r in records:
         for k in ("time_exp", "mem_exp"):
-            if not _finite(r[k]):
+            if not fmt.finite(r[k]):
                 r[k] = None
     return charts, records
 
@@ -182,11 +177,11 @@ def _throughput(ok: pd.DataFrame, meta: dict, styles: dict) -> dict[str, Any] | 
                 {
                     "group": group_title(key), "label": label, "length": int(last["seq_len"]),
                     "tflops": float(last["tflops_per_s"]),
-                    "pct": float(last["pct_of_peak"]) if has_pct and _finite(last.get("pct_of_peak")) else None,
+                    "pct": float(last["pct_of_peak"]) if has_pct and fmt.finite(last.get("pct_of_peak")) else None,
                     "best_tflops": float(best["tflops_per_s"]), "best_length": int(best["seq_len"]),
-                    "best_pct": float(best["pct_of_peak"]) if has_pct and _finite(best.get("pct_of_peak")) else None,
+                    "best_pct": float(best["pct_of_peak"]) if has_pct and fmt.finite(best.get("pct_of_peak")) else None,
                     "attainable": float(last["attainable_tflops_per_s"])
-                    if _finite(last.get("attainable_tflops_per_s")) else None,
+                    if fmt.finite(last.get("attainable_tflops_per_s")) else None,
                 }
             )
     roofline = None

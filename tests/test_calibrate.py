@@ -1,4 +1,4 @@
-"""Calibration cache keyed by machine fingerprint, roofline columns, and the `bench calibrate` command."""
+"""Calibration cache keyed by machine fingerprint, roofline columns (pure), and the `bench calibrate` command."""
 
 import argparse
 import json
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from harness.measure import calibrate
+from harness.measure import calibrate, roofline
 from harness.core.cases import Case
 from harness.core.flops import attention_flops
 
@@ -55,10 +55,10 @@ def test_damaged_cache_is_treated_as_missing(tmp_path):
 def test_cpu_entries_are_per_thread_count():
     assert calibrate.entry_key("cpu", 2) == "cpu/threads=2"
     cal = {"entries": {"cpu/threads=2": {"matmul": {}}}}
-    assert calibrate.lookup(cal, "cpu", 2)[0] is not None
-    entry, note = calibrate.lookup(cal, "cpu", 4)
+    assert roofline.lookup(cal, "cpu", 2)[0] is not None
+    entry, note = roofline.lookup(cal, "cpu", 4)
     assert entry is None and "cpu/threads=2" in note
-    assert "bench calibrate" in calibrate.lookup(None, "cpu", 2)[1]
+    assert "bench calibrate" in roofline.lookup(None, "cpu", 2)[1]
 
 
 @pytest.mark.parametrize("mode,elements", [("fwd", 2 * 1 * 8 * 64 * 32 + 2 * 1 * 2 * 64 * 32),
@@ -66,28 +66,49 @@ def test_cpu_entries_are_per_thread_count():
                                            ("fwd_bwd", 4 * 1 * 8 * 64 * 32 + 4 * 1 * 2 * 64 * 32)])
 def test_min_bytes_counts_inputs_once_and_outputs_once(mode, elements):
     case = Case("naive", {}, heads=8, kv_heads=2, seq_len=64, head_dim=32, dtype="bfloat16", mode=mode)
-    assert calibrate.min_bytes(case) == elements * 2
+    assert roofline.min_bytes(case) == elements * 2
     row = {"batch": 1, "heads": 8, "kv_heads": 2, "seq_len": 64, "head_dim": 32, "dtype": "bfloat16", "mode": mode}
-    assert calibrate.min_bytes(row) == elements * 2
+    assert roofline.min_bytes(row) == elements * 2
+
+    # the bytes any call of the case touches (the runner's memory-budget and cache estimate): the fwd count
+    assert roofline.min_bytes(case, mode="fwd") == (2 * 1 * 8 * 64 * 32 + 2 * 1 * 2 * 64 * 32) * 2
+
+
+def test_roofline_needs_no_torch_and_fills_the_schema_group():
+    import subprocess
+    import sys
+
+    code = "import sys, harness.measure.roofline; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    from harness.core import schema
+
+    cols = roofline.row_roofline({"device": "cpu", "dtype": "float32", "threads": 2}, None)
+    assert set(cols) | set(roofline.ANALYTIC_COLUMNS) == set(schema.names("roofline"))
+    assert math.isnan(roofline.pct_of_peak(1.0, 0.0)) and math.isnan(roofline.pct_of_peak(None, 2.0))
+    assert roofline.pct_of_peak(0.5, 2.0) == 25.0
+    assert math.isnan(roofline.attainable_tflops(math.nan, 2.0, 100.0))
+    assert roofline.attainable_tflops(1.0, 2.0, 100.0) == pytest.approx(0.1)  # 1 FLOP/byte · 100 GB/s
+    assert calibrate.entry_key("cpu") == roofline.entry_key("cpu", torch.get_num_threads())
 
 
 def test_roofline_columns():
     case = Case("sdpa", {}, heads=8, kv_heads=8, seq_len=1024, head_dim=64, dtype="float32")
     row = {**case.key, "threads": 2, "flops": attention_flops(case), "tflops_per_s": 0.5}
-    row.update(calibrate.analytic_columns(row))
+    row.update(roofline.analytic_columns(row))
     assert row["arith_intensity"] == pytest.approx(row["flops"] / (4 * 8 * 1024 * 64 * 4))
     cal = {"entries": {"cpu/threads=2": fake_measure([])("cpu", ["float32"])}}
-    cols = calibrate.row_roofline(row, cal)
+    cols = roofline.row_roofline(row, cal)
     # the ceilings are the calibration's best samples: 2.5 TFLOP/s, 120 GB/s
     assert cols["pct_of_peak"] == pytest.approx(20.0)  # 0.5 of 2.5 TFLOP/s
     assert cols["peak_gb_per_s"] == 120.0 and cols["peak_tflops_per_s"] == 2.5
     assert cols["attainable_tflops_per_s"] == pytest.approx(min(2.5, row["arith_intensity"] * 120.0 / 1e3))
     low = dict(row, seq_len=16, flops=attention_flops(Case("sdpa", {}, seq_len=16, heads=8, kv_heads=8)))
-    low.update(calibrate.analytic_columns(low))
-    assert calibrate.row_roofline(low, cal)["attainable_tflops_per_s"] < 2.5  # memory-bound side of the roof
-    missing = calibrate.row_roofline(dict(row, dtype="bfloat16"), cal)
+    low.update(roofline.analytic_columns(low))
+    assert roofline.row_roofline(low, cal)["attainable_tflops_per_s"] < 2.5  # memory-bound side of the roof
+    missing = roofline.row_roofline(dict(row, dtype="bfloat16"), cal)
     assert math.isnan(missing["pct_of_peak"]) and "bfloat16" in missing["roofline_note"]
-    none = calibrate.row_roofline(row, None)
+    none = roofline.row_roofline(row, None)
     assert math.isnan(none["pct_of_peak"]) and "bench calibrate" in none["roofline_note"]
 
 

@@ -148,7 +148,7 @@ def test_error_in_a_variant_becomes_an_error_row(tmp_path):
     plugin = tmp_path / "broken.py"
     plugin.write_text(
         "from harness import register_variant, attention_flops\n"
-        "@register_variant('always_raises', family='test', exact=True, flops=attention_flops)\n"
+        "@register_variant('always_raises', family='dense', exact=True, flops=attention_flops)\n"
         "def always_raises(q, k, v, *, causal):\n"
         "    raise RuntimeError('kernel exploded\\nsecond line')\n"
     )
@@ -163,3 +163,37 @@ def test_error_in_a_variant_becomes_an_error_row(tmp_path):
     assert rows.loc["always_raises", "status"] == "error"
     assert rows.loc["always_raises", "reason"] == "RuntimeError: kernel exploded"
     assert rows.loc["naive", "status"] == "ok"
+
+
+HEAVY = ("torch", "numpy", "pandas", "scipy", "rich", "pyarrow", "matplotlib")
+
+
+def test_help_and_argument_parsing_import_nothing_heavy():
+    """Registering every command's parser (bench --help) must not import the measurement stack."""
+    code = (
+        "import sys\nfrom harness.cli.main import build_parser, main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0\n"
+        "build_parser().parse_args(['run', 'x.toml', '--isolation', 'none'])\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "run a suite file" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_list_json_needs_no_pandas_scipy_or_rich():
+    code = (
+        "import sys, io, contextlib\nfrom harness.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['list', '--json']) == 0\n"
+        "print(sorted(m for m in ('pandas', 'scipy', 'rich') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "lots"])
+def test_a_bad_number_on_the_command_line_is_one_line(tmp_path, value):
+    proc = bench("run", str(tmp_path / "s.toml"), "--memory-budget-gib", value)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--memory-budget-gib" in lines[0], lines

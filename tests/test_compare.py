@@ -10,20 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.core.stats import bh_adjust, time_test, u_null_cdf
 from harness.engine import store
-from harness.regression.compare import (
+from harness.regression.compare import compare_frames, compare_runs
+from harness.regression.envdiff import comparison_warnings
+from harness.regression.history import run_info
+from harness.regression.verdicts import (
     CompareError,
     Thresholds,
-    bh_adjust,
-    compare_frames,
-    compare_runs,
-    comparison_warnings,
     resolve_thresholds,
-    time_test,
-    u_null_cdf,
+    time_verdict,
     validate_compare_table,
 )
-from harness.regression.history import run_info
 from tests.test_history import fake_run, tiny_real_runs
 
 IDENT = {"variant": "naive", "family": "dense", "exact": True, "params": "{}", "device": "cpu", "dtype": "float32",
@@ -217,6 +215,34 @@ def test_status_transitions_and_unpaired_cases():
     # sorted by severity: failures first, then regressions, missing, new, ...
     order = list(table["verdict"])
     assert order[0] == "now failing" and order.index("missing") < order.index("new") < order.index("now passing")
+    notes = dict(zip(table["case_id"], table["note"]))
+    assert notes["gone"] == "only in BASE" and notes["added"] == "only in NEW"  # not "nan in NEW"
+    assert notes["skipped_now"] == "skipped in NEW" and notes["breaks"] == "ok → error"
+
+
+def test_one_time_rule_symmetric_in_log_space():
+    th = Thresholds(time=0.1, alpha=0.05)
+    assert time_verdict(1.1, 0.01, th) == "regressed" and time_verdict(1 / 1.1, 0.01, th) == "improved"
+    assert time_verdict(1.09, 0.01, th) == "unchanged" and time_verdict(1 / 1.09, 0.01, th) == "unchanged"
+    assert time_verdict(1.5, 0.06, th) == "unchanged"  # beyond the threshold, not significant
+    assert time_verdict(1.5, math.nan, th) == "unchanged" and time_verdict(math.nan, 0.01, th) == "unchanged"
+
+
+def test_comparison_rows_hold_the_declared_identity_columns():
+    """A comparison row copies the case's identity columns from the schema, so --confirm can
+    rebuild the case from it; the columns it judges are declared there too."""
+    from dataclasses import fields
+
+    from harness.core import schema
+    from harness.core.cases import Case
+    from harness.regression.compare import AXES, DESCRIPTION
+    from harness.regression.verdicts import ACCURACY_COLUMNS
+
+    assert {f.name for f in fields(Case)} <= set(DESCRIPTION + AXES) <= set(schema.IDENTITY)
+    assert set(ACCURACY_COLUMNS) <= set(schema.names("accuracy"))
+    assert {"time_ms", "peak_mem_bytes", "status"} <= set(schema.BY_NAME)
+    table = compare_frames(*frames({real_id(0): {"samples": [1.0, 1.1]}}), *frames({real_id(0): {"samples": [1.0]}}))
+    assert Case.from_row(table.iloc[0].to_dict()).case_id == real_id(0)
 
 
 def test_thresholds_from_command_line_then_new_suite_then_base_suite():

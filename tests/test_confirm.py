@@ -1,11 +1,13 @@
 """bench compare --confirm: interleaved re-runs of both sides, each from its own commit.
 
 Verdict logic on fake runners with known answers; then real worker processes; then end to
-end in a scratch git repository where a commit really slows a plugin variant down."""
+end in a scratch git repository where a commit really slows a plugin variant down, also with
+BASE recorded at a commit of the flat layout from before the layers (harness/worker.py)."""
 
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.regression.compare import Comparison, Thresholds, compare_frames, time_test
+from harness.core.cases import Case
+from harness.core.stats import time_test
+from harness.regression.compare import Comparison, compare_frames
 from harness.regression.confirm import (
     Side,
-    case_from_row,
     confirm,
     extract_commit,
     interleaved_rounds,
@@ -25,7 +28,8 @@ from harness.regression.confirm import (
 )
 from harness.measure.environment import PROJECT_ROOT, git_commit
 from harness.regression.history import run_info
-from tests.scratch_repo import commit_change, git, make_scratch_repo
+from harness.regression.verdicts import Thresholds
+from tests.scratch_repo import commit_change, git, make_scratch_repo, project_files
 from tests.test_compare import IDENT, frames, real_id, samples
 from tests.test_history import fake_run
 
@@ -188,11 +192,9 @@ def test_extract_commit_and_side_paths(tmp_path):
 
 @needs_git
 def test_worker_runners_really_run_the_case():
-    from harness.core.cases import Case
-
     case = Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=16)
     row = dict(IDENT, case_id=case.case_id, seq_len=32)
-    assert case_from_row(row) == case
+    assert Case.from_row(row) == case
     side = Side(commit=git_commit()["commit"], repo=PROJECT_ROOT, seed=0, threads=1,
                 timing={"warmup": 1, "min_time_s": 0.0, "min_reps": 3, "max_reps": 3})
     with worker_runners({"A": side, "B": side}) as workers:
@@ -284,8 +286,72 @@ def test_confirm_across_commits_end_to_end(tmp_path):
     assert case["verdict"] == "improved" and 0.4 < case["confirm_ratio"] < 0.63
 
 
+def _flat_layout_commit() -> str | None:
+    """The newest commit of this repository whose tree has the flat layout of before the layers
+    (``harness/worker.py``), when the clone holds one."""
+    def git_out(*args):
+        proc = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    def flat(commit):
+        return git_out("cat-file", "-e", f"{commit}:harness/worker.py") is not None
+
+    if flat("HEAD"):
+        return git_out("rev-parse", "HEAD")
+    removed = git_out("rev-list", "-1", "HEAD", "--", "harness/worker.py")  # the commit that moved it
+    parent = git_out("rev-parse", "--verify", "-q", f"{removed}^") if removed else None
+    return parent if parent and flat(parent) else None
+
+
+@needs_git
+def test_confirm_reruns_a_baseline_recorded_with_the_flat_layout(tmp_path):
+    """BASE recorded at a commit of the old flat layout (harness/worker.py, harness/runner.py ...),
+    NEW at this tree's layers: --confirm re-runs each side with its own tree's worker, and the
+    suite's plugin file is taken from each side's own tree."""
+    old = _flat_layout_commit()
+    if old is None:
+        pytest.skip("this clone holds no commit of the flat layout (shallow?)")
+    repo = tmp_path / "repo"
+    extract_commit(PROJECT_ROOT, old, repo)
+    assert (repo / "harness" / "worker.py").is_file() and not (repo / "harness" / "engine").exists()
+    (repo / "probe_plugin.py").write_text(PROBE_PLUGIN)
+    (repo / "probe.toml").write_text(PROBE_SUITE)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "the flat layout, with the probe")
+    env = dict(os.environ, PYTHONPATH=str(repo))
+
+    def bench(*args):
+        return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    runs = tmp_path / "runs"
+    proc = bench("run", "probe.toml", "-o", runs / "flat", "--quiet", "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    # this project as it is now, with the probe doing twice the work
+    git(repo, "rm", "-rq", ".")
+    for f in project_files():
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / f, repo / f)
+    (repo / "probe_plugin.py").write_text(PROBE_PLUGIN.replace("REPEAT = 1", "REPEAT = 2"))
+    (repo / "probe.toml").write_text(PROBE_SUITE)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "the layers; the probe does twice the work")
+    assert not (repo / "harness" / "worker.py").exists() and (repo / "harness" / "engine" / "worker.py").is_file()
+    proc = bench("run", "probe.toml", "-o", runs / "layers", "--quiet", "--no-report")
+    assert proc.returncode == 0, proc.stderr
+
+    proc = bench("compare", runs / "flat", runs / "layers", "--confirm", "--confirm-rounds", "4",
+                 "--fail-on-regression", "--format", "json", "--no-html")
+    assert proc.returncode == 1, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["confirm"]["status"] == "done", data["confirm"]
+    case = data["cases"][0]
+    assert case["verdict"] == "regressed" and "confirmed by interleaved re-run" in case["note"]
+    assert 1.6 < case["confirm_ratio"] < 2.5  # each side ran its own commit's probe
+
+
 def test_time_only_rounds_skip_memory_flops_and_accuracy():
-    from harness.core.cases import Case
     from harness.engine.runner import run_case
     from harness.measure.timing import TimingConfig
 

@@ -118,3 +118,15 @@ def test_large_cpu_allocations_are_pinned_to_pages_for_measurement(monkeypatch):
     env = dict(os.environ, **{ALLOCATOR_ENV: "1"})
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_timing_fills_exactly_the_schemas_time_columns():
+    from harness.core import schema
+
+    clock = FakeClock([2e-3] + [1e-3] * 100)
+    t = time_call(clock.fn, TimingConfig(warmup=1, min_time_s=0.0, max_reps=5), clock=clock)
+    cols = t.row_columns()
+    assert set(cols) == set(schema.names("time"))
+    assert cols["time_ms"] == pytest.approx(1.0) and cols["first_call_ms"] == pytest.approx(2.0)
+    assert cols["reps"] == len(t.samples_s) == 5
+    assert schema.row_problems({**schema.empty_row(), **cols}) == []

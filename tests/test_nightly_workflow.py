@@ -1,6 +1,7 @@
 """The nightly workflow: valid against GitHub's workflow schema, and runs what a user would run."""
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def test_gpu_job_runs_on_a_self_hosted_label_only_when_one_exists(workflow):
 
 
 def test_the_suites_it_runs_exist_and_load():
-    from harness.core.cases import expand_cases
+    from harness.engine.suite import expand_cases
     from harness.engine.suite import load_suite
 
     cpu = load_suite(ROOT / "suites" / "nightly-cpu.toml")
@@ -98,3 +99,49 @@ def test_the_suites_it_runs_exist_and_load():
     assert {c.variant for c in cpu_cases} == {"naive", "sdpa", "sliding_window", "linear"}
     assert {c.params.get("backend") for c in cpu_cases if c.variant == "sdpa"} == {"math", "flash"}
     assert cpu.timing.min_reps >= 10  # enough samples a case for the test and its interval to mean something
+
+
+def _index(steps, predicate) -> int:
+    (i,) = [i for i, s in enumerate(steps) if predicate(s)]
+    return i
+
+
+def _checks_out_history(step) -> bool:
+    return step.get("uses", "").startswith("actions/checkout") and step.get("with", {}).get("ref") == "bench-results" \
+        and step["with"].get("path") == "history"
+
+
+@pytest.mark.parametrize("name, suite", [("cpu", "nightly-cpu"), ("gpu", "nightly-gpu")])
+def test_each_job_pushes_its_run_to_the_history_branch(workflow, name, suite):
+    job = workflow["jobs"][name]
+    assert job["permissions"]["contents"] == "write"
+    steps = job["steps"]
+    compare = _index(steps, lambda s: "bench compare baseline" in s.get("run", ""))
+    ensure = _index(steps, lambda s: s.get("run", "").strip() == ".github/scripts/results-history.sh ensure")
+    checkout = _index(steps, _checks_out_history)
+    store = _index(steps, lambda s: s.get("run", "").strip()
+                   == f".github/scripts/results-history.sh store results/{suite} history")
+    assert compare < ensure < checkout < store
+    for i in (ensure, checkout, store):  # also on a night the comparison fails the job
+        assert steps[i]["if"] == "${{ !cancelled() }}"
+    script = ROOT / ".github" / "scripts" / "results-history.sh"
+    assert os.access(script, os.X_OK) and "git push" in script.read_text()  # tests/test_site.py runs it
+
+
+def test_site_job_builds_uploads_and_publishes_only_when_asked(workflow):
+    site = workflow["jobs"]["site"]
+    assert set(site["needs"]) == {"cpu", "gpu"} and site["if"] == "${{ !cancelled() }}"
+    steps = site["steps"]
+    assert steps[0]["uses"].startswith("actions/checkout") and steps[0]["with"]["fetch-depth"] == 0
+    _index(steps, _checks_out_history)
+    assert "bench site --history history -o site" in _script(site)
+    upload = _index(steps, lambda s: s.get("uses", "").startswith("actions/upload-artifact"))
+    assert steps[upload]["with"]["path"] == "site"
+    pages = steps[_index(steps, lambda s: s.get("uses", "").startswith("actions/upload-pages-artifact"))]
+    assert pages["if"] == "${{ vars.PUBLISH_SITE == 'true' }}" and pages["with"]["path"] == "site"
+    publish = workflow["jobs"]["publish"]
+    assert publish["needs"] == "site" and "vars.PUBLISH_SITE == 'true'" in publish["if"]
+    assert publish["permissions"] == {"pages": "write", "id-token": "write"}
+    assert publish["environment"]["name"] == "github-pages"
+    deploy = publish["steps"][_index(publish["steps"], lambda s: s.get("uses", "").startswith("actions/deploy-pages"))]
+    assert "deployment.outputs.page_url" in publish["environment"]["url"] and deploy["id"] == "deployment"

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from harness.core import registry
-from harness.engine.plugins import PluginError, load_entry_points, load_plugin
+from harness.core.registry import PluginError, load_entry_points
+from harness.engine.plugins import load_plugin
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

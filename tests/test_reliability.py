@@ -204,3 +204,40 @@ def test_damaged_results_give_a_clear_error(tmp_path):
     (run / "results.parquet").write_bytes(b"not parquet")
     proc = bench("report", str(run))
     assert proc.returncode == 2 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_crash_row_is_written_without_torch_in_the_parent(tmp_path):
+    """The parent of the workers makes crash and timeout rows from the schema alone: no torch."""
+    code = f"""
+import sys
+from harness.core import schema
+from harness.core.cases import Case
+from harness.engine.executors import WorkerPool
+with WorkerPool({{"warmup": 1, "min_time_s": 0.0, "max_reps": 2}}, plugins=[{str(PLUGIN)!r}], threads=1,
+                case_timeout_s=60, log_dir={str(tmp_path)!r}) as pool:
+    result = pool.run(Case("fault_segfault", {{}}, heads=2, kv_heads=2, seq_len=16, head_dim=8))
+row = result.row
+assert row["status"] == "crash" and "SIGSEGV" in row["reason"], row["reason"]
+assert (row["variant"], row["seq_len"], row["threads"]) == ("fault_segfault", 16, 1)
+assert schema.row_problems(row) == [], schema.row_problems(row)
+print("torch" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_the_executor_and_memory_budget_come_from_the_suite_unless_overridden(tmp_path):
+    from harness.engine import lifecycle
+    from harness.engine.executors import InProcess, WorkerPool
+    from harness.engine.suite import parse_suite
+
+    suite = parse_suite('[run]\nisolation = "none"\nmemory_budget_gib = 2\n[[variant]]\nname = "naive"\n')
+    executor = lifecycle.make_executor(suite, tmp_path)
+    assert isinstance(executor, InProcess) and executor.memory_budget == 2 * 2**30
+    executor = lifecycle.make_executor(suite, tmp_path, isolation="process", case_timeout_s=7, memory_budget_gib=0.5)
+    assert isinstance(executor, WorkerPool) and executor.proc is None  # no worker until a case runs
+    assert executor.case_timeout_s == 7 and executor.config["memory_budget"] == 2**29
+    default = parse_suite('[[variant]]\nname = "naive"\n')
+    assert lifecycle.memory_budget(default, 1.5) == int(1.5 * 2**30) and lifecycle.memory_budget(default) > 0
+    assert isinstance(lifecycle.make_executor(default, tmp_path), WorkerPool)

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from harness.core.cases import expand_cases
+from harness.engine.suite import expand_cases
 from harness.engine.suite import SuiteError, load_suite, parse_suite
 
 GOOD = """
@@ -145,3 +145,84 @@ def test_shipped_suites_load():
 def test_parse_suite_from_text():
     suite = parse_suite('[[variant]]\nname = "naive"\n')
     assert [c.variant for c in expand_cases(suite)] == ["naive"]
+
+
+# --------------------------------------------------------------------------------------------
+# The settings' declarations (harness.core.config) and the one validator
+
+
+MORE_BAD = [
+    ("[run]\nisolaton = 'none'\n", "run.isolaton", "did you mean 'isolation'"),
+    ("[run]\nisolation = 'proces'\n", "run.isolation", "did you mean 'process'"),
+    ("[run]\ncase_timeout_s = -1\n", "run.case_timeout_s", "must be > 0"),
+    ("[run]\nmemory_budget_gib = inf\n", "run.memory_budget_gib", "finite"),
+    ("[timing]\nmin_time_s = nan\n", "timing.min_time_s", "finite"),
+    ("[timing]\nconfidence = 1.0\n", "timing.confidence", "> 0 and < 1"),
+    ("[timing]\nmin_reps = 9\nmax_reps = 3\n", "timing.min_reps", "must be <= max_reps (3)"),
+    ("[compare]\ntime_threshold = 5\n", "compare.time_threshold", "> 0 and < 1"),
+    ("[compare]\ntime_treshold = 0.1\n", "compare.time_treshold", "did you mean 'time_threshold'"),
+    ("[compare]\naccuracy_tolerance = { f8 = 1e-3 }\n", "compare.accuracy_tolerance", "unknown dtype 'f8'"),
+    ("compare = 3\n", "compare", "expected a table [compare], got integer"),
+    ("[defaults]\nbatch = true\n", "defaults.batch", "expected integer, got boolean"),
+    ("[sweep]\ninputs = ['gausian']\n", "sweep.inputs", "did you mean 'gaussian'"),
+]
+
+
+@pytest.mark.parametrize("text,key,message", MORE_BAD)
+def test_every_table_reports_file_line_key_and_reason(tmp_path, text, key, message):
+    text += "[[variant]]\nname = 'naive'\n"
+    with pytest.raises(SuiteError) as err:
+        parse_suite(text, tmp_path / "s.toml")
+    [line] = err.value.problems
+    number = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith(key.split(".")[-1]))
+    assert line.startswith(f"{tmp_path / 's.toml'}:{number}: {key}: ") and message in line, line
+
+
+def test_a_timing_default_gives_way_to_the_setting_it_would_contradict(tmp_path):
+    suite = load_suite(write(tmp_path, "[timing]\nmax_reps = 2\nmin_time_s = 9\n[[variant]]\nname = 'naive'\n"))
+    assert (suite.timing.min_reps, suite.timing.max_time_s) == (2, 9.0)
+    suite = load_suite(write(tmp_path, "[run]\nisolation = 'none'\nmemory_budget_gib = 2\n[[variant]]\nname = 'naive'\n"))
+    assert (suite.run.isolation, suite.run.memory_budget_gib, suite.run.case_timeout_s) == ("none", 2.0, 900.0)
+
+
+def test_a_key_is_one_declaration():
+    """A key declared in a table is validated, has its default, and is a field of the table's dataclass."""
+    from dataclasses import fields
+
+    from harness.core.config import RUN, Key, Table
+
+    table = Table("run", RUN.keys + (Key("allocator", str, "default", "test key", choices=("default", "thp")),))
+    Config = table.dataclass("Config", __name__, "test")
+    assert Config().allocator == "default" and [f.name for f in fields(Config)] == list(table.names)
+    assert table.check({"allocator": "thp"}) == ({"allocator": "thp"}, [])
+    settings, problems = table.check({"allocator": "tph", "isolation": "none"})
+    assert settings == {"isolation": "none"}
+    assert problems == [("allocator", "unknown allocator 'tph' (did you mean 'thp'?); one of default, thp")]
+
+
+def test_declarations_match_what_uses_them():
+    from dataclasses import asdict
+
+    from harness.core.cases import AXES
+    from harness.core.config import COMPARE, SWEEP, TIMING
+    from harness.measure.timing import SETTINGS, TimingConfig
+    from harness.regression import compare
+
+    assert asdict(TimingConfig()) == TIMING.defaults() and set(SETTINGS) == set(TIMING.names)
+    assert {k: SWEEP[k].default for k in SWEEP.names} == AXES
+    th = compare.Thresholds()
+    assert COMPARE.defaults() == {"time_threshold": th.time, "memory_threshold": th.memory, "alpha": th.alpha,
+                                  "accuracy_tolerance": th.accuracy}
+    for key in TIMING.keys + SWEEP.keys + COMPARE.keys:
+        assert key.help, key.name
+
+
+def test_suite_loading_imports_no_regression_code():
+    import subprocess
+    import sys
+
+    code = ("import sys; from harness.engine.suite import parse_suite; "
+            "parse_suite('[compare]\\ntime_threshold = 0.1\\n[[variant]]\\nname = \"naive\"\\n'); "
+            "print(sorted(m for m in sys.modules if m.startswith('harness.regression')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out

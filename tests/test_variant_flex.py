@@ -17,7 +17,7 @@ import variants.triton_fused as triton_module
 from harness import get_variant, masks
 from harness.measure.inputs import make_qkv
 from harness.measure.reference import TOLERANCE, errors, reference_attention
-from tests.variant_checks import assert_exact, make_case
+from tests.variant_checks import assert_exact, gym_mask, make_case
 from variants.local import window_pairs
 
 PROBE = dict(flex_module.PROBE_SHAPE)  # B1 H2 (kv 1: multi-query) L131 (odd: 128 + a 3-row tile) D16
@@ -81,6 +81,28 @@ def test_flex_caches_block_masks_and_compiled_kernels(compiled_flex):
         compiled_flex(q, k, v, causal=True, **case.params)
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
     assert len(flex_module._BLOCK_MASKS) == block_masks  # no new BlockMask
+
+
+def test_attention_gym_mask_runs_in_flex_as_in_the_reference(compiled_flex):
+    """A document mask indexing a tensor with ``b``, a window that uses ``h``, and causality, combined
+    with torch's ``and_masks``: the same mask_mod in the compiled kernel (through torch's own
+    create_block_mask, per batch and head) and in the float64 reference agree."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, H, L, D = 2, 3, 70, 16
+    mask, explicit = gym_mask(B, L)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    bm = create_block_mask(mask, B, H, L, L, device="cpu", BLOCK_SIZE=16)
+    out = flex_module._compiled()(q, k, v, block_mask=bm)
+    ref = reference_attention(q, k, v, mask)
+    max_abs, rel = errors(out, ref)
+    tol_abs, tol_rel = TOLERANCE["float32"]
+    assert max_abs <= tol_abs and rel <= tol_rel, (max_abs, rel)
+    # and the pattern is the written-out one (a kernel or reference ignoring b or h would differ)
+    s = (q.double() @ k.double().transpose(-1, -2)) / D**0.5
+    want = torch.softmax(s.masked_fill(~explicit(H), float("-inf")), -1) @ v.double()
+    assert errors(out, want)[1] <= tol_rel
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +191,8 @@ def test_triton_registered_with_its_capabilities():
 def test_triton_gives_clear_reasons():
     v = get_variant("triton")
     cpu = v.not_supported_reasons(make_case("triton", dtype="float16"))
-    assert cpu == ["triton runs on cuda, not cpu"]
+    # every reason at once: the declared device, then the check's own (Triton missing, if it is)
+    assert cpu == ["triton runs on cuda, not cpu"] + ([] if triton_module.HAS_TRITON else ["Triton is not installed"])
     cuda = v.not_supported_reasons(make_case("triton", device="cuda", dtype="float16"))
     if not triton_module.HAS_TRITON:
         assert "Triton is not installed" in cuda

@@ -22,7 +22,8 @@ def test_registration():
     v = get_variant("tiled")
     assert v.family == "memory_efficient" and v.exact
     assert v.flops is attention_flops
-    assert set(v.params) == {"block_q", "block_k"}
+    assert set(v.params) == {"block_q", "block_k", "compute"}
+    assert v.params["compute"].default == "input" and set(v.params["compute"].choices) == {"input", "float32"}
     assert v.supports.backward and v.supports.gqa and v.supports.causal
 
 
@@ -162,3 +163,32 @@ def test_memory_is_linear_and_matches_working_set(causal, kv_heads, dtype):
     bwd_estimate = get_variant("tiled").working_set(bwd_case)
     assert both < one_score_matrix / 4
     assert 0.8 * bwd_estimate <= both <= 1.2 * bwd_estimate, (both, bwd_estimate)
+
+
+@pytest.mark.parametrize("compute", ["input", "float32"])
+@pytest.mark.parametrize("inputs", ["gaussian", "structured"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_compute_modes_within_tolerance(compute, inputs, causal, dtype):
+    """16-bit inputs: both compute schemes, grouped-query, incl. peaked attention (where rounding S would not pass)."""
+    params = {"block_q": 16, "block_k": 32, "compute": compute}
+    assert_exact(make_case("tiled", params, causal=causal, kv_heads=2, dtype=dtype, inputs=inputs, seq_len=200))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_compute_input_gradients(dtype, causal):
+    """The backward (float32) from a compute="input" forward's output and log-sum-exp."""
+    params = {"block_q": 16, "block_k": 32, "compute": "input"}
+    assert_exact_grads(make_case("tiled", params, causal=causal, kv_heads=2, seq_len=67, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compute_input_differs_only_for_16_bit_inputs(dtype):
+    case = make_case("tiled", {"block_q": 16, "block_k": 32}, causal=True, kv_heads=2, dtype=dtype)
+    q, k, v = make_qkv(case)
+    tiled = get_variant("tiled")
+    a = tiled(q, k, v, causal=True, block_q=16, block_k=32, compute="input")
+    b = tiled(q, k, v, causal=True, block_q=16, block_k=32, compute="float32")
+    assert a.dtype == b.dtype == q.dtype
+    assert torch.equal(a, b) == (dtype == "float32")  # 16-bit: P·V really ran on rounded P

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import and_masks
 
-from harness import get_variant
+from harness import get_variant, masks
 from harness.core.cases import Case
 from harness.measure.inputs import make_grad, make_qkv
 from harness.measure.reference import TOLERANCE, errors, reference_attention, reference_grads
@@ -55,3 +56,24 @@ def assert_exact_grads(case: Case, seed: int = 0) -> None:
     rels = grad_errors(case, seed)
     tol = TOLERANCE[case.dtype][1] * (5 if case.dtype == "float32" else 2)
     assert max(rels) <= tol, f"{case.label()}: grad rel errors {rels}"
+
+
+def gym_mask(batch: int, seq_len: int):
+    """A document mask that indexes a (B, L) tensor with ``b``, a per-head window that uses ``h``,
+    and causality, combined with torch's own ``and_masks``; and the same pattern written out."""
+    doc = torch.stack([torch.arange(seq_len) // (17 + 9 * b) for b in range(batch)])  # (B, L) document ids
+
+    def document(b, h, q_idx, kv_idx):
+        return doc[b, q_idx] == doc[b, kv_idx]
+
+    def head_window(b, h, q_idx, kv_idx):
+        return q_idx - kv_idx <= 4 + 11 * h
+
+    def explicit(heads: int) -> torch.Tensor:  # (B, H, L, L), without calling any mask_mod
+        i = torch.arange(seq_len).view(1, 1, -1, 1)
+        j = torch.arange(seq_len).view(1, 1, 1, -1)
+        hh = torch.arange(heads).view(1, -1, 1, 1)
+        same_doc = doc.view(batch, 1, seq_len, 1) == doc.view(batch, 1, 1, seq_len)
+        return same_doc & (j <= i) & (i - j <= 4 + 11 * hh)
+
+    return and_masks(masks.causal, document, head_window), explicit

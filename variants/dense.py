@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness import attention_flops
-from harness import Param, Supports, register_variant
+from harness import Param, register_variant
 from variants.common import group_queries, scale_of, ungroup
 
 
@@ -21,7 +20,6 @@ def _dense_working_set(case) -> float:
     "naive",
     family="dense",
     exact=True,
-    flops=attention_flops,
     working_set=_dense_working_set,
     description="QKᵀ → softmax → ·V, materialising the full L×L score matrix",
 )
@@ -75,7 +73,7 @@ def _sdpa_working_set(case) -> float:
     "sdpa",
     family="dense",
     exact=True,
-    flops=attention_flops,
+    baseline=True,
     params={"backend": Param("auto", choices=SDPA_BACKENDS, help="kernel forced through sdpa_kernel")},
     check=_sdpa_check,
     working_set=_sdpa_working_set,

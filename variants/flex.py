@@ -49,6 +49,7 @@ import math
 import threading
 
 import torch
+from torch.nn.attention.flex_attention import and_masks
 
 from harness import masks
 from harness import pair_flops
@@ -56,7 +57,7 @@ from harness import Param, Supports, register_variant
 from variants.local import window_pairs
 
 try:  # the block-sparse layouts are optional (another module)
-    from variants import sparse as _sparse
+    import variants.sparse as _sparse
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the checkout
     if exc.name != "variants.sparse":
         raise
@@ -99,7 +100,7 @@ def _mask_mod(key: tuple, seq_len: int, device: str):
         return masks.causal if causal else None
     if kind == "sliding_window":
         window = masks.sliding_window(key[2])
-        return masks.and_masks(masks.causal, window) if causal else window
+        return and_masks(masks.causal, window) if causal else window
     if _sparse is None:  # pragma: no cover
         raise ValueError(f"flex: mask {kind!r} needs variants/sparse.py")
     from harness.core.cases import Case
@@ -272,9 +273,9 @@ def unavailable(device: str) -> str | None:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
     except ImportError as exc:
         return f"this torch {torch.__version__} has no flex_attention ({exc})"
-    import torch._dynamo
+    import torch._dynamo as dynamo  # bound as its own name: `torch` stays the module global here
 
-    if not torch._dynamo.is_dynamo_supported():
+    if not dynamo.is_dynamo_supported():
         return "torch.compile is not supported on this Python/platform"
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -301,11 +302,10 @@ def unavailable(device: str) -> str | None:
             return f"torch.compile on the CPU needs a C++ compiler: {str(exc).strip()[:160]}"
     # the real test: compile and run a tiny causal case, check it against plain softmax attention
     try:
-        from harness.core.cases import Case
-        from harness.measure.inputs import make_qkv
-
-        case = Case(variant="flex", params={"mask": "none"}, device=device, causal=True, **PROBE_SHAPE)
-        q, k, v = make_qkv(case)
+        g = torch.Generator().manual_seed(0)
+        B, L, D = PROBE_SHAPE["batch"], PROBE_SHAPE["seq_len"], PROBE_SHAPE["head_dim"]
+        q = torch.randn(B, PROBE_SHAPE["heads"], L, D, generator=g).to(device)
+        k, v = (torch.randn(B, PROBE_SHAPE["kv_heads"], L, D, generator=g).to(device) for _ in range(2))
         with torch.no_grad():
             out = _run(q, k, v, causal=True, params={"mask": "none"})
             want = torch.nn.functional.scaled_dot_product_attention(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import and_masks
 
 from harness import masks
 from harness import pair_flops
@@ -34,7 +35,7 @@ def _flops(case) -> float:
 
 def _mask(case):
     window = masks.sliding_window(case.params["window"])
-    return masks.and_masks(masks.causal, window) if case.causal else window
+    return and_masks(masks.causal, window) if case.causal else window
 
 
 def _span(case) -> tuple[int, int]:

@@ -20,8 +20,11 @@ the diagonal are skipped, and only tiles straddling the diagonal are masked.
 Backward (FlashAttention-2): the forward saves q, k, v, out and the per-row
 log-sum-exp; the backward recomputes each probability tile as
 ``P = exp(S - lse)``, with ``D_i = rowsum(dO ∘ O)`` and ``dS = P ∘ (dP - D_i)``,
-so no score matrix is stored. bfloat16/float16 inputs are computed in float32
-(tiles, accumulators and statistics) and the output is rounded once.
+so no score matrix is stored. bfloat16/float16 inputs: with ``compute = "input"`` (the
+default) QKᵀ and P·V take input-dtype operands with float32 accumulation while the softmax
+statistics and the output accumulator stay float32; with ``compute = "float32"`` everything
+(tiles, accumulators and statistics) is float32 and the output is rounded once. The backward is
+float32 in both.
 
 CPU performance notes: scores are kept in base 2 (q is pre-scaled by
 scale·log2 e) because ``exp2`` is about 3× cheaper than ``exp`` in PyTorch's CPU
@@ -74,11 +77,11 @@ class _Tiles:
         self.device = device
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, shape) -> torch.Tensor:
+    def get(self, name: str, shape, dtype: torch.dtype = _F32) -> torch.Tensor:
         n = math.prod(shape)
         buf = self.buffers.get(name)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=_F32, device=self.device)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.empty(n, dtype=dtype, device=self.device)
             self.buffers[name] = buf
         return buf[:n].view(shape)
 
@@ -94,17 +97,35 @@ def _query_tile(x: torch.Tensor, i0: int, i1: int, out: torch.Tensor, scale: flo
     return out
 
 
-def flash_forward(q, k, v, causal: bool, block_q: int, block_k: int, scale: float):
+def _pv(p, vb, out, p_low):
+    """P·V into ``out``: P as it is (float32), or first rounded into ``p_low`` (the input dtype)."""
+    if p_low is not None:
+        p = p_low.copy_(p)
+    return torch.bmm(p, vb, out=out)
+
+
+def flash_forward(q, k, v, causal: bool, block_q: int, block_k: int, scale: float, compute: str = "float32"):
     """Tiled forward. q (N, G, L, D); k, v (N, L, D), N = batch·kv_heads.
 
     Returns out (q's dtype, q's shape) and the natural-log log-sum-exp of every row, (N, G, L) float32.
     Scores are kept in base 2 (q is scaled by scale·log2 e) because ``exp2`` is several times cheaper
     than ``exp`` on CPU; the result is the same softmax.
+
+    ``compute = "input"`` with bfloat16/float16 inputs, FlashAttention's scheme: P is rounded to the
+    input dtype and P·V is an input-dtype GEMM (float32 accumulation inside it), V is never copied
+    to float32; the scores, the softmax statistics (m, l, lse) and the output accumulator are
+    float32. QKᵀ takes the input-dtype values of Q and K with a float32 result: 16-bit products
+    are exact in float32, so a float32 GEMM of the upcast operands is what a 16-bit GEMM with a
+    float32 output computes (torch's CPU 16-bit GEMM rounds its result to 16 bits, which on peaked
+    attention costs 2x the bfloat16 tolerance). ``"float32"``, or a float32 input: everything in
+    float32, V included.
     """
     N, G, L, D = q.shape
     Lk = k.shape[1]
     block_q, block_k = min(block_q, L), min(block_k, Lk)
-    kf, vf = k.to(_F32), v.to(_F32)  # no copy for float32
+    low = compute == "input" and q.dtype != _F32
+    lo = q.dtype if low else _F32
+    kf, vf = k.to(_F32), (v if low else v.to(_F32))  # no copy for float32
     out = torch.empty_like(q)
     lse = torch.empty(N, G, L, dtype=_F32, device=q.device)
     direct = q.dtype == _F32 and G == 1  # accumulate straight into the output rows
@@ -114,11 +135,12 @@ def flash_forward(q, k, v, causal: bool, block_q: int, block_k: int, scale: floa
         rows = G * (i1 - i0)
         qs = _query_tile(q, i0, i1, tiles.get("q", (N, rows, D)), scale * _LOG2E)
         acc = out[:, 0, i0:i1] if direct else tiles.get("acc", (N, rows, D))
-        pv = tiles.get("pv", (N, rows, D))
+        pv = tiles.get("pv", (N, rows, D), lo)
         m, m_new = tiles.get("m", (N, rows, 1)), tiles.get("m_new", (N, rows, 1))
         l, rowsum = tiles.get("l", (N, rows, 1)), tiles.get("rowsum", (N, rows, 1))
         for n, (j0, j1) in enumerate(_key_blocks(i0, i1, kblocks, causal)):
             s = tiles.get("s", (N, rows, j1 - j0))
+            p_low = tiles.get("p_low", (N, rows, j1 - j0), lo) if low else None  # P in the input dtype
             torch.bmm(qs, kf[:, j0:j1].transpose(1, 2), out=s)  # base-2 scores
             mask = _diagonal_mask(i0, i1, j0, j1, q.device) if causal else None
             if mask is not None:
@@ -127,7 +149,10 @@ def flash_forward(q, k, v, causal: bool, block_q: int, block_k: int, scale: floa
                 torch.amax(s, dim=-1, keepdim=True, out=m)
                 s.sub_(m).exp2_()
                 torch.sum(s, dim=-1, keepdim=True, out=l)
-                torch.bmm(s, vf[:, j0:j1], out=acc)
+                if low:
+                    acc.copy_(_pv(s, vf[:, j0:j1], pv, p_low))
+                else:
+                    torch.bmm(s, vf[:, j0:j1], out=acc)
                 continue
             torch.amax(s, dim=-1, keepdim=True, out=m_new)
             torch.maximum(m_new, m, out=m_new)
@@ -135,8 +160,7 @@ def flash_forward(q, k, v, causal: bool, block_q: int, block_k: int, scale: floa
             alpha = m.sub_(m_new).exp2_()  # rescale factor 2^(m - m'), in m's buffer
             torch.sum(s, dim=-1, keepdim=True, out=rowsum)
             torch.addcmul(rowsum, l, alpha, out=l)  # l = l·alpha + rowsum P
-            torch.bmm(s, vf[:, j0:j1], out=pv)
-            torch.addcmul(pv, acc, alpha, out=acc)  # acc = acc·alpha + P V
+            torch.addcmul(_pv(s, vf[:, j0:j1], pv, p_low), acc, alpha, out=acc)  # acc = acc·alpha + P V
             m, m_new = m_new, m
         if direct:
             acc.div_(l)
@@ -192,8 +216,8 @@ def flash_backward(q, k, v, out, lse, dout, causal: bool, block_q: int, block_k:
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, block_q, block_k, scale):
-        out, lse = flash_forward(q, k, v, causal, block_q, block_k, scale)
+    def forward(ctx, q, k, v, causal, block_q, block_k, scale, compute):
+        out, lse = flash_forward(q, k, v, causal, block_q, block_k, scale, compute)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.config = (causal, block_q, block_k, scale)
         return out
@@ -202,17 +226,18 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = flash_backward(q, k, v, out, lse, dout, *ctx.config)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def _working_set(case) -> float:
     """Peak bytes: output, log-sum-exp and the tiles; with a backward, float32 gradients and backward tiles.
 
     Forward: out + lse + one score tile (B·H·block_q × block_k float32) + the query/accumulator
-    row tiles (+ float32 copies of K and V for 16-bit inputs). Backward (the upstream gradient is
-    the caller's): saved out + lse, float32 dQ, dK, dV, and either the loop's two score tiles (P, dP),
-    five query-row tiles (Q, dO, O, dQ, a product) and one key-row tile, or (16-bit inputs) the
-    final casts of the gradients.
+    row tiles (+ float32 copies of K and V for 16-bit inputs under ``compute = "float32"``; under
+    ``"input"`` a float32 copy of K only, plus an input-dtype P tile and P·V row tile).
+    Backward (the upstream gradient is the caller's): saved out + lse, float32 dQ, dK, dV, and
+    either the loop's two score tiles (P, dP), five query-row tiles (Q, dO, O, dQ, a product) and
+    one key-row tile, or (16-bit inputs) the final casts of the gradients.
     """
     B, H, Hkv, L, D = case.batch, case.heads, case.kv_heads, case.seq_len, case.head_dim
     bq, bk = min(case.params["block_q"], L), min(case.params["block_k"], L)
@@ -222,7 +247,10 @@ def _working_set(case) -> float:
     out_lse = B * H * L * (D * eb + f4)
     kv32 = 2 * B * Hkv * L * D * f4 if half else 0
     direct = not half and H == Hkv
-    fwd = out_lse + kv32 + rows * bk * f4 + rows * D * f4 * (2 if direct else 3)
+    if half and case.params.get("compute", "input") == "input":  # float32 K only; a 16-bit P and P·V tile
+        fwd = out_lse + kv32 / 2 + rows * bk * (f4 + eb) + rows * D * (eb + 2 * f4)
+    else:
+        fwd = out_lse + kv32 + rows * bk * f4 + rows * D * f4 * (2 if direct else 3)
     if case.mode == "fwd":
         return fwd
     grad_elems = B * H * L * D + 2 * B * Hkv * L * D
@@ -242,17 +270,23 @@ def _working_set(case) -> float:
     params={
         "block_q": Param(256, min=1, help="query rows per tile"),
         "block_k": Param(256, min=1, help="keys per tile (one online-softmax step)"),
+        "compute": Param(
+            "input",
+            choices=("input", "float32"),
+            help="16-bit inputs: matmuls in the input dtype (float32 softmax statistics and accumulator), "
+            "or everything in float32; the same for float32 inputs; the backward is float32 either way",
+        ),
     },
     description="FlashAttention in PyTorch: tiled online softmax, O(L·D) memory, LSE-recomputing backward",
 )
-def tiled(q, k, v, *, causal, block_q=256, block_k=256):
+def tiled(q, k, v, *, causal, block_q=256, block_k=256, compute="input"):
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D)
     qg = q.reshape(B * Hkv, H // Hkv, L, D)
     kg, vg = k.reshape(B * Hkv, k.shape[2], D), v.reshape(B * Hkv, v.shape[2], D)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        out = _FlashAttention.apply(qg, kg, vg, causal, block_q, block_k, scale)
+        out = _FlashAttention.apply(qg, kg, vg, causal, block_q, block_k, scale, compute)
     else:
-        out, _ = flash_forward(qg, kg, vg, causal, block_q, block_k, scale)
+        out, _ = flash_forward(qg, kg, vg, causal, block_q, block_k, scale, compute)
     return out.reshape(B, H, L, D)

@@ -23,6 +23,16 @@ sequence run with the causal / bounds mask. Blocks above the diagonal are never
 visited (causal skipping: half the work). Causal programs are launched heaviest
 first (last query block first) so the long rows do not form a tail.
 
+Launch configuration (tile sizes ``BLOCK_M``/``BLOCK_N``, warps, pipeline stages)
+is autotuned by ``triton.autotune`` per (seq_len, head_dim, causal, dtype): the
+first call with a new key compiles and times every candidate that survives
+:func:`feasible_configs` (tile divisibility, tiles no longer than the sequence
+needs, a shared-memory and register estimate for this GPU) and keeps the fastest;
+later calls reuse it. That tuning is part of the harness's ``first_call_ms``,
+never of the timed calls. Under Triton's interpreter (``TRITON_INTERPRET=1``, set
+before this module is imported) there is one small config, and :func:`launch`
+accepts CPU tensors: that is how the tests check the kernel without a GPU.
+
 Capabilities: CUDA only, float16 / bfloat16 (float32 accumulation), head_dim a
 power of two in 16..256, forward only (no backward kernel), causal or not, any
 length (the last blocks are masked), grouped-query attention. The module imports
@@ -35,7 +45,6 @@ import math
 
 import torch
 
-from harness import attention_flops
 from harness import Supports, register_variant
 
 try:
@@ -46,6 +55,9 @@ try:
 except ImportError:  # the module must import (and register) without Triton
     triton = tl = None
     HAS_TRITON = False
+
+#: True when Triton's CPU interpreter runs the kernel (decided, as by ``triton.jit``, at import).
+INTERPRETED = HAS_TRITON and bool(triton.knobs.runtime.interpret)
 
 LOG2E = 1.4426950408889634
 #: CUDA grid limit of axis 1 (we put batch·heads there).
@@ -151,13 +163,130 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < seq_len)
 
 
-def launch_config(head_dim: int) -> dict:
-    """Tile sizes and launch parameters by head_dim (BLOCK_M a multiple of BLOCK_N; fits H100 shared memory)."""
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if head_dim <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+#: Candidate launch configs (Triton fused-attention tutorial's space); pruned per call by feasible_configs.
+CONFIG_SPACE = tuple(
+    dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    for bm in (64, 128)
+    for bn in (32, 64, 128)
+    for w in (4, 8)
+    for s in (2, 3, 4)
+)
+#: The one config under the interpreter: small tiles, so short test sequences still span several blocks.
+INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+#: Registers per thread one config may spend on its float32 accumulator (of 255).
+MAX_ACC_REGISTERS = 128
+#: The autotuner's timing of each candidate: ms of warm-up and of repetitions.
+TUNE_WARMUP_MS, TUNE_REP_MS = 10, 40
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def shared_memory_bytes(cfg: dict, head_dim: int, element_bytes: int) -> int:
+    """Estimate of a config's shared memory: the query tile plus ``num_stages`` buffered K and V tiles."""
+    return element_bytes * head_dim * (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"])
+
+
+def feasible_configs(
+    configs, *, seq_len: int, head_dim: int, causal: bool, element_bytes: int, shared_memory: int
+) -> list[dict]:
+    """The configs worth timing for this shape on a GPU with ``shared_memory`` bytes per block.
+
+    Kept: BLOCK_M a multiple of BLOCK_N when causal (the kernel's diagonal split needs it); tiles
+    no longer than the sequence needs (the smallest tile size always stays); K/V pipeline and query
+    tile within shared memory; the float32 accumulator within MAX_ACC_REGISTERS per thread. Never
+    empty: the smallest config (which fits every supported head_dim on any sm80+ GPU) stays.
+    """
+    configs = [dict(c) for c in configs]
+    min_m = min(c["BLOCK_M"] for c in configs)
+    min_n = min(c["BLOCK_N"] for c in configs)
+    span = _next_power_of_two(seq_len)
+
+    def keep(c):
+        return (
+            (not causal or c["BLOCK_M"] % c["BLOCK_N"] == 0)
+            and c["BLOCK_M"] <= max(min_m, span)
+            and c["BLOCK_N"] <= max(min_n, span)
+            and shared_memory_bytes(c, head_dim, element_bytes) <= shared_memory
+            and c["BLOCK_M"] * head_dim <= MAX_ACC_REGISTERS * 32 * c["num_warps"]
+        )
+
+    kept = [c for c in configs if keep(c)]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: (c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], c["num_warps"]))]
+
+
+def _config_dict(config) -> dict:
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _shared_memory(device) -> int:
+    """Bytes of shared memory one block may use on ``device`` (Triton's driver query)."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    return int(props["max_shared_mem"])
+
+
+def _prune(configs, named_args, **kwargs):
+    """``early_config_prune`` hook: :func:`feasible_configs` on this launch's shape and GPU."""
+    q = named_args["Q"]
+    by_key = {tuple(sorted(_config_dict(c).items())): c for c in configs}
+    kept = feasible_configs(
+        [_config_dict(c) for c in configs],
+        seq_len=int(named_args["seq_len"]),
+        head_dim=int(kwargs["HEAD_DIM"]),
+        causal=bool(kwargs["CAUSAL"]),
+        element_bytes=q.element_size(),
+        shared_memory=_shared_memory(q.device),
+    )
+    return [by_key[tuple(sorted(c.items()))] for c in kept]
+
+
+def _triton_config(cfg: dict):
+    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _tune_bench(kernel_call, quantiles):
+    """How the autotuner times one candidate: Triton's do_bench, shortened (the defaults are 25/100 ms)."""
+    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+
+
+if HAS_TRITON:
+    #: The autotuned kernel: tuned once per (seq_len, HEAD_DIM, CAUSAL, dtypes) per process.
+    _attention_fwd_tuned = triton.autotune(
+        configs=[_triton_config(INTERPRETER_CONFIG)] if INTERPRETED else [_triton_config(c) for c in CONFIG_SPACE],
+        key=["seq_len", "HEAD_DIM", "CAUSAL"],
+        prune_configs_by={"early_config_prune": _prune},
+        do_bench=_tune_bench,
+    )(_attention_fwd)
+
+
+def launch(q, k, v, *, causal: bool, config: dict | None = None):
+    """Run the kernel: q (B, H, L, D), k and v (B, H_kv, L, D) -> out (B, H, L, D).
+
+    ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner. CUDA tensors,
+    or CPU tensors under Triton's interpreter (the tests' path; the variant declares CUDA only).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed")
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the triton kernel needs CUDA tensors, not {q.device.type} (CPU only under TRITON_INTERPRET=1)")
+    B, H, L, D = q.shape
+    out = torch.empty_like(q)
+    args = (
+        q, k, v, out,
+        LOG2E / math.sqrt(D),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, H // k.shape[1], L,
+    )
+    if config is None:
+        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attention_fwd_tuned[grid](*args, HEAD_DIM=D, CAUSAL=bool(causal))
+    else:
+        _attention_fwd[(triton.cdiv(L, config["BLOCK_M"]), B * H)](*args, HEAD_DIM=D, CAUSAL=bool(causal), **config)
+    return out
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -194,7 +323,6 @@ def _working_set(case) -> float:
     "triton",
     family="fused",
     exact=True,
-    flops=attention_flops,
     supports=Supports(
         devices={"cuda"}, dtypes={"float16", "bfloat16"}, backward=False, min_head_dim=16, max_head_dim=256
     ),
@@ -203,18 +331,4 @@ def _working_set(case) -> float:
     description="our FlashAttention-2-style fused forward kernel in Triton (online softmax, causal skipping, GQA)",
 )
 def triton_attention(q, k, v, *, causal):
-    if not HAS_TRITON:
-        raise RuntimeError("Triton is not installed")
-    B, H, L, D = q.shape
-    Hkv = k.shape[1]
-    out = torch.empty_like(q)
-    cfg = launch_config(D)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
-    _attention_fwd[grid](
-        q, k, v, out,
-        LOG2E / math.sqrt(D),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, H // Hkv, L,
-        HEAD_DIM=D, CAUSAL=bool(causal), **cfg,
-    )
-    return out
+    return launch(q, k, v, causal=causal)

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.cli.common import EXIT_OK, EXIT_USAGE
+
 FORMATS = ("pytest-benchmark",)
 
 EPILOG = """examples:
@@ -55,11 +57,11 @@ def cmd_export(args) -> int:
         path, written, left_out = export_pytest_benchmark(_resolve(args.run_dir, args.root), args.output, args.storage)
     except (ExportError, StoreError) as exc:
         print(f"bench export: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OSError as exc:
         print(f"bench export: cannot write: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     note = f" ({left_out} rows without timing samples left out)" if left_out else ""
     where = "stdout" if path is None else str(path)
     print(f"{written} benchmarks → {where}{note}", file=sys.stderr)
-    return 0
+    return EXIT_OK

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from harness.cli.main import positive_number
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+from harness.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, positive_int, positive_number
 
 
 def register(sub) -> None:
@@ -34,18 +21,18 @@ def register(sub) -> None:
                    help="device to calibrate or check (repeatable; default: cpu, and cuda when available)")
     p.add_argument("--dtype", action="append", choices=DTYPES,
                    help="dtype (repeatable; calibration default: all; --check default: float32)")
-    p.add_argument("--threads", type=_positive_int, help="torch intra-op threads (CPU figures depend on it)")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (CPU figures depend on it)")
     p.add_argument("--force", action="store_true", help="measure again even if this machine's figures are cached")
     p.add_argument("--quick", action="store_true", help="small sizes and short times (a smoke test; underestimates)")
     p.add_argument("--dir", metavar="DIR", help="calibration cache directory (default results/calibration)")
     p.add_argument("--check", action="store_true", help="run the timing cross-check instead of calibrating")
-    p.add_argument("--seq-len", type=_positive_int, nargs="+", default=[1024, 4096], metavar="L",
+    p.add_argument("--seq-len", type=positive_int, nargs="+", default=[1024, 4096], metavar="L",
                    help="--check: sequence lengths (default 1024 4096)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="--check: batch (default 1)")
-    p.add_argument("--heads", type=_positive_int, default=8, help="--check: heads (default 8)")
-    p.add_argument("--head-dim", type=_positive_int, default=64, help="--check: head_dim (default 64)")
+    p.add_argument("--batch", type=positive_int, default=1, help="--check: batch (default 1)")
+    p.add_argument("--heads", type=positive_int, default=8, help="--check: heads (default 8)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="--check: head_dim (default 64)")
     p.add_argument("--causal", action="store_true", help="--check: causal attention")
-    p.add_argument("--runs", type=_positive_int, default=3, help="--check: runs of each method (default 3)")
+    p.add_argument("--runs", type=positive_int, default=3, help="--check: runs of each method (default 3)")
     p.add_argument("--min-time-s", type=positive_number, default=1.0,
                    help="--check: minimum sampling time of each method per run (default 1.0)")
     p.add_argument("--max-time-s", type=positive_number,
@@ -69,6 +56,7 @@ def cmd_calibrate(args) -> int:
     import torch
     from pathlib import Path
 
+    from harness.core.cases import DTYPES
     from harness.measure import calibrate
 
     if args.threads:
@@ -81,6 +69,7 @@ def cmd_calibrate(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.check:
         from harness.core.cases import Case
+        from harness.measure import crosscheck
 
         dtypes = args.dtype or ["float32"]
         cases = [
@@ -91,16 +80,16 @@ def cmd_calibrate(args) -> int:
         print(f"cross-check: {len(cases)} SDPA cases, {args.runs} interleaved runs per method, "
               f"threads={torch.get_num_threads()}", file=sys.stderr)
         try:
-            records = calibrate.cross_check(
+            records = crosscheck.cross_check(
                 cases, runs=args.runs, min_time_s=args.min_time_s, max_time_s=args.max_time_s, log=log
             )
         except RuntimeError as exc:
             print(f"bench calibrate --check: {type(exc).__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
             return EXIT_FAILED
-        print(calibrate.format_cross_check(records))
+        print(crosscheck.format_cross_check(records))
         return EXIT_OK
     root = Path(args.dir) if args.dir else None
-    dtypes = args.dtype or list(calibrate.DTYPES)
+    dtypes = args.dtype or list(DTYPES)
     try:
         calibration, measured = calibrate.calibrate(
             devices, dtypes, force=args.force, quick=args.quick, root=root, log=log

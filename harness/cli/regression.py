@@ -13,20 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from harness.cli.common import EXIT_OK, EXIT_REGRESSED, EXIT_USAGE
 from harness.engine.store import StoreError
-
-EXIT_OK, EXIT_REGRESSED, EXIT_USAGE = 0, 1, 2
-
-VERDICT_STYLE = {
-    "now failing": "bold red",
-    "regressed": "red",
-    "missing": "yellow",
-    "new": "cyan",
-    "now passing": "green",
-    "improved": "green",
-    "unchanged": "dim",
-    "not compared": "dim",
-}
 
 
 def fraction(text: str) -> float:
@@ -68,6 +56,8 @@ def register(sub) -> None:
     hist.add_argument("--suite", help="only this suite's runs")
     hist.add_argument("--last", type=int, metavar="N", help="only the last N runs")
     hist.add_argument("--json", action="store_true", help="machine-readable output")
+    hist.add_argument("--from", dest="history", action="append", default=[], metavar="DIR",
+                      help="also list the runs under DIR/runs/ (a checkout of the bench-results branch); repeatable")
     hist.add_argument("--root", default="results", metavar="DIR", help=root_help)
     hist.set_defaults(handler=cmd_history)
 
@@ -108,9 +98,9 @@ def _usage(message: str) -> int:
 
 
 def _console():
-    from rich.console import Console
+    from harness.regression.output import console
 
-    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    return console()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +121,7 @@ def _resolve_pair(base: str, new: str, root: str) -> tuple[Path, Path]:
 
 
 def cmd_compare(args) -> int:
+    from harness.regression import output
     from harness.regression.compare import compare_runs
     from harness.regression.confirm import confirm
 
@@ -148,11 +139,11 @@ def cmd_compare(args) -> int:
         print(f"confirm: {result['message']}", file=sys.stderr)
 
     if args.format == "json":
-        print(comparison.to_json())
+        print(output.to_json(comparison))
     elif args.format == "markdown":
-        print(comparison.to_markdown(all_cases=args.all), end="")
+        print(output.to_markdown(comparison, all_cases=args.all), end="")
     else:
-        print_table(comparison, all_cases=args.all)
+        output.print_table(comparison, all_cases=args.all)
 
     if not args.no_html:
         from reports.compare import render_compare
@@ -175,42 +166,6 @@ def _default_html(new_dir: Path, root: Path) -> Path:
     return new_dir / "compare.html"
 
 
-def print_table(comparison, all_cases: bool = False) -> None:
-    from rich.table import Table
-
-    from harness.regression.compare import format_ratio_ci
-    from harness.core import units as fmt
-
-    th = comparison.thresholds
-    console = _console()
-    table = Table(
-        title=f"{comparison.base.run_id} → {comparison.new.run_id}",
-        caption=f"ratio = NEW/BASE median time with its {1 - th.alpha:.0%} interval; q = Benjamini–Hochberg adjusted "
-                f"p-value; thresholds: time ±{th.time:.0%}, memory ±{th.memory:.0%}",
-    )
-    for col, justify in (("verdict", "left"), ("case", "left"), ("BASE", "right"), ("NEW", "right"),
-                         ("time ratio [CI]", "right"), ("q", "right"), ("memory", "right"), ("note", "left")):
-        table.add_column(col, justify=justify, overflow="fold")
-    cases = comparison.cases
-    shown = cases if all_cases else cases[cases["verdict"] != "unchanged"]
-    for r in shown.to_dict("records"):
-        mem = ""
-        if r.get("mem_ratio") == r.get("mem_ratio") and r.get("mem_ratio") is not None:
-            mem = f"{(r['mem_ratio'] - 1) * 100:+.1f}%"
-        q = r.get("q_value")
-        table.add_row(
-            f"[{VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]", r["label"],
-            fmt.duration_ms(r.get("base_time_ms")), fmt.duration_ms(r.get("new_time_ms")),
-            format_ratio_ci(r), f"{q:.2g}" if q == q and q is not None else "", mem, str(r.get("note") or ""),
-        )
-    if len(shown):
-        console.print(table)
-    hidden = len(cases) - len(shown)
-    tail = f" ({hidden} unchanged not listed; --all lists them)" if hidden else ""
-    verdict = "[red]REGRESSED[/]" if comparison.has_regression else "[green]no regressions[/]"
-    console.print(f"{verdict}: {comparison.summary_line()}{tail}")
-
-
 # ----------------------------------------------------------------------------------------------
 # history, show
 
@@ -219,6 +174,9 @@ def cmd_history(args) -> int:
     from harness.regression.history import list_baselines, list_runs
 
     runs = list_runs(args.root, args.suite)
+    if args.history:  # --from: runs of other results roots (a bench-results checkout) too
+        from harness.regression.timeline import list_runs_from
+        runs = list_runs_from([r for r in [args.root] if Path(r).is_dir()] + args.history, args.suite)
     if args.last is not None:
         runs = runs[-args.last:] if args.last > 0 else []
     baselines = {b.run_id: b.suite for b in list_baselines(args.root)}
@@ -237,7 +195,8 @@ def cmd_history(args) -> int:
         return EXIT_OK
     from rich.table import Table
 
-    table = Table(title=f"{len(runs)} run(s) under {Path(args.root) / 'runs'}")
+    where = ", ".join(str(Path(r) / "runs") for r in [args.root, *args.history])
+    table = Table(title=f"{len(runs)} run(s) under {where}")
     for col in ("run id", "suite", "started", "status", "cases", "commit", "torch", "machine", "wall"):
         table.add_column(col, overflow="fold")
     for r in runs:
@@ -254,10 +213,10 @@ def cmd_history(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from harness.engine import store
-    from harness.regression.compare import case_label
-    from harness.regression.history import resolve_run, run_info
     from harness.core import units as fmt
+    from harness.engine import store
+    from harness.regression.history import resolve_run, run_info
+    from harness.regression.labels import row_label
 
     try:
         info = run_info(resolve_run(args.run, args.root))
@@ -287,13 +246,15 @@ def cmd_show(args) -> int:
     for r in rows.to_dict("records"):
         ok = r.get("status") == "ok"
         table.add_row(
-            case_label(r), str(r.get("status")), fmt.duration_ms(r.get("time_ms")) if ok else "",
+            row_label(r), str(r.get("status")), fmt.duration_ms(r.get("time_ms")) if ok else "",
             f"{fmt.duration_ms(r.get('time_ms_p10'))} – {fmt.duration_ms(r.get('time_ms_p90'))}" if ok else "",
             str(int(r.get("reps") or 0)) if ok else "", fmt.rate_tflops(r.get("tflops_per_s")) if ok else "",
             fmt.size_bytes(r.get("peak_mem_bytes")) if ok else "", fmt.error(r.get("rel_err")) if ok else "",
             str(r.get("reason") or ""),
         )
     console.print(table)
+    from reports.terminal import print_headline
+    print_headline(rows, console, suite_definition=(info.meta.get("suite") or {}).get("definition"))
     return EXIT_OK
 
 
@@ -340,7 +301,7 @@ def cmd_trend(args) -> int:
 
         for t, s in sorted(steps, key=lambda ts: -abs(ts[1]["ratio"] - 1)):
             style = "red" if s["ratio"] > 1 else "green"
-            table.add_row(t["label"], f"[{style}]{(s['ratio'] - 1) * 100:+.1f}%[/]", s["run_id"], s["commit"] or "",
+            table.add_row(t["label"], f"[{style}]{fmt.change(s['ratio'])}[/]", s["run_id"], s["commit"] or "",
                           fmt.duration_ms(s["before"]), fmt.duration_ms(s["after"]))
         console.print(table)
     print(f"trend report: {path}", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,33 +104,3 @@ class Case:
             f"B{self.batch} H{self.heads}{kv} L{self.seq_len} D{self.head_dim}"
             f"{' causal' if self.causal else ''}"
         )
-
-
-def _product(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    names = list(axes)
-    return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
-
-
-def expand_cases(suite) -> list[Case]:
-    """Every case of a validated suite, in a stable order (variant entry, then params, then axes)."""
-    from harness.core.registry import get_variant
-
-    cases: list[Case] = []
-    seen: set[str] = set()
-    for entry in suite.variants:
-        variant = get_variant(entry.name)
-        axes = {name: [AXES[name]] for name in AXES}
-        axes.update({k: [v] for k, v in suite.defaults.items()})
-        axes.update(suite.sweep)
-        axes.update(entry.axes)
-        param_lists = {name: [spec.default] for name, spec in variant.params.items()}
-        param_lists.update(entry.params)
-        for params in _product(param_lists):
-            for point in _product(axes):
-                if point["kv_heads"] is None:
-                    point["kv_heads"] = point["heads"]
-                case = Case(variant=entry.name, params=params, **point)
-                if case.case_id not in seen:
-                    seen.add(case.case_id)
-                    cases.append(case)
-    return cases

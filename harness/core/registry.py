@@ -6,7 +6,7 @@ q ``(B, H, L, D)``, k and v ``(B, H_kv, L, D)`` and out ``(B, H, L, D)``, scaled
 what it supports (devices, dtypes, causal, grouped-query, head dims, backward),
 its own parameters, and its analytic FLOP count::
 
-    from harness import register_variant, Param, Supports, attention_flops
+    from harness import register_variant, Param, Supports
 
     @register_variant(
         "my_attention",
@@ -14,10 +14,14 @@ its own parameters, and its analytic FLOP count::
         exact=True,
         supports=Supports(devices={"cpu"}),
         params={"block": Param(64, min=1, help="query block size")},
-        flops=attention_flops,
     )
     def my_attention(q, k, v, *, causal, block=64):
         ...
+
+``family`` must be one of :data:`FAMILIES`. ``flops`` (forward FLOPs of a case)
+defaults to :func:`~harness.core.flops.attention_flops` for an exact variant
+without a mask; an approximate or masked variant declares its own. ``baseline=True``
+marks an exact variant the report may compare others with (``sdpa`` declares it).
 
 Optional hooks: ``check(case) -> [reasons]`` for variant-specific limits,
 ``mask(case) -> mask_mod`` for the pattern the float64 reference applies (default:
@@ -26,19 +30,22 @@ causal or none), ``working_set(case) -> bytes`` for the memory-budget check, and
 ``density``).
 
 Cases a variant cannot run become ``skipped`` rows whose reason is the variant's
-own words (:meth:`Variant.not_supported_reasons`), as in xformers' operators.
+own words (:meth:`Variant.not_supported_reasons`: every declared limit the case
+violates and every ``check`` reason, all at once, as in xformers' operators).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from harness.core.cases import DEVICES, DTYPES, MODES
+from harness.core.flops import attention_flops
 
 if TYPE_CHECKING:
     from harness.core.cases import Case
@@ -46,6 +53,48 @@ if TYPE_CHECKING:
 
 class RegistryError(Exception):
     """A variant could not be registered or found (a user-facing, one-line message)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kind of attention implementation; the report groups and compares by it."""
+
+    name: str
+    help: str
+    #: exact, but attends only part of the (query, key) pairs by a pattern: the report finds the
+    #: length from which it beats the dense baseline, as it does for every approximate variant
+    pattern: bool = False
+
+
+#: The families a variant may declare (registering another is a RegistryError).
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("dense", "exact attention over every (query, key) pair"),
+        Family("memory_efficient", "exact, tiled with an online softmax: the L×L scores never held at once"),
+        Family("compiled", "exact, a compiler-generated kernel (torch.compile, FlexAttention)"),
+        Family("fused", "exact, a hand-written fused kernel (Triton, CUDA)"),
+        Family("local", "a band of keys around each query", pattern=True),
+        Family("sparse", "a block-sparse pattern of keys", pattern=True),
+        Family("linear", "kernelised attention, linear in L (approximate)"),
+        Family("low_rank", "keys and values projected to fewer rows or landmarks (approximate)"),
+        Family("quantised", "low-precision arithmetic: int8/fp8 scores, quantised K/V"),
+        Family("inference", "decoding, paged KV caches, variable-length batches"),
+        Family("distributed", "attention split across devices (ring, context-parallel)"),
+        Family("layer", "a whole attention layer, projections included"),
+    )
+}
+#: Families whose exact variants skip work by a pattern (see :attr:`Family.pattern`).
+PATTERN_FAMILIES: frozenset[str] = frozenset(f.name for f in FAMILIES.values() if f.pattern)
+
+
+def family_problem(family: Any) -> str | None:
+    """Why ``family`` cannot be declared (None: it can), naming the allowed families."""
+    if family in FAMILIES:
+        return None
+    close = difflib.get_close_matches(str(family), list(FAMILIES), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown family {family!r}{hint}; allowed: {', '.join(FAMILIES)}"
 
 
 @dataclass(frozen=True)
@@ -115,13 +164,17 @@ class Variant:
     mask: MaskFactory | None = None
     working_set: BytesFn | None = None
     columns: Callable[["Case"], dict[str, Any]] | None = None
+    baseline: bool = False
     source: str = "builtin"
 
     def __call__(self, q, k, v, *, causal: bool = False, **params):
         return self.fn(q, k, v, causal=causal, **params)
 
     def not_supported_reasons(self, case: "Case") -> list[str]:
-        """Human-readable reasons this variant cannot run ``case`` (empty: it can)."""
+        """Human-readable reasons this variant cannot run ``case`` (empty: it can).
+
+        All of them at once: every declared limit the case violates, then ``check``'s reasons.
+        """
         s = self.supports
         reasons = []
         if case.device not in s.devices:
@@ -142,8 +195,8 @@ class Variant:
             reasons.append(f"{self.name} supports head_dim >= {s.min_head_dim}, not {case.head_dim}")
         if case.mode not in MODES:
             reasons.append(f"unknown mode {case.mode}")
-        if not reasons and self.check is not None:
-            reasons.extend(self.check(case))
+        if self.check is not None:
+            reasons.extend(r for r in self.check(case) if r not in reasons)
         return reasons
 
     def reference_mask(self, case: "Case"):
@@ -160,6 +213,7 @@ class Variant:
             "name": self.name,
             "family": self.family,
             "exact": self.exact,
+            "baseline": self.baseline,
             "devices": sorted(s.devices),
             "dtypes": sorted(s.dtypes),
             "causal": s.causal,
@@ -191,7 +245,7 @@ def register_variant(
     *,
     family: str,
     exact: bool,
-    flops: FlopFn,
+    flops: FlopFn | None = None,
     supports: Supports | None = None,
     params: dict[str, Param] | None = None,
     description: str = "",
@@ -199,8 +253,22 @@ def register_variant(
     mask: MaskFactory | None = None,
     working_set: BytesFn | None = None,
     columns: Callable[["Case"], dict[str, Any]] | None = None,
+    baseline: bool = False,
 ):
-    """Decorator: register ``fn`` as attention variant ``name``; returns the :class:`Variant`."""
+    """Decorator: register ``fn`` as attention variant ``name``; returns the :class:`Variant`.
+
+    Raises RegistryError (one line) for an unknown family, a missing ``flops`` where no
+    default applies, a non-exact baseline, or a name that is already registered.
+    """
+    problem = family_problem(family)
+    if problem is None and flops is None and not exact:
+        problem = "an approximate variant must declare flops= (the FLOPs it really does)"
+    if problem is None and flops is None and mask is not None:
+        problem = "a variant with a mask must declare flops= (e.g. pair_flops(case, attended pairs))"
+    if problem is None and baseline and not exact:
+        problem = "only an exact variant can be a baseline"
+    if problem is not None:
+        raise RegistryError(f"variant {name!r} from {_CURRENT_SOURCE[-1]}: {problem}")
 
     def decorate(fn: Callable[..., Any]) -> Variant:
         with _LOCK:
@@ -214,7 +282,7 @@ def register_variant(
                 fn=fn,
                 family=family,
                 exact=exact,
-                flops=flops,
+                flops=flops if flops is not None else attention_flops,
                 supports=supports or Supports(),
                 params=dict(params or {}),
                 description=description or (fn.__doc__ or "").strip().split("\n")[0],
@@ -222,6 +290,7 @@ def register_variant(
                 mask=mask,
                 working_set=working_set,
                 columns=columns,
+                baseline=bool(baseline),
                 source=_CURRENT_SOURCE[-1],
             )
             _REGISTRY[name] = variant
@@ -240,21 +309,20 @@ def registering_from(source: str):
         _CURRENT_SOURCE.pop()
 
 
-def _load_builtins() -> None:
+def load_builtins() -> None:
+    """Register the built-in variants (package ``variants``) and installed entry points, once."""
     global _LOADED
     with _LOCK:
         if _LOADED:
             return
         _LOADED = True
         importlib.import_module("variants")
-        from harness.engine.plugins import load_entry_points
-
         load_entry_points()
 
 
 def get_variant(name: str) -> Variant:
     """The registered variant called ``name``; RegistryError (with the closest names) if none."""
-    _load_builtins()
+    load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -265,10 +333,48 @@ def get_variant(name: str) -> Variant:
 
 def list_variants() -> list[Variant]:
     """All registered variants, sorted by family then name."""
-    _load_builtins()
+    load_builtins()
     return sorted(_REGISTRY.values(), key=lambda v: (v.family, v.name))
 
 
+def declared_baselines() -> frozenset[str]:
+    """Names of the variants registered in this process so far that declared ``baseline=True``.
+
+    Does not load the built-ins (the report asks without importing torch): a process that has
+    not loaded them does not know ``sdpa`` is one, and the report's name rules pick it anyway.
+    """
+    with _LOCK:
+        return frozenset(name for name, v in _REGISTRY.items() if v.baseline)
+
+
 def variant_names() -> list[str]:
-    _load_builtins()
+    load_builtins()
     return list(_REGISTRY)
+
+
+#: Installed packages register variants through this entry-point group.
+ENTRY_POINT_GROUP = "attention_bench.variants"
+_ENTRY_POINTS_LOADED: dict[str, str] = {}
+
+
+class PluginError(RegistryError):
+    """A plugin could not be loaded (one line naming the plugin)."""
+
+
+def load_entry_points() -> list[str]:
+    """Load every installed ``attention_bench.variants`` entry point; returns their names."""
+    loaded = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        key = f"entry-point:{ep.value}"
+        if key in _ENTRY_POINTS_LOADED:
+            continue
+        try:
+            with registering_from(f"entry point {ep.name} ({ep.value})"):
+                ep.load()
+        except RegistryError as exc:
+            raise PluginError(f"entry point {ep.name!r}: {exc}") from None
+        except Exception as exc:
+            raise PluginError(f"entry point {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from None
+        _ENTRY_POINTS_LOADED[key] = ep.name
+        loaded.append(ep.name)
+    return loaded

@@ -62,6 +62,11 @@ def ratio(r, better: str = "faster", worse: str = "slower") -> str:
     return f"{r:.3g}× {better}" if r > 1 else f"{1 / r:.3g}× {worse}"
 
 
+def change(r) -> str:
+    """A ratio NEW/BASE as a signed relative change: 1.3 → '+30.0%', 0.75 → '-25.0%'; '' when not finite."""
+    return f"{(float(r) - 1) * 100:+.1f}%" if finite(r) else ""
+
+
 def flop_count(f) -> str:
     """FLOPs with an SI prefix: '1.07 GFLOP'."""
     if _missing(f):

@@ -6,7 +6,8 @@ to the case timeout:
 
 * the worker answers: the row is returned as is (``ok``, ``skipped``, ``error``, ``oom``);
 * the worker dies (segfault, ``abort()``, the kernel's OOM killer, ``os._exit``):
-  a ``crash`` row naming the signal or exit code, with the tail of its stderr;
+  a ``crash`` row naming the signal or exit code, with the tail of its stderr
+  (made from :func:`harness.core.schema.base_row`: the parent needs no torch for it);
   the next case starts a fresh worker;
 * no answer before the timeout (a hang, a deadlock): the worker's process group
   is killed and the row is ``timeout``.
@@ -26,13 +27,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from harness.core import schema
 from harness.core.cases import Case
+from harness.core.schema import CaseResult
 from harness.measure.environment import ALLOCATOR_ENV
-from harness.engine.runner import CaseResult, base_row
-from harness.measure.timing import TimingConfig
+
+if TYPE_CHECKING:
+    from harness.measure.timing import TimingConfig
 
 STDERR_TAIL_CHARS = 1500
 START_TIMEOUT_S = 300.0
@@ -224,14 +229,10 @@ class WorkerPool:
             return self._failed(case, "crash", reason)
         return CaseResult(reply["row"], reply["samples_s"])
 
-    @staticmethod
-    def _failed(case: Case, status: str, reason: str) -> CaseResult:
-        from harness.core.registry import get_variant
-
-        try:
-            row = base_row(case, get_variant(case.variant))
-        except Exception:
-            row = base_row(case, None)
+    def _failed(self, case: Case, status: str, reason: str) -> CaseResult:
+        """The row of a case the worker gave none for: its identity and what happened (no torch here:
+        the variant's description, FLOPs and estimates come only from a worker)."""
+        row = schema.base_row(case, threads=self.config["threads"])
         row.update(status=status, reason=reason)
         return CaseResult(row, [])
 

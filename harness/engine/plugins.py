@@ -11,17 +11,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 
-from harness.core.registry import RegistryError, registering_from
+from harness.core.registry import PluginError, RegistryError, load_builtins, registering_from
 
-ENTRY_POINT_GROUP = "attention_bench.variants"
 _LOADED: dict[str, str] = {}
-
-
-class PluginError(RegistryError):
-    """A plugin could not be loaded (one line naming the plugin)."""
 
 
 def looks_like_path(spec: str) -> bool:
@@ -60,9 +54,7 @@ def _import_file(module_name: str, path: Path):
 
 
 def _import(spec: str, do_import) -> None:
-    from harness.core.registry import _load_builtins
-
-    _load_builtins()  # so a plugin that reuses a built-in name is caught as a duplicate
+    load_builtins()  # so a plugin that reuses a built-in name is caught as a duplicate
     try:
         with registering_from(f"plugin {spec}"):
             do_import()
@@ -72,22 +64,3 @@ def _import(spec: str, do_import) -> None:
         raise PluginError(f"plugin {spec!r} failed to import: {exc}") from None
     except Exception as exc:  # a plugin's own bug: one clear line naming it
         raise PluginError(f"plugin {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
-
-
-def load_entry_points() -> list[str]:
-    """Load every installed ``attention_bench.variants`` entry point; returns their names."""
-    loaded = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        key = f"entry-point:{ep.value}"
-        if key in _LOADED:
-            continue
-        try:
-            with registering_from(f"entry point {ep.name} ({ep.value})"):
-                ep.load()
-        except RegistryError as exc:
-            raise PluginError(f"entry point {ep.name!r}: {exc}") from None
-        except Exception as exc:
-            raise PluginError(f"entry point {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from None
-        _LOADED[key] = ep.name
-        loaded.append(ep.name)
-    return loaded

@@ -19,9 +19,14 @@ import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+from harness.core import schema
+
+# pandas is imported where tables are read, so that importing StoreError (the command line's
+# start-up) or appending rows costs no pandas import.
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 
@@ -97,7 +102,7 @@ class RunWriter:
             rows = rows.drop_duplicates("case_id", keep="last").reset_index(drop=True)
             kept = set(zip(rows["case_id"], rows["attempt_id"]))
             samples = samples[[k in kept for k in zip(samples["case_id"], samples["attempt_id"])]]
-        rows.to_parquet(self.dir / RESULTS, index=False)
+        rows.to_parquet(self.dir / RESULTS, index=False, schema=schema.arrow_schema(rows))
         samples.reset_index(drop=True).to_parquet(self.dir / SAMPLES, index=False)
         return rows
 
@@ -119,10 +124,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_rows_log(run_dir: Path) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame(_read_jsonl(Path(run_dir) / ROWS_LOG))
 
 
 def read_samples_log(run_dir: Path) -> pd.DataFrame:
+    import pandas as pd
+
     df = pd.DataFrame(_read_jsonl(Path(run_dir) / SAMPLES_LOG))
     if df.empty:
         df = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
@@ -152,6 +161,8 @@ def read_results(run_dir: Path) -> pd.DataFrame:
     read_meta(run_dir)
     path = run_dir / RESULTS
     if path.exists():
+        import pandas as pd
+
         try:
             return pd.read_parquet(path)
         except Exception as exc:
@@ -165,5 +176,7 @@ def read_results(run_dir: Path) -> pd.DataFrame:
 def read_samples(run_dir: Path) -> pd.DataFrame:
     path = Path(run_dir) / SAMPLES
     if path.exists():
+        import pandas as pd
+
         return pd.read_parquet(path)
     return read_samples_log(Path(run_dir))

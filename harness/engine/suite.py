@@ -1,6 +1,6 @@
 """Suite files (TOML): loading and validation, with every problem found at once.
 
-A suite names what to sweep; :func:`harness.core.cases.expand_cases` turns it into
+A suite names what to sweep; :func:`expand_cases` turns it into
 cases. See the README for the format. Every problem is reported as one line
 ``FILE:LINE: KEY: message`` (LINE where the key can be found in the file), all
 problems together, before anything runs.
@@ -8,7 +8,6 @@ problems together, before anything runs.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import re
 import tomllib
@@ -16,14 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.core.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, MODES
+from harness.core.cases import AXES, Case
 from harness.core.registry import RegistryError, get_variant
-from harness.measure.timing import SETTINGS as TIMING_SETTINGS, TimingConfig, check_setting, config_problems
+from harness.core.config import COMPARE, RUN, SWEEP, TIMING, RunConfig, Table, closest, type_name
+from harness.measure.timing import TimingConfig
 
 TOP_KEYS = ("name", "description", "plugins", "seed", "defaults", "sweep", "timing", "run", "compare", "variant")
-TIMING_KEYS = tuple(TIMING_SETTINGS)
-POSITIVE_INT_AXES = ("batch", "heads", "kv_heads", "seq_len", "head_dim")
-CHOICE_AXES = {"device": DEVICES, "mode": MODES, "dtype": DTYPES, "inputs": INPUT_KINDS}
 
 
 class SuiteError(Exception):
@@ -43,18 +40,6 @@ class VariantEntry:
     axes: dict[str, list[Any]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """The ``[run]`` table: how cases are executed."""
-
-    isolation: str = "process"  # process | none
-    case_timeout_s: float = 900.0
-    memory_budget_gib: float | None = None  # None: 60% of available memory
-
-
-ISOLATION_MODES = ("process", "none")
-
-
 @dataclass
 class Suite:
     path: Path | None
@@ -68,22 +53,11 @@ class Suite:
     variants: list[VariantEntry] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     text: str = ""
-    run: RunConfig = field(default_factory=lambda: RunConfig())
+    run: RunConfig = field(default_factory=RunConfig)
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent if self.path else Path.cwd()
-
-
-def _closest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _type_name(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
-        type(value), type(value).__name__
-    )
 
 
 class _Locator:
@@ -126,24 +100,6 @@ class _Checker:
         name = label or ".".join(p for p in (table, key) if p)
         self.problems.append(f"{pos}: {name}: {message}" if name else f"{pos}: {message}")
 
-    # -- value checks -------------------------------------------------------------------------
-    def axis_value(self, axis: str, value: Any) -> str | None:
-        if axis in POSITIVE_INT_AXES:
-            if not isinstance(value, int) or isinstance(value, bool):
-                return f"expected a positive integer, got {_type_name(value)} {value!r}"
-            if value <= 0:
-                return f"must be a positive integer, got {value}"
-        elif axis == "causal":
-            if not isinstance(value, bool):
-                return f"expected true or false, got {_type_name(value)} {value!r}"
-        elif axis in CHOICE_AXES:
-            choices = CHOICE_AXES[axis]
-            if not isinstance(value, str):
-                return f"expected a string, got {_type_name(value)} {value!r}"
-            if value not in choices:
-                return f"unknown {axis} {value!r}{_closest(value, choices)}; one of {', '.join(choices)}"
-        return None
-
 
 def load_suite(path: str | Path) -> Suite:
     """Read and validate a suite file; raises SuiteError listing every problem."""
@@ -167,7 +123,7 @@ def parse_suite(text: str, path: Path | None = None) -> Suite:
 
     for key in raw:
         if key not in TOP_KEYS:
-            check.add(None, key, f"unknown key{_closest(key, TOP_KEYS)}")
+            check.add(None, key, f"unknown key{closest(key, TOP_KEYS)}")
 
     name = raw.get("name", path.stem if path else "suite")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
@@ -175,24 +131,20 @@ def parse_suite(text: str, path: Path | None = None) -> Suite:
         name = "suite"
     description = raw.get("description", "")
     if not isinstance(description, str):
-        check.add(None, "description", f"expected a string, got {_type_name(description)}")
+        check.add(None, "description", f"expected a string, got {type_name(description)}")
         description = ""
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        check.add(None, "seed", f"expected an integer, got {_type_name(seed)} {seed!r}")
+        check.add(None, "seed", f"expected an integer, got {type_name(seed)} {seed!r}")
         seed = 0
 
     suite = Suite(path=path, name=name, description=description, seed=seed, raw=raw, text=text)
     suite.plugins = _plugins(raw.get("plugins", []), check, suite.base_dir)
     suite.defaults = _defaults(raw.get("defaults", {}), check)
     suite.sweep = _sweep(raw.get("sweep", {}), check, suite.defaults)
-    suite.timing = _timing(raw.get("timing", {}), check)
-    suite.run = _run(raw.get("run", {}), check)
-    if "compare" in raw:
-        from harness.regression.compare import validate_compare_table
-
-        for key, message in validate_compare_table(raw["compare"]):
-            check.add("compare", key, message)
+    suite.timing = TimingConfig(**_settings(TIMING, raw.get("timing", {}), check))
+    suite.run = RunConfig(**_settings(RUN, raw.get("run", {}), check))
+    _settings(COMPARE, raw.get("compare", {}), check)  # bench compare reads it from run.json
 
     plugin_problems = _load_plugins(suite, check)
     if not plugin_problems:
@@ -228,21 +180,33 @@ def _load_plugins(suite: Suite, check: _Checker) -> bool:
     return failed
 
 
+def _settings(table: Table, value: Any, check: _Checker) -> dict[str, Any]:
+    """The settings a ``[timing]``, ``[run]`` or ``[compare]`` table gives; its problems to ``check``."""
+    settings, problems = table.check(value)
+    for key, message in problems:
+        check.add(table.name if key else None, key or table.name, message)
+    return settings
+
+
 def _table(value: Any, check: _Checker, table: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        check.add(None, table, f"expected a table [{table}], got {_type_name(value)}")
+        check.add(None, table, f"expected a table [{table}], got {type_name(value)}")
         return {}
     return value
+
+
+def _unknown_axis(key: str) -> str:
+    return f"unknown key{closest(key, SWEEP.names)}; sweepable keys: {', '.join(SWEEP.names)}"
 
 
 def _defaults(value: Any, check: _Checker) -> dict[str, Any]:
     out = {}
     for key, v in _table(value, check, "defaults").items():
-        if key not in AXES:
-            check.add("defaults", key, f"unknown key{_closest(key, AXES)}; sweepable keys: {', '.join(AXES)}")
+        if key not in SWEEP:
+            check.add("defaults", key, _unknown_axis(key))
         elif isinstance(v, list):
             check.add("defaults", key, "[defaults] takes single values; put lists under [sweep]")
-        elif (problem := check.axis_value(key, v)) is not None:
+        elif (problem := SWEEP[key].check(v)[1]) is not None:
             check.add("defaults", key, problem)
         else:
             out[key] = v
@@ -256,7 +220,7 @@ def _axis_list(table: str, key: str, v: Any, check: _Checker, index: int | None 
         return None
     ok = True
     for item in values:
-        if (problem := check.axis_value(key, item)) is not None:
+        if (problem := SWEEP[key].check(item)[1]) is not None:
             check.add(table, key, problem, index, label)
             ok = False
     if ok and len(set(map(repr, values))) != len(values):
@@ -268,57 +232,14 @@ def _axis_list(table: str, key: str, v: Any, check: _Checker, index: int | None 
 def _sweep(value: Any, check: _Checker, defaults: dict[str, Any]) -> dict[str, list[Any]]:
     out = {}
     for key, v in _table(value, check, "sweep").items():
-        if key not in AXES:
-            check.add("sweep", key, f"unknown key{_closest(key, AXES)}; sweepable keys: {', '.join(AXES)}")
+        if key not in SWEEP:
+            check.add("sweep", key, _unknown_axis(key))
             continue
         if key in defaults:
             check.add("sweep", key, "set in both [defaults] and [sweep]; keep one")
         if (values := _axis_list("sweep", key, v, check)) is not None:
             out[key] = values
     return out
-
-
-def _timing(value: Any, check: _Checker) -> TimingConfig:
-    table = _table(value, check, "timing")
-    settings = {}
-    for key, v in table.items():
-        if key not in TIMING_KEYS:
-            check.add("timing", key, f"unknown key{_closest(key, TIMING_KEYS)}; one of {', '.join(TIMING_KEYS)}")
-            continue
-        v, problem = check_setting(key, v)
-        if problem:
-            check.add("timing", key, problem)
-        else:
-            settings[key] = v
-    if "max_reps" in settings and "min_reps" not in settings:
-        settings["min_reps"] = min(TimingConfig().min_reps, settings["max_reps"])
-    if "min_time_s" in settings and "max_time_s" not in settings:
-        settings["max_time_s"] = max(TimingConfig().max_time_s, settings["min_time_s"])
-    config = TimingConfig(**settings)
-    for key, problem in config_problems(config):
-        check.add("timing", key, problem)
-    return config
-
-
-def _run(value: Any, check: _Checker) -> RunConfig:
-    settings: dict[str, Any] = {}
-    for key, v in _table(value, check, "run").items():
-        if key == "isolation":
-            if v not in ISOLATION_MODES:
-                check.add("run", key, f"expected one of {', '.join(map(repr, ISOLATION_MODES))}, got {v!r}")
-            else:
-                settings[key] = v
-        elif key in ("case_timeout_s", "memory_budget_gib"):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                check.add("run", key, f"expected a number, got {_type_name(v)} {v!r}")
-            elif v <= 0:
-                check.add("run", key, f"must be > 0, got {v}")
-            else:
-                settings[key] = float(v)
-        else:
-            options = ("isolation", "case_timeout_s", "memory_budget_gib")
-            check.add("run", key, f"unknown key{_closest(key, options)}; one of {', '.join(options)}")
-    return RunConfig(**settings)
 
 
 def _variants(value: Any, check: _Checker) -> list[VariantEntry]:
@@ -357,17 +278,17 @@ def _variants(value: Any, check: _Checker) -> list[VariantEntry]:
                         check.add("variant", key, problem, index, f"{label}.{key}")
                         ok = False
                 entry.params[key] = [float(x) if spec.kind is float else x for x in values]
-            elif key in AXES:
+            elif key in SWEEP:
                 values = _axis_list("variant", key, v, check, index, f"{label}.{key}")
                 if values is None:
                     ok = False
                 else:
                     entry.axes[key] = values
             else:
-                options = list(variant.params) + list(AXES)
+                options = list(variant.params) + list(SWEEP.names)
                 known = ", ".join(variant.params) or "none"
                 check.add(
-                    "variant", key, f"unknown key{_closest(key, options)}; {name}'s parameters: {known}",
+                    "variant", key, f"unknown key{closest(key, options)}; {name}'s parameters: {known}",
                     index, f"{label}.{key}",
                 )
                 ok = False
@@ -386,7 +307,7 @@ def _check_head_combinations(suite: Suite, check: _Checker) -> None:
     bad: set[tuple[int, int]] = set()
     for entry in suite.variants or [VariantEntry(name="")]:
         axes = {**{k: [v] for k, v in suite.defaults.items()}, **suite.sweep, **entry.axes}
-        heads = axes.get("heads", [AXES["heads"]])
+        heads = axes.get("heads", [SWEEP["heads"].default])
         kv = axes.get("kv_heads", [None])
         for h, g in itertools.product(heads, kv):
             if g is not None and (g > h or h % g):
@@ -394,3 +315,31 @@ def _check_head_combinations(suite: Suite, check: _Checker) -> None:
     for h, g in sorted(bad):
         table = "sweep" if "kv_heads" in suite.sweep else "defaults"
         check.add(table, "kv_heads", f"kv_heads={g} does not divide heads={h}")
+
+
+def _product(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+
+
+def expand_cases(suite) -> list[Case]:
+    """Every case of a validated suite, in a stable order (variant entry, then params, then axes)."""
+    cases: list[Case] = []
+    seen: set[str] = set()
+    for entry in suite.variants:
+        variant = get_variant(entry.name)
+        axes = {name: [AXES[name]] for name in AXES}
+        axes.update({k: [v] for k, v in suite.defaults.items()})
+        axes.update(suite.sweep)
+        axes.update(entry.axes)
+        param_lists = {name: [spec.default] for name, spec in variant.params.items()}
+        param_lists.update(entry.params)
+        for params in _product(param_lists):
+            for point in _product(axes):
+                if point["kv_heads"] is None:
+                    point["kv_heads"] = point["heads"]
+                case = Case(variant=entry.name, params=params, **point)
+                if case.case_id not in seen:
+                    seen.add(case.case_id)
+                    cases.append(case)
+    return cases

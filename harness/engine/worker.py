@@ -30,8 +30,9 @@ def main() -> int:
     if not config_line:
         return 0
     config = json.loads(config_line)
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as harness.measure.environment.pin_allocator, before torch
+    from harness.measure.environment import pin_allocator
 
+    pin_allocator()  # before torch is imported
     import torch
 
     from harness.core.cases import Case

@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -112,6 +110,8 @@ def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any]:
 
 
 def gpu_info() -> dict[str, Any] | None:
+    import torch  # here, not above: pin_allocator and ALLOCATOR_ENV are read by torch-free callers
+
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
@@ -153,6 +153,8 @@ def _text(value: Any) -> str:
 
 
 def cudnn_version() -> int | None:
+    import torch
+
     try:
         return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     except Exception:
@@ -216,6 +218,8 @@ def pin_allocator() -> None:
 
 def capture() -> dict[str, Any]:
     """Everything run.json records about the environment."""
+    import torch
+
     machine_info = machine()
     return {
         "machine": machine_info,

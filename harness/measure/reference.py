@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from harness.core.masks import MaskMod, dense_mask
+from harness.core.masks import MaskMod, batch_head_mask
 
 #: At most this many query rows are checked in the forward pass.
 MAX_CHECK_ROWS = 2048
@@ -53,7 +53,7 @@ def reference_attention(
     for start in range(0, len(rows), chunk):
         r = rows[start : start + chunk]
         s = (q64[:, :, r] @ k64.transpose(-1, -2)) / math.sqrt(D)
-        m = dense_mask(mask_mod, r, L)
+        m = batch_head_mask(mask_mod, r, L, B, H)  # (B, H, rows, L): masks may depend on b and h
         if m is not None:
             s = s.masked_fill(~m, float("-inf"))
         outs.append(torch.softmax(s, dim=-1) @ v64)

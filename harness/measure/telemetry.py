@@ -32,24 +32,10 @@ import threading
 import time
 from typing import Any, Callable
 
-#: The telemetry columns every row gets (None where not measured).
-COLUMNS = (
-    "power_w",
-    "power_w_max",
-    "sm_clock_mhz",
-    "sm_clock_mhz_min",
-    "mem_clock_mhz",
-    "temp_c_max",
-    "gpu_util_pct",
-    "mem_util_pct",
-    "throttle_reasons",
-    "throttled",
-    "energy_j",
-    "tokens_per_joule",
-    "energy_source",
-    "telemetry_samples",
-    "telemetry_note",
-)
+from harness.core import schema
+
+#: The telemetry columns every row gets (None where not measured): the schema's ``telemetry`` group.
+COLUMNS = schema.names("telemetry")
 
 #: NVML clock-event reason bits (stable values of nvml.h), with our names.
 REASON_BITS = {

@@ -53,89 +53,42 @@ be captured is timed eagerly and the row says why (``timing_note``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from harness.core.stats import median_ci, median_ci_ranks  # noqa: F401  (median_ci_ranks: re-exported)
+from harness.core.config import TIMING
 
 #: Stop reasons recorded in ``Timing.stop`` (and the ``timing_stop`` column).
 STOP_REASONS = ("precision", "min_time", "max_reps", "time_budget")
 
 
-@dataclass(frozen=True)
-class TimingConfig:
-    warmup: int = 3
-    min_time_s: float = 0.2
-    max_reps: int = 100
-    min_reps: int = 3
-    threads: int | None = None  # torch intra-op threads; None: PyTorch's default (all cores)
-    #: Stop once the CI of the median is within ± this fraction of it (0: no precision target).
-    target_precision: float = 0.01
-    #: Confidence level of that interval.
-    confidence: float = 0.95
-    #: Per-case budget for sampling (seconds of wall time, warm-up excluded); never cuts below min_reps.
-    max_time_s: float = 5.0
-    #: Cycle through several input sets when one set fits in the last-level cache.
-    rotate_inputs: bool = True
-    #: CUDA: capture each callable in a CUDA graph and replay it for the samples.
-    cuda_graph: bool = False
-    #: CUDA: overwrite a buffer larger than L2 before every sample.
-    flush_l2: bool = True
+#: The ``[timing]`` settings, declared in :data:`harness.core.config.TIMING` (name, type, default,
+#: range, help); TimingConfig has one field per setting. That module is a leaf (it imports only
+#: harness.core and the standard library): the one engine module the measurement layer reads.
+TimingConfig = TIMING.dataclass(
+    "TimingConfig", __name__, "How one case is timed: the ``[timing]`` settings (harness.core.config.TIMING)."
+)
 
-
-#: What a suite's ``[timing]`` table may set: key -> (type, lowest allowed, highest allowed,
-#: whether the bounds are exclusive). ``None`` bounds are open.
-SETTINGS: dict[str, tuple[type, float | None, float | None, bool]] = {
-    "warmup": (int, 0, None, False),
-    "min_time_s": (float, 0, None, False),
-    "max_reps": (int, 1, None, False),
-    "min_reps": (int, 1, None, False),
-    "threads": (int, 1, None, False),
-    "target_precision": (float, 0, 1, False),
-    "confidence": (float, 0, 1, True),
-    "max_time_s": (float, 0, None, False),
-    "rotate_inputs": (bool, None, None, False),
-    "cuda_graph": (bool, None, None, False),
-    "flush_l2": (bool, None, None, False),
-}
-
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+#: What a suite's ``[timing]`` table may set: key -> its :class:`harness.core.config.Key`.
+SETTINGS = {key.name: key for key in TIMING.keys}
 
 
 def check_setting(key: str, value: Any) -> tuple[Any, str | None]:
     """(value to use, problem or None) for one ``[timing]`` key; integers are accepted for floats."""
-    if key not in SETTINGS:
-        return value, f"unknown key; one of {', '.join(SETTINGS)}"
-    want, low, high, exclusive = SETTINGS[key]
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
-        got = _TYPE_NAMES.get(type(value), type(value).__name__)
-        return value, f"expected {want.__name__}, got {got} {value!r}"
-    if want is bool:
-        return value, None
-    if exclusive and not (low < value < high):
-        return value, f"must be > {low} and < {high}, got {value}"
-    if low is not None and value < low:
-        return value, f"must be >= {low}, got {value}"
-    if high is not None and value > high:
-        return value, f"must be <= {high}, got {value}"
-    return value, None
+    if key not in TIMING:
+        return value, TIMING.unknown(key)
+    return TIMING[key].check(value)
 
 
 def config_problems(config: TimingConfig) -> list[tuple[str, str]]:
-    """(key, problem) for settings that contradict each other."""
-    problems = []
-    if config.min_reps > config.max_reps:
-        problems.append(("min_reps", f"min_reps ({config.min_reps}) exceeds max_reps ({config.max_reps})"))
-    if config.max_time_s < config.min_time_s:
-        problems.append(
-            ("max_time_s", f"max_time_s ({config.max_time_s}) is shorter than min_time_s ({config.min_time_s})")
-        )
-    return problems
+    """(key, problem) for settings that contradict each other (min_reps above max_reps, ...)."""
+    return TIMING.order_problems(dataclasses.asdict(config))
 
 
 def config_from_dict(d: dict[str, Any]) -> TimingConfig:
@@ -146,34 +99,6 @@ def config_from_dict(d: dict[str, Any]) -> TimingConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
-
-
-@lru_cache(maxsize=4096)
-def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int] | None:
-    """1-based ranks (j, n+1-j) of the order statistics bounding a distribution-free CI of the
-    median with coverage >= ``confidence``; None when n is too small for any such interval."""
-    from scipy.stats import binom
-
-    if n < 1:
-        return None
-    alpha = 1.0 - confidence
-    # coverage of [x_(j), x_(n+1-j)] is 1 - 2 * P(B <= j - 1), B ~ Binomial(n, 1/2)
-    c = int(binom.ppf(alpha / 2, n, 0.5))
-    while c >= 0 and binom.cdf(c, n, 0.5) > alpha / 2:
-        c -= 1
-    if c < 0:
-        return None
-    j = c + 1
-    return j, n + 1 - j
-
-
-def median_ci(samples: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval of the median; (nan, nan) when too few samples."""
-    ranks = median_ci_ranks(len(samples), confidence)
-    if ranks is None:
-        return math.nan, math.nan
-    ordered = np.sort(np.asarray(samples, dtype=float))
-    return float(ordered[ranks[0] - 1]), float(ordered[ranks[1] - 1])
 
 
 def relative_precision(samples: Sequence[float], confidence: float = 0.95) -> float:
@@ -231,8 +156,13 @@ class Timing:
         return self.stats["median"]
 
     def row_columns(self) -> dict[str, Any]:
-        """The timing columns of a result row (the runner adds median/p10/p90/reps itself)."""
+        """The ``time`` columns of a result row (:mod:`harness.core.schema`), all of them."""
         return {
+            "time_ms": self.stats["median"] * 1e3,
+            "time_ms_p10": self.stats["p10"] * 1e3,
+            "time_ms_p90": self.stats["p90"] * 1e3,
+            "reps": len(self.samples_s),
+            "first_call_ms": self.first_call_s * 1e3,
             "time_ms_ci_low": self.ci_s[0] * 1e3,
             "time_ms_ci_high": self.ci_s[1] * 1e3,
             "time_ci_rel": self.precision if math.isfinite(self.precision) else math.nan,
@@ -316,7 +246,8 @@ def _cuda_l2_bytes(device: str = "cuda") -> int | None:
 # time_call
 
 
-def _synchronizer(device: str) -> Callable[[], None]:
+def synchronizer(device: str) -> Callable[[], None]:
+    """A function that waits for ``device``'s queued work: ``torch.cuda.synchronize``, or nothing on CPU."""
     if device.startswith("cuda"):
         import torch
 
@@ -343,7 +274,7 @@ def time_call(
     if not fns:
         raise ValueError("time_call needs at least one callable")
     phase = on_phase or (lambda name: None)
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     sync()
     phase("first call")
     t0 = clock()

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.regression.labels import row_label
+
 #: Relative noise floor: with quantised or constant series sigma is at least this (0.1%).
 SIGMA_FLOOR = 1e-3
 
@@ -169,8 +171,6 @@ def case_trends(rows, runs, *, min_step: float = 0.05, penalty: float = 3.0, min
     (``index`` into points, ``run_id`` and ``commit`` of the first run at the new level,
     ``before``, ``after``, ``ratio``). Cases with steps come first, largest step first.
     """
-    from harness.regression.compare import case_label
-
     if rows is None or len(rows) == 0:
         return []
     ok = rows[(rows["status"] == "ok") & rows["time_ms"].notna() & (rows["time_ms"] > 0)]
@@ -193,7 +193,7 @@ def case_trends(rows, runs, *, min_step: float = 0.05, penalty: float = 3.0, min
         steps = detect_steps([p["time_ms"] for p in points], penalty=penalty, min_size=min_size, min_step=min_step)
         trends.append({
             "case_id": case_id,
-            "label": case_label(first),
+            "label": row_label(first),
             "points": points,
             "steps": [
                 {

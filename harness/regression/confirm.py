@@ -25,12 +25,13 @@ a round: the rounds are the replicates) and thread count are reused; only the
 time is measured (no memory, FLOP count or accuracy, which the stored runs
 already have; a worker of a commit older than this option measures them too,
 and ignores them). The unit of replication is the round: the test (Mann–Whitney,
-with the Moses interval for the ratio; :func:`harness.regression.compare.time_test`)
+with the Moses interval for the ratio; :func:`harness.core.stats.time_test`)
 compares the rounds' medians, because the samples within one round share their
 process's and their minute's state and would overstate the certainty.
 Benjamini–Hochberg adjusts the p-values across the re-run cases. The re-run
-decides a suspect's time verdict: ``regressed`` (``improved``) when q < alpha
-and the ratio is beyond the threshold, else ``unchanged``; the note says what
+decides a suspect's time verdict by the rule stored samples are judged by
+(:func:`harness.regression.verdicts.time_verdict`: ``regressed`` (``improved``) when
+q < alpha and the ratio is beyond the threshold, else ``unchanged``); the note says what
 the re-run found (ratio, interval, q) and whether it confirmed, cleared or
 found the change.
 
@@ -52,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import subprocess
 import sys
 import tarfile
@@ -64,8 +64,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from harness.regression.compare import Comparison, CompareError, TimeTest, _finite, bh_adjust, sort_by_severity, time_test
+from harness.core.cases import Case
+from harness.core.stats import TimeTest, bh_adjust, time_test
+from harness.core.units import finite
 from harness.measure.environment import PROJECT_ROOT
+from harness.regression.compare import Comparison, sort_by_severity
+from harness.regression.verdicts import CompareError, overall_verdict, time_verdict
 
 #: Interleaved rounds per side, by default. Eight rounds allow a two-sided exact p-value as
 #: small as 2/C(16,8) = 0.00016, enough to survive the FDR adjustment across many suspects.
@@ -289,23 +293,8 @@ def interleaved_rounds(cases: dict[Any, Any], workers, rounds: int,
     return out
 
 
-def case_from_row(row: dict[str, Any]):
-    """The :class:`harness.core.cases.Case` a result row measured (its case_id must match)."""
-    from harness.core.cases import Case
-
-    try:
-        return Case.from_row(row)
-    except ValueError as exc:
-        raise CompareError(str(exc)) from None
-
-
 # --------------------------------------------------------------------------------------------
 # confirmation
-
-
-def _overall(table, i) -> str:
-    parts = (table.at[i, "time_verdict"], table.at[i, "memory_verdict"], table.at[i, "accuracy_verdict"])
-    return "regressed" if "regressed" in parts else ("improved" if "improved" in parts else "unchanged")
 
 
 def suspects_of(table, threshold: float) -> list:
@@ -357,10 +346,11 @@ def confirm(
     sides = {"A": Side.from_meta(comparison.base.meta), "B": Side.from_meta(comparison.new.meta)}
     log(f"confirm: re-running {len(suspects)} case(s), {rounds} interleaved rounds per side")
     try:
-        cases = {i: case_from_row(table.loc[i].to_dict()) for i in suspects}
+        # the case each row measured (ValueError: its fields no longer give its case_id)
+        cases = {i: Case.from_row(table.loc[i].to_dict()) for i in suspects}
         with (runners or worker_runners)(sides) as workers:
             measured = interleaved_rounds(cases, workers, rounds, log)
-    except (CompareError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+    except (CompareError, ValueError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
         comparison.confirm = {
             "status": "failed",
             "message": f"could not re-run: {exc}; verdicts stand as computed from the stored samples",
@@ -383,10 +373,8 @@ def confirm(
         table.at[i, "confirm_ci_low"] = t.ci_low
         table.at[i, "confirm_ci_high"] = t.ci_high
         table.at[i, "confirm_q"] = q[i]
-        significant = _finite(q[i]) and q[i] < th.alpha
-        after = ("regressed" if significant and t.ratio >= 1 + th.time
-                 else "improved" if significant and t.ratio <= 1 / (1 + th.time) else "unchanged")
-        ci = f" [{t.ci_low:.3f}, {t.ci_high:.3f}]" if _finite(t.ci_low) else ""
+        after = time_verdict(t.ratio, q[i], th)
+        ci = f" [{t.ci_low:.3f}, {t.ci_high:.3f}]" if finite(t.ci_low) else ""
         rerun = f"interleaved re-run ×{t.ratio:.3f}{ci}, q={q[i]:.2g}"
         if before == after:
             key = "agreed" if after == "unchanged" else "confirmed"
@@ -397,7 +385,7 @@ def confirm(
             key, text = "found", f"{after} in {rerun} (the stored samples said {before})"
         tally[key] += 1
         table.at[i, "time_verdict"] = after
-        table.at[i, "verdict"] = _overall(table, i)
+        table.at[i, "verdict"] = overall_verdict(table.loc[i, ["time_verdict", "memory_verdict", "accuracy_verdict"]])
         table.at[i, "note"] = f"{table.at[i, 'note']}; {text}" if table.at[i, "note"] else text
     comparison.cases = sort_by_severity(table)
     comparison.confirm = {

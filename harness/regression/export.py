@@ -20,18 +20,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from harness.core import schema
 from harness.engine import store
 
 #: The test that runs the same cases under pytest-benchmark (``tests/benchmarks``).
 BENCHMARK_MODULE = "tests/benchmarks/test_attention.py"
 BENCHMARK_TEST = "test_attention"
 
-#: Row fields copied into each benchmark's ``extra_info``.
+#: Row fields copied into each benchmark's ``extra_info``: the case's identity (with its run) and the
+#: figures pytest-benchmark's statistics of the samples do not give (:mod:`harness.core.schema`).
 EXTRA_FIELDS = (
-    "case_id", "run_id", "suite", "variant", "family", "exact", "params", "device", "dtype", "mode", "batch",
-    "heads", "kv_heads", "seq_len", "head_dim", "causal", "inputs", "first_call_ms", "flops", "tflops_per_s",
-    "peak_mem_bytes", "working_set_bytes", "max_abs_err", "rel_err", "grad_rel_err", "pct_of_peak",
-    "arith_intensity", "threads",
+    *schema.names("identity"), "first_call_ms", "flops", "tflops_per_s", *schema.names("memory"),
+    *schema.names("accuracy"), "pct_of_peak", "arith_intensity", *schema.names("environment"),
 )
 
 

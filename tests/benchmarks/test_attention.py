@@ -24,11 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.core.cases import expand_cases
+from harness.engine.suite import expand_cases
 from harness.regression.export import benchmark_group, benchmark_id
 from harness.measure.inputs import make_qkv
 from harness.core.registry import get_variant
-from harness.engine.runner import _call_for_mode, default_memory_budget, skip_reasons
+from harness.engine.lifecycle import default_memory_budget
+from harness.engine.runner import _call_for_mode, skip_reasons
 from harness.engine.suite import load_suite
 from tests.benchmarks.conftest import SKIP_REASON, benchmarks_requested
 

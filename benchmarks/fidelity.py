@@ -1,0 +1,159 @@
+"""Fidelity: does `bench` report the time a user would measure, and does it repeat?
+
+    python benchmarks/fidelity.py [--rounds 3] [--min-run-time 2] [--spread-suite suites/quick.toml --spread-runs 3]
+
+Part 1, against the reference timer. For each case below, every round runs, in fresh processes
+and in alternating order, (a) ``bench run`` on a one-case suite (the harness as a user runs it,
+default settings, nothing exported) and (b) a plain Python process that builds the same inputs the
+way a user would (``torch.randn``, no alignment, no harness code on the timed path beyond the
+variant function itself) and times the same call with ``torch.utils.benchmark.Timer
+.blocked_autorange``. Both inherit this process's environment unchanged. It prints, per case,
+the median of each method's per-process medians, their ratio (goal: within 5%), and each method's
+own spread across its processes ((max - min) / median).
+
+Part 2, run to run: ``--spread-suite`` is run ``--spread-runs`` times in fresh ``bench run``
+processes; per case, the spread of the medians across runs (goal: within 10%, or flagged
+unstable by the run itself: the ``stable`` column).
+
+Nothing here asserts; it prints what it measured. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: (label, variant, params, seq_len, heads, causal)
+CASES = [
+    ("sdpa math L=2048", "sdpa", {"backend": "math"}, 2048, 8, False),
+    ("sdpa flash L=2048", "sdpa", {"backend": "flash"}, 2048, 8, False),
+    ("naive L=1024", "naive", {}, 1024, 4, False),
+    ("block_sparse local_global L=2048", "block_sparse", {"pattern": "local_global"}, 2048, 8, False),
+]
+
+TIMER_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import torch.utils.benchmark as tb
+    from harness import get_variant
+    name, params, L, H, causal, min_run_time = json.loads(sys.argv[1])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, L, 64, generator=g) for _ in range(3))
+    fn = get_variant(name)
+    def call():
+        with torch.no_grad():
+            return fn(q, k, v, causal=causal, **params)
+    call()  # first call (lazy initialisation) kept out, as the harness does
+    m = tb.Timer(stmt="call()", globals={"call": call}).blocked_autorange(min_run_time=min_run_time)
+    print(json.dumps({"median_ms": m.median * 1e3, "threads": torch.get_num_threads()}))
+""")
+
+
+def suite_text(variant: str, params: dict, seq_len: int, heads: int, causal: bool) -> str:
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in params.items())
+    return (f'name = "fidelity"\n[sweep]\nseq_len = [{seq_len}]\nheads = [{heads}]\nhead_dim = [64]\n'
+            f"causal = [{str(causal).lower()}]\n[[variant]]\nname = \"{variant}\"\n{extra}")
+
+
+def bench_bin() -> list[str]:
+    return [sys.executable, "-m", "harness"]
+
+
+def harness_run(suite: Path, out: Path) -> "pandas.DataFrame":  # noqa: F821
+    import pandas as pd
+
+    subprocess.run(bench_bin() + ["run", str(suite), "-o", str(out), "-q", "--no-report"], cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return pd.read_parquet(out / "results.parquet")
+
+
+def timer_run(variant, params, seq_len, heads, causal, min_run_time) -> float:
+    arg = json.dumps([variant, params, seq_len, heads, causal, min_run_time])
+    proc = subprocess.run([sys.executable, "-c", TIMER_SCRIPT, arg], cwd=ROOT, check=True,
+                          capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["median_ms"]
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values) if values else float("nan")
+
+
+def against_timer(rounds: int, min_run_time: float, tmp: Path) -> None:
+    print(f"Part 1: harness vs torch.utils.benchmark, {rounds} fresh processes each, alternating "
+          f"(threads: {os.cpu_count()} cores, PyTorch's default)")
+    print(f"{'case':36s} {'harness ms':>11s} {'Timer ms':>10s} {'ratio':>7s} {'h spread':>9s} {'T spread':>9s}  stable")
+    for label, variant, params, L, H, causal in CASES:
+        suite = tmp / f"{variant}-{L}.toml"
+        suite.write_text(suite_text(variant, params, L, H, causal))
+        ours, ref, stable = [], [], []
+        for r in range(rounds):
+            order = ("h", "t") if r % 2 == 0 else ("t", "h")
+            for who in order:
+                if who == "h":
+                    row = harness_run(suite, tmp / f"run-{variant}-{L}-{r}").iloc[0]
+                    ours.append(float(row["time_ms"]))
+                    stable.append(row.get("stable", None))
+                else:
+                    ref.append(timer_run(variant, params, L, H, causal, min_run_time))
+        mo, mr = statistics.median(ours), statistics.median(ref)
+        print(f"{label:36s} {mo:11.2f} {mr:10.2f} {mo / mr:7.3f} {spread(ours):9.1%} {spread(ref):9.1%}  {stable}")
+        print(f"{'':36s} harness {['%.2f' % x for x in ours]}  Timer {['%.2f' % x for x in ref]}")
+
+
+def run_to_run(suite: Path, runs: int, tmp: Path) -> None:
+    import pandas as pd
+
+    print(f"\nPart 2: {suite} in {runs} fresh bench runs")
+    frames = []
+    for r in range(runs):
+        rows = harness_run(suite, tmp / f"spread-{r}")
+        rows["run"] = r
+        frames.append(rows[rows["status"] == "ok"])
+    rows = pd.concat(frames)
+    key = ["case_id"]
+    within = flagged = over = 0
+    worst = []
+    for _, g in rows.groupby(key):
+        s = spread(list(g["time_ms"]))
+        unstable = "stable" in g and (g["stable"] == False).any()  # noqa: E712
+        if s <= 0.10:
+            within += 1
+        elif unstable:
+            flagged += 1
+        else:
+            over += 1
+        worst.append((s, g.iloc[0]["variant"], int(g.iloc[0]["seq_len"]), bool(g.iloc[0]["causal"]),
+                      g.iloc[0]["dtype"], [round(x, 2) for x in g["time_ms"]], unstable))
+    print(f"cases within 10% across runs: {within}; beyond 10% but flagged unstable: {flagged}; "
+          f"beyond 10% and not flagged: {over}")
+    for s, variant, L, causal, dtype, times, unstable in sorted(worst, reverse=True)[:12]:
+        print(f"  {s:6.1%} {variant:16s} L={L:<6d} {'causal' if causal else 'non-causal':10s} {dtype:9s} "
+              f"{times} {'(flagged unstable)' if unstable else ''}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min-run-time", type=float, default=2.0, help="Timer.blocked_autorange's min_run_time (s)")
+    p.add_argument("--spread-suite", type=Path, help="a suite to run several times (e.g. suites/quick.toml)")
+    p.add_argument("--spread-runs", type=int, default=3)
+    p.add_argument("--skip-timer", action="store_true", help="only part 2")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fidelity-") as d:
+        if not args.skip_timer:
+            against_timer(args.rounds, args.min_run_time, Path(d))
+        if args.spread_suite:
+            run_to_run(args.spread_suite.resolve(), args.spread_runs, Path(d))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Every setting a suite file takes, declared once, and the one validator for all of them.
+
+A suite's ``[timing]``, ``[run]`` and ``[compare]`` tables and its sweep keys (``[defaults]``,
+``[sweep]``, overrides inside ``[[variant]]``) are described here as :class:`Key` declarations:
+name, type, default, range or choices, and a one-line help. :meth:`Table.check` validates a
+table against them and returns the values to use with ``(key, message)`` problems, all at
+once; :mod:`harness.engine.suite` turns those into ``FILE:LINE: TABLE.KEY: message`` lines.
+:data:`TIMING` and :data:`RUN` also make the ``TimingConfig`` and ``RunConfig`` dataclasses
+(:meth:`Table.dataclass`), so adding a key to one of these tables is one declaration here.
+
+This module imports nothing of the harness but :mod:`harness.core.cases` (no torch, numpy or
+pandas), so the measurement layer (``harness.measure.timing``) and the command line can read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from harness.core.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, MODES
+
+#: How a value's type is named in messages (TOML's names).
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+#: What a key of each type expects, in messages.
+_EXPECTS = {bool: "boolean (true or false)", int: "integer", float: "number", str: "string",
+            dict: "table of name = number"}
+
+
+def type_name(value: Any) -> str:
+    """TOML's name for the type of ``value``: boolean, integer, float, string, array, table."""
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def closest(word: str, options) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options`` to ``word``, or ``""``."""
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting: its type (bool, int, float, str, or dict: a table of ``name = number``), default,
+    allowed range (``ge``/``gt``/``le``/``lt``) or ``choices``, and help. For a dict key, ``choices``
+    are the names its table may hold (``names`` says what they are) and the range applies to each value.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] = ()
+    names: str = "name"
+
+    @property
+    def annotation(self) -> str:
+        kind = "dict[str, float]" if self.type is dict else self.type.__name__
+        return f"{kind} | None" if self.default is None else kind
+
+    def range_text(self) -> str:
+        """The allowed range in words: 'a positive integer', '>= 0', '> 0 and < 1', or ''."""
+        if self.type is int and self.ge == 1 and self.le is None and self.lt is None:
+            return "a positive integer"
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        parts = [f"{op} {bound}" for op, bound in bounds if bound is not None]
+        return " and ".join(parts)
+
+    def check(self, value: Any) -> tuple[Any, str | None]:
+        """(the value to use, None) or (value, problem); integers are accepted where a number is."""
+        if self.type is dict:
+            return self._check_table(value)
+        return self._check_scalar(value, self.type, self.choices)
+
+    def _check_scalar(self, value: Any, kind: type, choices: tuple[str, ...] = ()) -> tuple[Any, str | None]:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value) if abs(value) < 2**1023 else math.inf
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            return value, f"expected {_EXPECTS[kind]}, got {type_name(value)} {value!r}"
+        if kind is float and not math.isfinite(value):
+            return value, f"must be a finite number, got {value}"
+        if choices and value not in choices:
+            return value, f"unknown {self.name} {value!r}{closest(value, choices)}; one of {', '.join(choices)}"
+        if kind in (int, float) and not (
+            (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        ):
+            return value, f"must be {self.range_text()}, got {value}"
+        return value, None
+
+    def _check_table(self, value: Any) -> tuple[Any, str | None]:
+        if not isinstance(value, dict):
+            example = f"{{ {self.choices[0]} = {self.default[self.choices[0]]} }}" if self.choices else ""
+            return value, f"expected a table of {self.names} = number{', e.g. ' + example if example else ''}"
+        out = {}
+        for name, item in value.items():
+            if self.choices and name not in self.choices:
+                return value, (f"unknown {self.names} {name!r}{closest(name, self.choices)}; "
+                               f"one of {', '.join(self.choices)}")
+            item, problem = self._check_scalar(item, float)
+            if problem:
+                return value, f"{name}: {problem}"
+            out[name] = item
+        return out, None
+
+
+@dataclass(frozen=True)
+class Order:
+    """``key`` must be ``<=`` (or ``>=``) ``other``; when a file sets ``other`` but not ``key``,
+    ``key``'s default gives way (it is clamped to ``other``) instead of contradicting it."""
+
+    key: str
+    op: str  # "<=" or ">="
+    other: str
+
+    def problem(self, values: Mapping[str, Any]) -> str | None:
+        a, b = values[self.key], values[self.other]
+        if (a <= b) if self.op == "<=" else (a >= b):
+            return None
+        return f"{self.key} ({a}) must be {self.op} {self.other} ({b})"
+
+    def give_way(self, values: dict[str, Any]) -> None:
+        values[self.key] = (min if self.op == "<=" else max)(values[self.key], values[self.other])
+
+
+@dataclass(frozen=True)
+class Table:
+    """A suite table's keys, and the order constraints between them."""
+
+    name: str
+    keys: tuple[Key, ...]
+    orders: tuple[Order, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(k.name for k in self.keys)
+
+    def __getitem__(self, name: str) -> Key:
+        for key in self.keys:
+            if key.name == name:
+                return key
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def defaults(self) -> dict[str, Any]:
+        return {k.name: (dict(k.default) if isinstance(k.default, Mapping) else k.default) for k in self.keys}
+
+    def unknown(self, name: str) -> str:
+        return f"unknown key{closest(name, self.names)}; one of {', '.join(self.names)}"
+
+    def check(self, table: Any) -> tuple[dict[str, Any], list[tuple[str | None, str]]]:
+        """(the settings the table gives, converted; problems as (key, message), key None for the
+        table itself). Settings that break an order constraint are reported, and still returned."""
+        if not isinstance(table, dict):
+            return {}, [(None, f"expected a table [{self.name}], got {type_name(table)}")]
+        given: dict[str, Any] = {}
+        problems: list[tuple[str | None, str]] = []
+        for name, value in table.items():
+            if name not in self:
+                problems.append((name, self.unknown(name)))
+                continue
+            value, problem = self[name].check(value)
+            if problem:
+                problems.append((name, problem))
+            else:
+                given[name] = value
+        values = {**self.defaults(), **given}
+        for order in self.orders:
+            if order.key not in given and order.other in given:
+                order.give_way(values)
+                given[order.key] = values[order.key]
+        return given, problems + self.order_problems(values)
+
+    def order_problems(self, values: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(key, message) for each order constraint ``values`` (every key of the table) break."""
+        return [(o.key, p) for o in self.orders if (p := o.problem(values)) is not None]
+
+    def dataclass(self, cls_name: str, module: str, doc: str) -> type:
+        """A frozen dataclass with one field per key (its default), for the table's settings."""
+        fields = [(k.name, k.annotation, field(default=k.default)) for k in self.keys]
+        cls = dataclasses.make_dataclass(cls_name, fields, frozen=True)
+        cls.__module__, cls.__doc__ = module, doc
+        return cls
+
+
+#: ``[timing]``: how each case is timed (harness.measure.timing).
+TIMING = Table("timing", (
+    Key("warmup", int, 3, "warm-up calls (the first call is timed separately)", ge=0),
+    Key("min_time_s", float, 0.2, "keep sampling until the samples add up to this many seconds", ge=0),
+    Key("max_reps", int, 100, "stop after this many samples", ge=1),
+    Key("min_reps", int, 3, "take at least this many samples", ge=1),
+    Key("threads", int, None, "torch intra-op threads (default: PyTorch's choice, all cores)", ge=1),
+    Key("target_precision", float, 0.01,
+        "stop once the confidence interval of the median is within ± this fraction of it (0: off)", ge=0, le=1),
+    Key("confidence", float, 0.95, "confidence level of that interval", gt=0, lt=1),
+    Key("max_time_s", float, 5.0, "per-case sampling budget in seconds; never cuts below min_reps", ge=0),
+    Key("rotate_inputs", bool, True, "rotate copies of the inputs when one set fits in the last-level cache"),
+    Key("cuda_graph", bool, False, "CUDA: time a captured CUDA graph's replay"),
+    Key("flush_l2", bool, True, "CUDA: overwrite a buffer larger than L2 before every sample"),
+), orders=(Order("min_reps", "<=", "max_reps"), Order("max_time_s", ">=", "min_time_s")))
+
+#: ``[run]``: how cases are executed (harness.engine.lifecycle, harness.engine.executors).
+RUN = Table("run", (
+    Key("isolation", str, "process",
+        "process: each case in a reusable worker process, which survives crashes | none: in the bench process",
+        choices=("process", "none")),
+    Key("case_timeout_s", float, 900.0, "a case with no result by then is killed: status timeout", gt=0),
+    Key("memory_budget_gib", float, None,
+        "skip cases whose estimated working set exceeds this (default: 60% of available memory)", gt=0),
+))
+
+#: Tolerances of an exact variant's error growth, by dtype (about one unit roundoff; 8 for float32).
+ACCURACY_TOLERANCE = MappingProxyType({"float32": 1e-6, "float16": 5e-4, "bfloat16": 4e-3, "float64": 1e-12})
+
+#: ``[compare]``: what bench compare counts as a change for runs of this suite (harness.regression.compare).
+COMPARE = Table("compare", (
+    Key("time_threshold", float, 0.05, "smallest time change that counts (a fraction: 0.05 = 5%)", gt=0, lt=1),
+    Key("memory_threshold", float, 0.10, "smallest memory change that counts (a fraction)", gt=0, lt=1),
+    Key("alpha", float, 0.05, "false-discovery rate across the cases (Benjamini–Hochberg)", gt=0, lt=1),
+    Key("accuracy_tolerance", dict, ACCURACY_TOLERANCE,
+        "error growth of an exact variant that counts as a regression, by dtype", ge=0,
+        choices=tuple(ACCURACY_TOLERANCE), names="dtype"),
+))
+
+#: The sweep keys: one value each in ``[defaults]``, lists in ``[sweep]`` and ``[[variant]]``.
+SWEEP = Table("sweep", (
+    Key("device", str, AXES["device"], "where the case runs", choices=DEVICES),
+    Key("mode", str, AXES["mode"], "forward, backward alone, or both", choices=MODES),
+    Key("batch", int, AXES["batch"], "batch size B", ge=1),
+    Key("heads", int, AXES["heads"], "query heads H", ge=1),
+    Key("kv_heads", int, AXES["kv_heads"], "key/value heads; default: heads (fewer: grouped-query)", ge=1),
+    Key("seq_len", int, AXES["seq_len"], "sequence length L", ge=1),
+    Key("head_dim", int, AXES["head_dim"], "head dimension D", ge=1),
+    Key("dtype", str, AXES["dtype"], "element type of q, k, v", choices=DTYPES),
+    Key("causal", bool, AXES["causal"], "causal masking"),
+    Key("inputs", str, AXES["inputs"], "input distribution (see the README's Inputs)", choices=INPUT_KINDS),
+))
+
+TABLES: dict[str, Table] = {t.name: t for t in (TIMING, RUN, COMPARE, SWEEP)}
+
+RunConfig = RUN.dataclass("RunConfig", __name__, "The ``[run]`` table: how cases are executed.")

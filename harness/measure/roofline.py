@@ -1,0 +1,126 @@
+"""The roofline columns of a row: pure arithmetic on its shape, FLOPs and this machine's calibration.
+
+* ``min_bytes``: the least memory traffic of the call: inputs read once and outputs
+  written once (fwd: q, k, v read, o written; bwd and fwd_bwd: q, k, v, o, dO and
+  dq, dk, dv, o counted once each — 4·|q| + 4·|k|).
+* ``arith_intensity = flops / min_bytes`` (analytic FLOPs per byte).
+* ``pct_of_peak = 100 · achieved FLOP/s / measured matmul peak`` (best sample) of the
+  row's dtype and device, and ``attainable_tflops_per_s = min(peak, arith_intensity ·
+  bandwidth)``, the roofline at the row's intensity.
+
+The calibration (the measured peaks) comes from :mod:`harness.measure.calibrate`; this module
+needs no torch, so it runs on every row cheaply and on rows read back from a results file.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from harness.core import schema
+from harness.core.cases import DTYPE_BYTES, Case
+from harness.core.units import finite
+
+#: The ceilings rows are compared with: the best sample of each calibration measurement. Load from
+#: other processes only ever slows a GEMM or a copy down, so the fastest sample is the better
+#: estimate of what the hardware can do (the medians are kept in the cache too).
+PEAK_KEY, BANDWIDTH_KEY = "tflops_per_s_best", "gb_per_s_best"
+
+#: The columns :func:`row_roofline` fills (the schema's ``roofline`` group, less the analytic ones).
+ANALYTIC_COLUMNS = ("min_bytes", "arith_intensity")
+ROOFLINE_COLUMNS = tuple(c for c in schema.names("roofline") if c not in ANALYTIC_COLUMNS)
+
+
+def _get(x: Any, name: str) -> Any:
+    return x[name] if isinstance(x, dict) else getattr(x, name)
+
+
+def min_bytes(x: Case | dict[str, Any], mode: str | None = None) -> float:
+    """Least bytes a call must move: inputs read once, outputs written once (see module doc).
+
+    ``mode`` overrides the case's own (``"fwd"``: the bytes of q, k, v and the output, what any
+    call of the case touches at least)."""
+    b, h, hkv, length, d = (_get(x, n) for n in ("batch", "heads", "kv_heads", "seq_len", "head_dim"))
+    e = DTYPE_BYTES[_get(x, "dtype")]
+    q = b * h * length * d
+    kv = b * hkv * length * d
+    if (mode or _get(x, "mode")) == "fwd":
+        elements = q + 2 * kv + q  # q, k, v read; o written
+    else:
+        elements = 4 * q + 4 * kv  # q, k, v, o, dO read (o written, fwd_bwd); dq, dk, dv written
+    return float(elements * e)
+
+
+def arith_intensity(flops: float, nbytes: float) -> float:
+    """FLOPs per byte (NaN when either is unknown or the bytes are zero)."""
+    if not (nbytes and finite(nbytes) and finite(flops)):
+        return math.nan
+    return flops / nbytes
+
+
+def analytic_columns(row: dict[str, Any]) -> dict[str, float]:
+    """``min_bytes`` and ``arith_intensity`` of a row that has its shape, mode and ``flops``."""
+    nbytes = min_bytes(row)
+    return {"min_bytes": nbytes, "arith_intensity": arith_intensity(row.get("flops", math.nan), nbytes)}
+
+
+def entry_key(device: str, threads: int | None) -> str:
+    """The calibration entry of a device (CPU figures are kept per thread count)."""
+    if device.startswith("cuda"):
+        return "cuda"
+    return f"cpu/threads={threads}"
+
+
+def lookup(calibration: dict[str, Any] | None, device: str, threads: int | None) -> tuple[dict | None, str]:
+    """(entry, "") for a row's device and thread count, or (None, why not)."""
+    if not calibration:
+        return None, "no calibration for this machine (run `bench calibrate`)"
+    key = entry_key(device, threads)
+    entry = calibration.get("entries", {}).get(key)
+    if entry is not None:
+        return entry, ""
+    others = [k for k in calibration.get("entries", {}) if k.split("/")[0] == key.split("/")[0]]
+    if others:
+        return None, f"calibrated for {', '.join(others)}, not {key} (run `bench calibrate` with that thread count)"
+    return None, f"no calibration of {key} on this machine (run `bench calibrate`)"
+
+
+def pct_of_peak(achieved_tflops: float, peak_tflops: float) -> float:
+    """Achieved FLOP/s as a percentage of the peak (NaN when either is unknown or the peak is 0)."""
+    if finite(achieved_tflops) and finite(peak_tflops) and peak_tflops:
+        return 100.0 * achieved_tflops / peak_tflops
+    return math.nan
+
+
+def attainable_tflops(intensity: float, peak_tflops: float, bandwidth_gb_per_s: float) -> float:
+    """The roofline at ``intensity`` FLOP/byte: min(peak, intensity · bandwidth), in TFLOP/s."""
+    if finite(intensity) and finite(bandwidth_gb_per_s) and finite(peak_tflops):
+        return min(peak_tflops, intensity * bandwidth_gb_per_s / 1e3)
+    return math.nan
+
+
+def row_roofline(row: dict[str, Any], calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """Roofline columns of a finished row (needs ``device, dtype, threads, flops, tflops_per_s``
+    and the shape). NaN with ``roofline_note`` where the calibration does not cover the row."""
+    out: dict[str, Any] = schema.missing("roofline")
+    for name in ANALYTIC_COLUMNS:
+        del out[name]
+    out["roofline_note"] = ""
+    entry, note = lookup(calibration, row["device"], row.get("threads"))
+    if entry is None:
+        out["roofline_note"] = note
+        return out
+    peak = (entry.get("matmul", {}).get(row["dtype"]) or {}).get(PEAK_KEY, math.nan)
+    bandwidth = (entry.get("bandwidth") or {}).get(BANDWIDTH_KEY, math.nan)
+    out["peak_tflops_per_s"] = peak
+    out["peak_gb_per_s"] = bandwidth
+    out["pct_of_peak"] = pct_of_peak(row.get("tflops_per_s", math.nan), peak)
+    intensity = row.get("arith_intensity")
+    if not finite(intensity):
+        intensity = arith_intensity(row.get("flops", math.nan), min_bytes(row))
+    out["attainable_tflops_per_s"] = attainable_tflops(intensity, peak, bandwidth)
+    if not finite(peak):
+        out["roofline_note"] = f"no matmul peak measured for {row['dtype']}"
+    elif entry.get("quick"):
+        out["roofline_note"] = "calibrated with --quick (small sizes): peaks are underestimated"
+    return out

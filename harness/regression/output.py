@@ -1,0 +1,178 @@
+"""A comparison as text: the terminal table, markdown (CI comments) and JSON.
+
+The HTML page is :mod:`reports.compare`. Cases that did not change are left out of the
+table and the markdown unless ``all_cases``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from harness.core import units
+from harness.core.units import finite
+from harness.regression.compare import Comparison
+from harness.regression.history import RunInfo
+
+#: Rich styles of the verdicts in the terminal table.
+VERDICT_STYLE = {
+    "now failing": "bold red",
+    "regressed": "red",
+    "missing": "yellow",
+    "new": "cyan",
+    "now passing": "green",
+    "improved": "green",
+    "unchanged": "dim",
+    "not compared": "dim",
+}
+
+
+def format_ratio_ci(r: dict[str, Any]) -> str:
+    """``×1.300 [1.291, 1.309]``: a comparison row's time ratio with its interval ('' if none)."""
+    ratio = r.get("time_ratio")
+    if not finite(ratio):
+        return ""
+    text = f"×{ratio:.3f}"
+    if finite(r.get("ci_low")) and finite(r.get("ci_high")):
+        text += f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+    return text
+
+
+def _ms(x) -> str:
+    return units.duration_ms(float(x)) if finite(x) else ""
+
+
+def _q(q) -> str:
+    return f"{q:.2g}" if finite(q) else ""
+
+
+def summary_line(comparison: Comparison) -> str:
+    """``1 regressed, 3 unchanged``: the verdict counts, most severe first."""
+    parts = [f"{n} {v}" for v, n in comparison.counts.items() if n]
+    return ", ".join(parts) if parts else "no cases"
+
+
+def _shown(comparison: Comparison, all_cases: bool) -> pd.DataFrame:
+    cases = comparison.cases
+    return cases if all_cases else cases[cases["verdict"] != "unchanged"]
+
+
+# --------------------------------------------------------------------------------------------
+# JSON
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, (np.floating, float)):
+        return float(v) if math.isfinite(float(v)) else None
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    if v is pd.NA or v is pd.NaT:
+        return None
+    return v
+
+
+def _run(info: RunInfo) -> dict[str, Any]:
+    return {"run_id": info.run_id, "path": str(info.path), "suite": info.suite, "started": info.started,
+            "status": info.status, "commit": info.commit, "dirty": info.dirty, "fingerprint": info.fingerprint}
+
+
+def to_dict(comparison: Comparison) -> dict[str, Any]:
+    """Everything about the comparison as plain JSON values (NaN as None)."""
+    return {
+        "base": _run(comparison.base),
+        "new": _run(comparison.new),
+        "thresholds": comparison.thresholds.as_dict(),
+        "warnings": list(comparison.warnings),
+        "counts": comparison.counts,
+        "regressed": comparison.has_regression,
+        "confirm": comparison.confirm,
+        "cases": [{k: _json_value(v) for k, v in rec.items()} for rec in comparison.cases.to_dict("records")],
+    }
+
+
+def to_json(comparison: Comparison) -> str:
+    return json.dumps(to_dict(comparison), indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# markdown
+
+
+def to_markdown(comparison: Comparison, all_cases: bool = False) -> str:
+    """A markdown summary (for a pull request or a CI job's summary)."""
+    c, th = comparison.counts, comparison.thresholds
+    base, new = comparison.base, comparison.new
+    head = "❌ regressions" if comparison.has_regression else "✅ no regressions"
+    lines = [
+        f"### Attention Bench: {head}",
+        "",
+        f"`{base.run_id}` ({base.short_commit}) → `{new.run_id}` ({new.short_commit}) · "
+        + ", ".join(f"**{n}** {v}" for v, n in c.items() if n),
+        "",
+        f"Thresholds: time ±{th.time:.0%}, memory ±{th.memory:.0%}, FDR {th.alpha:g} (Benjamini–Hochberg).",
+    ]
+    for w in comparison.warnings:
+        lines += ["", f"> ⚠️ {w}"]
+    if comparison.confirm:
+        lines += ["", f"Confirmation: {comparison.confirm.get('message', '')}"]
+    shown = _shown(comparison, all_cases)
+    if not shown.empty:
+        lines += ["", "| verdict | case | BASE | NEW | time ratio (95% CI) | q | memory | note |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in shown.to_dict("records"):
+            lines.append(
+                f"| {r['verdict']} | {r['label']} | {_ms(r['base_time_ms'])} | {_ms(r['new_time_ms'])} | "
+                f"{format_ratio_ci(r)} | {_q(r['q_value'])} | {units.change(r['mem_ratio'])} | "
+                f"{str(r['note']).replace('|', '/')} |"
+            )
+    unchanged = c["unchanged"]
+    if unchanged and not all_cases:
+        lines += ["", f"{unchanged} case(s) unchanged."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# terminal
+
+
+def console():
+    """A rich console for tables: the terminal's width, or 200 columns when not a terminal."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+
+
+def print_table(comparison: Comparison, all_cases: bool = False) -> None:
+    """The comparison as a rich table on stdout, then a one-line verdict."""
+    from rich.table import Table
+
+    th = comparison.thresholds
+    out = console()
+    table = Table(
+        title=f"{comparison.base.run_id} → {comparison.new.run_id}",
+        caption=f"ratio = NEW/BASE median time with its {1 - th.alpha:.0%} interval; q = Benjamini–Hochberg adjusted "
+                f"p-value; thresholds: time ±{th.time:.0%}, memory ±{th.memory:.0%}",
+    )
+    for col, justify in (("verdict", "left"), ("case", "left"), ("BASE", "right"), ("NEW", "right"),
+                         ("time ratio [CI]", "right"), ("q", "right"), ("memory", "right"), ("note", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    shown = _shown(comparison, all_cases)
+    for r in shown.to_dict("records"):
+        table.add_row(
+            f"[{VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]", r["label"],
+            _ms(r.get("base_time_ms")), _ms(r.get("new_time_ms")), format_ratio_ci(r), _q(r.get("q_value")),
+            units.change(r.get("mem_ratio")), str(r.get("note") or ""),
+        )
+    if len(shown):
+        out.print(table)
+    hidden = len(comparison.cases) - len(shown)
+    tail = f" ({hidden} unchanged not listed; --all lists them)" if hidden else ""
+    verdict = "[red]REGRESSED[/]" if comparison.has_regression else "[green]no regressions[/]"
+    out.print(f"{verdict}: {summary_line(comparison)}{tail}")

@@ -1,0 +1,296 @@
+"""The results site: static pages built from the run history, readable offline and from the file system.
+
+Pages (all at the top of the site, so relative links work from a file system and from any web path):
+
+* ``index.html`` — every suite on every machine with its latest status, regressed ones first;
+* ``suite-<suite>.html`` — per machine, every case's median time per run with its interval, change
+  points marked at their run and commit, baseline promotions marked, values on hover (SVG ``<title>``);
+  the runs with links to their reports and comparisons;
+* ``regressions.html`` — the change points of the last N runs of each suite and machine;
+* ``feed.xml`` — an Atom feed of those that are regressions (slower);
+* ``runs/<run_id>/report.html`` (and ``compare.html`` where the run has one) — copied as they are;
+* ``site.json`` — what the pages show, for scripts.
+
+Input is the model of :func:`harness.regression.timeline.collect` (groups of runs with their trends);
+this module only draws and writes. Charts are matplotlib SVG through :mod:`reports.plots`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import statistics
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+
+from harness.core import units as fmt  # noqa: E402
+from harness.engine import store  # noqa: E402
+from reports.plots import to_svg  # noqa: E402
+
+TEMPLATES = Path(__file__).parent / "templates"
+ATOM = "http://www.w3.org/2005/Atom"
+SUMMARY = "site.json"
+#: Files of the site this module writes (a directory holding other things is not overwritten).
+MANAGED = ("index.html", "regressions.html", "feed.xml", SUMMARY, "runs")
+UP, DOWN, BASE = "#d93025", "#1f9d55", "#8a6d00"
+
+
+class SiteError(Exception):
+    """The site cannot be written where asked (one line)."""
+
+
+def safe_name(text: str) -> str:
+    """A file-name and anchor-safe form of a suite, run or case id."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(text)) or "_"
+
+
+def suite_page(suite: str) -> str:
+    return f"suite-{safe_name(suite)}.html"
+
+
+def _pct(ratio) -> str:
+    return f"{(float(ratio) - 1) * 100:+.1f}%" if fmt.finite(ratio) else ""
+
+
+def _when(iso) -> str:
+    """'2026-11-25 17:01Z' from an ISO time (as written by the harness, UTC)."""
+    text = str(iso or "")
+    return text[:16].replace("T", " ") + ("Z" if text.endswith("+00:00") else "") if text else ""
+
+
+def _env() -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+    env.filters.update(ms=fmt.duration_ms, pct=_pct, when=_when, safe_name=safe_name)
+    env.globals.update(suite_page=suite_page)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+# charts
+
+
+def add_titles(svg: str, gid: str, titles: list[str]) -> str:
+    """Give the elements of the artist drawn with ``gid`` hover text: one ``<title>`` per marker
+    (``<use>``) when there are as many as ``titles``, else one for the whole group."""
+    start = svg.find(f'<g id="{gid}">')
+    if start < 0:
+        return svg
+    body = start + len(f'<g id="{gid}">')
+    uses = [m for m in re.finditer(r"<use [^>]*?/>", svg[body:])][: len(titles)]
+    if len(titles) > 1 and len(uses) == len(titles):
+        out, pos = [svg[:body]], body
+        for m, text in zip(uses, titles):
+            out.append(svg[pos:body + m.end() - 2])
+            out.append(f"><title>{html.escape(text)}</title></use>")
+            pos = body + m.end()
+        out.append(svg[pos:])
+        return "".join(out)
+    return svg[:body] + f"<title>{html.escape(' · '.join(titles))}</title>" + svg[body:]
+
+
+def _position(runs, iso: str) -> int | None:
+    """Index of the first run started at or after ``iso`` (None when none is)."""
+    for i, r in enumerate(runs):
+        if str(r.started) >= iso:
+            return i
+    return None
+
+
+def trend_chart(trend: dict[str, Any], runs, baselines, chart_id: str) -> str:
+    """One case across ``runs``: median per run with its interval, segment levels, change points and
+    baseline promotions; hover text on every point and marker line."""
+    pts = trend["points"]
+    x = [p["run_index"] for p in pts]
+    y = [p["time_ms"] for p in pts]
+    fig, ax = plt.subplots(figsize=(10.5, 2.5))
+    lo = [max(p["time_ms"] - p["low"], 0) if fmt.finite(p["low"]) else 0 for p in pts]
+    hi = [max(p["high"] - p["time_ms"], 0) if fmt.finite(p["high"]) else 0 for p in pts]
+    ax.errorbar(x, y, yerr=[lo, hi], fmt="none", ecolor="#9db4e8", elinewidth=2.2, zorder=1,
+                label="interval (95% CI of the median, else p10–p90)")
+    ax.plot(x, y, lw=1, color="#2754c5", alpha=0.6, zorder=2)
+    ax.plot(x, y, ls="none", marker="o", ms=4.5, color="#2754c5", zorder=3, gid=f"{chart_id}-pts", label="median time")
+    titles = {f"{chart_id}-pts": [
+        f"{p['run_id']}\n{_when(p['started'])} · commit {p['commit'] or 'unknown'}\nmedian {fmt.duration_ms(p['time_ms'])}"
+        f" ({p['interval']} {fmt.duration_ms(p['low'])} – {fmt.duration_ms(p['high'])})" for p in pts]}
+    bounds = [0] + [s["index"] for s in trend["steps"]] + [len(pts)]
+    for a, b in zip(bounds, bounds[1:]):
+        ax.hlines(statistics.median(y[a:b]), x[a] - 0.35, x[b - 1] + 0.35, colors="#1d2330", lw=1, alpha=0.55, zorder=2)
+    for i, s in enumerate(trend["steps"]):
+        at, color = pts[s["index"]]["run_index"] - 0.5, UP if s["ratio"] > 1 else DOWN
+        gid = f"{chart_id}-step{i}"
+        ax.axvline(at, color=color, lw=1.4, ls="--", gid=gid)
+        text = f"{_pct(s['ratio'])} at {s['commit'] or s['run_id']}"
+        ax.annotate(text, (at, 1.0), xycoords=("data", "axes fraction"), xytext=(4, -2), textcoords="offset points",
+                    fontsize=7.5, color=color, va="top", fontweight="bold")
+        titles[gid] = [f"{text}: {fmt.duration_ms(s['before'])} → {fmt.duration_ms(s['after'])} "
+                       f"(first run at the new level: {s['run_id']})"]
+    ids = {r.run_id: i for i, r in enumerate(runs)}
+    for j, event in enumerate(baselines):
+        at = ids.get(event.run_id)
+        if at is not None and at in x:
+            gid = f"{chart_id}-base{j}"
+            ax.plot([at], [y[x.index(at)]], ls="none", marker="D", ms=9, mfc="none", mec=BASE, mew=1.3, zorder=4, gid=gid)
+            titles[gid] = [f"run {event.run_id} became the baseline ({_when(event.promoted)})"]
+        since = _position(runs, event.promoted)
+        if since is not None and since > 0:
+            gid = f"{chart_id}-promo{j}"
+            ax.axvline(since - 0.5, color=BASE, lw=1, ls=":", gid=gid)
+            titles[gid] = [f"baseline → {event.run_id} (promoted {_when(event.promoted)})"]
+    ax.set_xlim(-0.5, max(len(runs) - 0.5, 0.5))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=14))
+    ax.xaxis.set_major_formatter(FuncFormatter(
+        lambda v, _p: _when(runs[int(v)].started)[5:10] if 0 <= int(v) < len(runs) and v == int(v) else ""))
+    ax.set_xlabel("run (date, oldest → newest)")
+    ax.set_ylabel("median time (ms)")
+    # the data's range, but at least ±10% around the median: a 5% step shows, 1% noise looks small
+    middle = statistics.median(y)
+    top = max([p["time_ms"] + h for p, h in zip(pts, hi)] + [middle * 1.1])
+    bottom = min([p["time_ms"] - d for p, d in zip(pts, lo)] + [middle * 0.9])
+    pad = (top - bottom) * 0.08
+    ax.set_ylim(max(bottom - pad, 0), top + 2 * pad)
+    ax.set_title(trend["label"], loc="left")
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, ncol=2, borderaxespad=0.2)
+    fig.tight_layout()
+    svg = to_svg(fig, f"median time per run: {trend['label']}")
+    for gid, texts in titles.items():
+        svg = add_titles(svg, gid, texts)
+    return svg
+
+
+# ----------------------------------------------------------------------------------------------
+# the feed
+
+
+def _entry_id(*parts: str) -> str:
+    return "urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_URL, "attention-bench:" + "/".join(map(str, parts))))
+
+
+def atom_feed(regressions: list[dict[str, Any]], title: str, updated: str, base_url: str | None = None) -> str:
+    """An Atom feed (RFC 4287) with one entry per regression; links relative unless ``base_url``."""
+    base = (base_url.rstrip("/") + "/") if base_url else ""
+    feed = ET.Element("feed", {"xmlns": ATOM})
+    ET.SubElement(feed, "id").text = _entry_id("feed", base_url or title)
+    ET.SubElement(feed, "title").text = f"{title}: regressions"
+    ET.SubElement(feed, "updated").text = updated
+    ET.SubElement(ET.SubElement(feed, "author"), "name").text = "Attention Bench"
+    ET.SubElement(feed, "link", {"rel": "alternate", "type": "text/html", "href": base + "regressions.html"})
+    if base:
+        ET.SubElement(feed, "link", {"rel": "self", "type": "application/atom+xml", "href": base + "feed.xml"})
+    for r in regressions:
+        entry = ET.SubElement(feed, "entry")
+        ET.SubElement(entry, "id").text = _entry_id(r["suite"], r["fingerprint"], r["case_id"], r["run_id"])
+        ET.SubElement(entry, "title").text = f"{r['suite']}: {r['label']} {_pct(r['ratio'])} at {r['commit'] or r['run_id']}"
+        ET.SubElement(entry, "updated").text = r["started"] or updated
+        href = f"{base}{suite_page(r['suite'])}#case-{safe_name(r['slug'])}-{safe_name(r['case_id'])}"
+        ET.SubElement(entry, "link", {"rel": "alternate", "type": "text/html", "href": href})
+        ET.SubElement(entry, "summary").text = (
+            f"median time {fmt.duration_ms(r['before'])} → {fmt.duration_ms(r['after'])} ({_pct(r['ratio'])}) on "
+            f"{r['hostname']} ({r['fingerprint']}), first at run {r['run_id']}, commit {r['commit'] or 'unknown'}")
+    ET.indent(feed)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(feed, encoding="unicode") + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# the pages
+
+
+def _prepare(out: Path) -> None:
+    """An empty ``out``, or a site this module built before (its files are replaced)."""
+    if out.exists() and not out.is_dir():
+        raise SiteError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / SUMMARY).exists():
+            raise SiteError(f"{out}: not empty and not a site built by bench site (no {SUMMARY}); choose another -o")
+        for child in out.iterdir():
+            if child.name in MANAGED or child.name.startswith("suite-"):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _copy_run_pages(runs, out: Path) -> dict[str, dict[str, str]]:
+    """Copy each run's report.html and compare.html to runs/<run_id>/; their site paths by run id."""
+    links: dict[str, dict[str, str]] = {}
+    for run in runs:
+        for name in (store.REPORT, "compare.html"):
+            src = Path(run.path) / name
+            if src.is_file():
+                dest = out / "runs" / safe_name(run.run_id) / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest)
+                links.setdefault(run.run_id, {})[name.split(".")[0]] = dest.relative_to(out).as_posix()
+    return links
+
+
+def _group_view(g, links: dict, with_charts: bool) -> dict[str, Any]:
+    latest = g.latest
+    view = {
+        "g": g, "slug": safe_name(g.slug), "latest": latest, "state": g.state,
+        "counts": g.counts.get(latest.run_id, {}), "links": links.get(latest.run_id, {}),
+        "regressions": g.regressions(), "steps": g.recent_steps(), "failing": g.failing(),
+        "baseline": g.baselines[-1] if g.baselines else None,
+        "runs": [{"info": r, "counts": g.counts.get(r.run_id, {}), "links": links.get(r.run_id, {}),
+                  "baseline": [e for e in g.baselines if e.run_id == r.run_id]} for r in reversed(g.runs)],
+    }
+    if with_charts:
+        view["charts"] = [{"trend": t, "anchor": f"case-{safe_name(g.slug)}-{safe_name(t['case_id'])}",
+                           "svg": trend_chart(t, g.runs, g.baselines, f"{safe_name(g.slug)}-{i}")}
+                          for i, t in enumerate(g.trends)]
+    return view
+
+
+def _all_regressions(groups, steps: bool = False) -> list[dict[str, Any]]:
+    out = []
+    for g in groups:
+        for s in (g.recent_steps() if steps else g.regressions()):
+            out.append(dict(s, suite=g.suite, fingerprint=g.fingerprint, hostname=g.hostname, slug=g.slug))
+    out.sort(key=lambda s: str(s["started"] or ""), reverse=True)  # newest first,
+    return sorted(out, key=lambda s: s["ratio"] <= 1)  # slower before faster
+
+
+def build_site(groups, out: str | Path, *, title: str = "Attention Bench results", base_url: str | None = None,
+               recent: int = 30, min_step: float = 0.05) -> dict[str, Any]:
+    """Write the site for ``groups`` (:func:`harness.regression.timeline.collect`) into ``out``;
+    returns the summary also written to ``site.json``."""
+    out = Path(out)
+    _prepare(out)
+    env = _env()
+    runs = [r for g in groups for r in g.runs]
+    links = _copy_run_pages(runs, out)
+    newest = max((str(r.finished or r.started) for r in runs), default="1970-01-01T00:00:00+00:00")
+    regressions = _all_regressions(groups)
+    common = {"title": title, "recent": recent, "min_step": min_step, "newest": newest,
+              "suites": sorted({g.suite for g in groups}), "n_runs": len(runs)}
+    views = [_group_view(g, links, with_charts=False) for g in groups]
+    (out / "index.html").write_text(env.get_template("site_index.html.j2").render(
+        **common, groups=views, regressions=regressions, machines=len({g.fingerprint for g in groups})), encoding="utf-8")
+    for suite in common["suites"]:
+        sections = [_group_view(g, links, with_charts=True) for g in groups if g.suite == suite]
+        (out / suite_page(suite)).write_text(env.get_template("site_suite.html.j2").render(
+            **common, suite=suite, sections=sections), encoding="utf-8")
+    changes = _all_regressions(groups, steps=True)
+    (out / "regressions.html").write_text(env.get_template("site_regressions.html.j2").render(
+        **common, steps=changes), encoding="utf-8")
+    (out / "feed.xml").write_text(atom_feed(regressions, title, newest, base_url), encoding="utf-8")
+    summary = {
+        "title": title, "runs": len(runs), "recent": recent, "min_step": min_step, "updated": newest,
+        "groups": [{"suite": g.suite, "fingerprint": g.fingerprint, "hostname": g.hostname, "state": g.state,
+                    "runs": [r.run_id for r in g.runs], "latest": g.latest.run_id, "cases": len(g.trends),
+                    "steps": [{"case_id": t["case_id"], "label": t["label"],
+                               **{k: s[k] for k in ("run_id", "commit", "before", "after", "ratio")}}
+                              for t in g.trends for s in t["steps"]],
+                    "baselines": [e.__dict__ for e in g.baselines]} for g in groups],
+        "regressions": len(regressions),
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return summary
