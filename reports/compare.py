@@ -17,12 +17,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
 
 from harness.core import units as fmt  # noqa: E402
 from reports.plots import to_svg  # noqa: E402
+from reports.templating import environment  # noqa: E402
 
-TEMPLATES = Path(__file__).parent / "templates"
 #: At most this many cases in the ratio chart (the most changed; the table lists all).
 CHART_MAX_CASES = 60
 VERDICT_COLORS = {
@@ -37,25 +36,12 @@ VERDICT_COLORS = {
 }
 
 
-def _env() -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
-    env.filters.update(ms=fmt.duration_ms, bytes=fmt.size_bytes, err=fmt.error, pct=_pct, ratio=_ratio)
-    return env
-
-
-def _finite(x) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def _pct(r) -> str:
-    return f"{(float(r) - 1) * 100:+.1f}%" if _finite(r) else ""
+def _env():
+    return environment({"pct": fmt.change, "ratio": _ratio})
 
 
 def _ratio(r) -> str:
-    return f"×{float(r):.3f}" if _finite(r) else ""
+    return f"×{float(r):.3f}" if fmt.finite(r) else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +52,7 @@ def ratio_chart(cases: list[dict[str, Any]], time_threshold: float, memory_thres
     """Horizontal bars of NEW/BASE time ratio (with interval) and memory ratio, one row per case."""
     n = len(cases)
     height = 1.2 + 0.24 * n
-    has_mem = any(_finite(c.get("mem_ratio")) for c in cases)
+    has_mem = any(fmt.finite(c.get("mem_ratio")) for c in cases)
     fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(12 if has_mem else 9, height), sharey=True,
                              gridspec_kw={"width_ratios": [3, 1]} if has_mem else None, squeeze=False)
     y = np.arange(n)[::-1]
@@ -74,9 +60,9 @@ def ratio_chart(cases: list[dict[str, Any]], time_threshold: float, memory_thres
     colors = [VERDICT_COLORS.get(c["verdict"], "#7b8494") for c in cases]
 
     ax = axes[0][0]
-    ratios = np.array([float(c["time_ratio"]) if _finite(c.get("time_ratio")) else np.nan for c in cases])
-    lo = np.array([float(c["ci_low"]) if _finite(c.get("ci_low")) else np.nan for c in cases])
-    hi = np.array([float(c["ci_high"]) if _finite(c.get("ci_high")) else np.nan for c in cases])
+    ratios = np.array([float(c["time_ratio"]) if fmt.finite(c.get("time_ratio")) else np.nan for c in cases])
+    lo = np.array([float(c["ci_low"]) if fmt.finite(c.get("ci_low")) else np.nan for c in cases])
+    hi = np.array([float(c["ci_high"]) if fmt.finite(c.get("ci_high")) else np.nan for c in cases])
     finite = ratios[np.isfinite(ratios)]
     span = 1 + 2 * time_threshold
     if len(finite):
@@ -105,7 +91,7 @@ def ratio_chart(cases: list[dict[str, Any]], time_threshold: float, memory_thres
 
     if has_mem:
         mx = axes[0][1]
-        mem = np.array([float(c["mem_ratio"]) if _finite(c.get("mem_ratio")) else np.nan for c in cases])
+        mem = np.array([float(c["mem_ratio"]) if fmt.finite(c.get("mem_ratio")) else np.nan for c in cases])
         mfin = mem[np.isfinite(mem)]
         mspan = 1 + 2 * memory_threshold
         if len(mfin):
@@ -139,7 +125,7 @@ def _spread_ticks(candidates, span: float) -> list[float]:
 
 def _chart_cases(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """The cases in the chart: every one with a time ratio, or the most changed CHART_MAX_CASES."""
-    measured = [r for r in rows if _finite(r.get("time_ratio"))]
+    measured = [r for r in rows if fmt.finite(r.get("time_ratio"))]
     if len(measured) <= CHART_MAX_CASES:
         return measured, 0
     flagged = [r for r in measured if r["verdict"] != "unchanged"]

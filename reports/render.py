@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from harness.core import schema
 from harness.core import units as fmt
 from harness.engine import store
+from reports.templating import environment
 from reports.analysis import (
     GROUP_KEYS,
     baseline_label,
@@ -39,7 +39,6 @@ from reports.analysis import (
 )
 from reports.plots import palette, roofline_chart, scaling_chart, speed_accuracy_chart
 
-TEMPLATES = Path(__file__).parent / "templates"
 STATUS_ORDER = ["ok", "skipped", "error", "crash", "timeout", "oom"]
 #: Problems are listed failures first (the ones that need a look), skips last.
 PROBLEM_ORDER = ["crash", "timeout", "oom", "error", "skipped"]
@@ -54,13 +53,8 @@ UNIT_SUFFIXES = {"_w": "W", "_j": "J", "_mhz": "MHz", "_c": "°C", "_pct": "%", 
                  "_s": "s", "_gib": "GiB", "_mib": "MiB", "_gbs": "GB/s", "_gb_per_s": "GB/s"}
 
 
-def _env() -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
-    env.filters.update(
-        ms=fmt.duration_ms, bytes=fmt.size_bytes, tflops=fmt.rate_tflops, err=fmt.error, num=fmt.count,
-        pct=fmt.percent, ratio=fmt.ratio, flopcount=fmt.flop_count, ci=fmt.ci_percent, sortkey=_sort_key,
-    )
-    return env
+def _env():
+    return environment({"pct": fmt.percent, "sortkey": _sort_key})
 
 
 def _sort_key(x) -> str:

@@ -31,14 +31,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from jinja2 import Environment, FileSystemLoader, select_autoescape  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from harness.core import units as fmt  # noqa: E402
 from harness.engine import store  # noqa: E402
 from reports.plots import to_svg  # noqa: E402
+from reports.templating import environment  # noqa: E402
 
-TEMPLATES = Path(__file__).parent / "templates"
 ATOM = "http://www.w3.org/2005/Atom"
 SUMMARY = "site.json"
 #: Files of the site this module writes (a directory holding other things is not overwritten).
@@ -59,21 +58,14 @@ def suite_page(suite: str) -> str:
     return f"suite-{safe_name(suite)}.html"
 
 
-def _pct(ratio) -> str:
-    return f"{(float(ratio) - 1) * 100:+.1f}%" if fmt.finite(ratio) else ""
-
-
 def _when(iso) -> str:
     """'2026-11-25 17:01Z' from an ISO time (as written by the harness, UTC)."""
     text = str(iso or "")
     return text[:16].replace("T", " ") + ("Z" if text.endswith("+00:00") else "") if text else ""
 
 
-def _env() -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
-    env.filters.update(ms=fmt.duration_ms, pct=_pct, when=_when, safe_name=safe_name)
-    env.globals.update(suite_page=suite_page)
-    return env
+def _env():
+    return environment({"pct": fmt.change, "when": _when, "safe_name": safe_name}, {"suite_page": suite_page})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +122,7 @@ def trend_chart(trend: dict[str, Any], runs, baselines, chart_id: str) -> str:
         at, color = pts[s["index"]]["run_index"] - 0.5, UP if s["ratio"] > 1 else DOWN
         gid = f"{chart_id}-step{i}"
         ax.axvline(at, color=color, lw=1.4, ls="--", gid=gid)
-        text = f"{_pct(s['ratio'])} at {s['commit'] or s['run_id']}"
+        text = f"{fmt.change(s['ratio'])} at {s['commit'] or s['run_id']}"
         ax.annotate(text, (at, 1.0), xycoords=("data", "axes fraction"), xytext=(4, -2), textcoords="offset points",
                     fontsize=7.5, color=color, va="top", fontweight="bold")
         titles[gid] = [f"{text}: {fmt.duration_ms(s['before'])} → {fmt.duration_ms(s['after'])} "
@@ -190,12 +182,12 @@ def atom_feed(regressions: list[dict[str, Any]], title: str, updated: str, base_
     for r in regressions:
         entry = ET.SubElement(feed, "entry")
         ET.SubElement(entry, "id").text = _entry_id(r["suite"], r["fingerprint"], r["case_id"], r["run_id"])
-        ET.SubElement(entry, "title").text = f"{r['suite']}: {r['label']} {_pct(r['ratio'])} at {r['commit'] or r['run_id']}"
+        ET.SubElement(entry, "title").text = f"{r['suite']}: {r['label']} {fmt.change(r['ratio'])} at {r['commit'] or r['run_id']}"
         ET.SubElement(entry, "updated").text = r["started"] or updated
         href = f"{base}{suite_page(r['suite'])}#case-{safe_name(r['slug'])}-{safe_name(r['case_id'])}"
         ET.SubElement(entry, "link", {"rel": "alternate", "type": "text/html", "href": href})
         ET.SubElement(entry, "summary").text = (
-            f"median time {fmt.duration_ms(r['before'])} → {fmt.duration_ms(r['after'])} ({_pct(r['ratio'])}) on "
+            f"median time {fmt.duration_ms(r['before'])} → {fmt.duration_ms(r['after'])} ({fmt.change(r['ratio'])}) on "
             f"{r['hostname']} ({r['fingerprint']}), first at run {r['run_id']}, commit {r['commit'] or 'unknown'}")
     ET.indent(feed)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(feed, encoding="unicode") + "\n"

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_report import shared_tiny_run
 
 CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser", "google-chrome", "chrome")
 LOAD_TIMEOUT_S = 60.0
@@ -254,8 +253,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def report_page(tmp_path_factory):
-    return shared_tiny_run(tmp_path_factory) / "report.html"
+def report_page(tiny_run):
+    return tiny_run / "report.html"
 
 
 def _column_values(browser: Chromium, table: str, column: int) -> list:
@@ -354,12 +353,12 @@ def derive_run(src: Path, dst: Path, run_id: str, started: str, slow: dict[str, 
 
 
 @pytest.fixture(scope="module")
-def regression_pages(tmp_path_factory):
+def regression_pages(tmp_path_factory, tiny_run):
     """compare.html and trend.html from the regression commands, over runs derived from a real one."""
-    cli = pytest.importorskip("harness.cli.regression", reason="regression tracking (bench compare/trend) not present")
+    import harness.cli.regression as cli
     import argparse
 
-    src = shared_tiny_run(tmp_path_factory)
+    src = tiny_run
     root = tmp_path_factory.mktemp("history")
     runs = [derive_run(src, root / "runs" / f"run{i}", f"20260101-00000{i}-tiny-report-derived{i}",
                        f"2026-01-01T00:00:0{i}+00:00", {"naive": 1.8} if i >= 3 else {}) for i in range(5)]

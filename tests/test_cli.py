@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from harness.engine import store
+from tests.runs import bench
 
 REQUIRED_COLUMNS = (
     "run_id suite variant family params device dtype mode batch heads kv_heads seq_len head_dim causal status "
@@ -40,12 +41,8 @@ name = "linear"
 """
 
 
-def bench(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_cli_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     suite = tmp / "tiny.toml"
     suite.write_text(TINY)
@@ -54,8 +51,8 @@ def tiny_run(tmp_path_factory):
     return proc, out
 
 
-def test_run_writes_results_meta_and_report(tiny_run):
-    proc, out = tiny_run
+def test_run_writes_results_meta_and_report(tiny_cli_run):
+    proc, out = tiny_cli_run
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"report: {out / 'report.html'}" in proc.stdout
@@ -76,8 +73,8 @@ def test_run_writes_results_meta_and_report(tiny_run):
     assert samples.groupby("case_id").size().min() >= 2
 
 
-def test_run_json_records_environment(tiny_run):
-    _, out = tiny_run
+def test_run_json_records_environment(tiny_cli_run):
+    _, out = tiny_cli_run
     meta = json.loads((out / "run.json").read_text())
     assert meta["status"] == "complete" and meta["suite"]["name"] == "tiny"
     env = meta["environment"]
@@ -87,8 +84,8 @@ def test_run_json_records_environment(tiny_run):
     assert meta["started"] <= meta["finished"]
 
 
-def test_report_is_self_contained_html(tiny_run):
-    _, out = tiny_run
+def test_report_is_self_contained_html(tiny_cli_run):
+    _, out = tiny_cli_run
     html = (out / "report.html").read_text()
     assert html.count('<figure class="scaling">') == 2  # one chart (time, throughput, memory) per configuration
     assert html.count("sequence length L (tokens)") == 6 and "peak memory beyond inputs (MiB)" in html
@@ -98,8 +95,8 @@ def test_report_is_self_contained_html(tiny_run):
     assert "Measured scaling exponents" in html
 
 
-def test_report_command_rerenders(tiny_run, tmp_path):
-    _, out = tiny_run
+def test_report_command_rerenders(tiny_cli_run, tmp_path):
+    _, out = tiny_cli_run
     target = tmp_path / "again.html"
     proc = bench("report", str(out), "-o", str(target))
     assert proc.returncode == 0, proc.stderr

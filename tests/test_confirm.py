@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from harness.regression.confirm import (
 from harness.measure.environment import PROJECT_ROOT, git_commit
 from harness.regression.history import run_info
 from harness.regression.verdicts import Thresholds
+from tests.runs import bench as run_bench
 from tests.scratch_repo import commit_change, git, make_scratch_repo, project_files
 from tests.test_compare import IDENT, frames, real_id, samples
 from tests.test_history import fake_run
@@ -259,8 +259,7 @@ def test_confirm_across_commits_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(repo))
 
     def bench(*args):
-        return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=600)
+        return run_bench(*args, cwd=repo, env=env, timeout=600)
 
     runs = tmp_path / "runs"
     assert bench("run", "probe.toml", "-o", runs / "fast", "--quiet", "--no-report").returncode == 0
@@ -322,8 +321,7 @@ def test_confirm_reruns_a_baseline_recorded_with_the_flat_layout(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(repo))
 
     def bench(*args):
-        return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=600)
+        return run_bench(*args, cwd=repo, env=env, timeout=600)
 
     runs = tmp_path / "runs"
     proc = bench("run", "probe.toml", "-o", runs / "flat", "--quiet", "--no-report")

@@ -32,7 +32,7 @@ from pytest_benchmark.utils import NAME_FORMATTERS, get_machine_id, report_nopro
 from harness.cli import export as cli_export  # noqa: E402
 from harness.core.cases import Case  # noqa: E402
 from harness.regression.export import benchmark_group, benchmark_id  # noqa: E402
-from tests.test_report import TINY_SUITE, shared_tiny_run  # noqa: E402
+from tests.runs import TINY_SUITE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,8 @@ def export(*argv: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return shared_tiny_run(tmp_path_factory)
+def run(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,6 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_runs_are_found_by_id_and_latest(run, tmp_path, capsys):
-    pytest.importorskip("harness.regression.history")
     import shutil
 
     meta = json.loads((run / "run.json").read_text())

@@ -1,7 +1,5 @@
 """Third-party variants: plugin files named by a suite, modules, entry points, and their errors."""
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -11,14 +9,14 @@ import pytest
 from harness.core import registry
 from harness.core.registry import PluginError, load_entry_points
 from harness.engine.plugins import load_plugin
+from tests.runs import bench
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_example_plugin_runs_end_to_end_through_bench_run(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(EXAMPLES / "plugin-suite.toml"), "-o", str(out),
-                           "--quiet"], capture_output=True, text=True, timeout=600)
+    proc = bench("run", EXAMPLES / "plugin-suite.toml", "-o", out, "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = pd.read_parquet(out / "results.parquet")
     chunked = rows[rows["variant"] == "chunked"]
@@ -55,8 +53,7 @@ def test_plugin_errors_in_a_suite_exit_2_naming_the_plugin(tmp_path):
     (tmp_path / "p.py").write_text("raise RuntimeError('boom')\n")
     suite = tmp_path / "s.toml"
     suite.write_text('plugins = ["p.py"]\n[[variant]]\nname = "naive"\n')
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(suite), "--dry-run"],
-                          capture_output=True, text=True, timeout=120)
+    proc = bench("run", suite, "--dry-run", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"{suite}:1: plugins: plugin 'p.py' failed to import: RuntimeError: boom"
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from harness.engine import store
+from tests.runs import bench
 
 PLUGIN = Path(__file__).parent / "plugins" / "faults.py"
 
@@ -45,10 +46,6 @@ name = "fault_alloc"
 name = "naive"
 seq_len = [32, 48]
 """
-
-
-def bench(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=300, **kw)
 
 
 def test_fault_suite_runs_to_completion_with_the_right_status_for_each(tmp_path):

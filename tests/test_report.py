@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -25,53 +23,6 @@ from reports.analysis import (
 )
 from reports.render import build_context, render_report
 
-TINY_SUITE = """
-name = "tiny-report"
-description = "tiny run for the report tests"
-[defaults]
-heads = 2
-head_dim = 16
-[sweep]
-seq_len = [32, 64]
-causal = [false, true]
-[timing]
-warmup = 1
-min_time_s = 0.0
-min_reps = 2
-max_reps = 3
-[[variant]]
-name = "naive"
-[[variant]]
-name = "sdpa"
-backend = ["flash", "efficient"]
-[[variant]]
-name = "sliding_window"
-window = 8
-[[variant]]
-name = "linear"
-"""
-
-
-_SHARED_RUNS: dict[str, Path] = {}
-
-
-def shared_tiny_run(tmp_path_factory) -> Path:
-    """One ``bench run`` of TINY_SUITE per test session, shared by the report, browser and export tests."""
-    key = str(tmp_path_factory.getbasetemp())
-    if key not in _SHARED_RUNS:
-        _SHARED_RUNS[key] = bench_run(tmp_path_factory.mktemp("tiny-run"), TINY_SUITE)
-    return _SHARED_RUNS[key]
-
-
-def bench_run(tmp: Path, suite_text: str) -> Path:
-    """``bench run`` on a suite in a subprocess, as a user would; returns the run directory."""
-    suite = tmp / "suite.toml"
-    suite.write_text(suite_text)
-    out = tmp / "run"
-    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(suite), "-o", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return out
 
 
 # -- crossovers ----------------------------------------------------------------------------------
@@ -293,11 +244,6 @@ def test_units():
     assert fmt.flop_count(2.5e9) == "2.5 GFLOP" and fmt.percent(42.345) == "42.3 %"
     assert fmt.ci_percent(0.0123) == "±1.2 %" and fmt.ci_percent(2.7) == "±270 %"
     assert fmt.duration_ms(float("nan")) == "" and fmt.ratio(None) == ""
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return shared_tiny_run(tmp_path_factory)
 
 
 def test_report_from_a_real_tiny_run(tiny_run):

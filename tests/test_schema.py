@@ -13,7 +13,7 @@ import pytest
 
 from harness.core import schema
 from harness.core.cases import Case
-from tests.test_report import TINY_SUITE, bench_run
+from tests.runs import TINY_SUITE, bench_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,6 @@ import pytest
 from tests.history_sim import night_run, planted_factors, timed_cases
 from tests.scratch_repo import git
 from tests.test_browser import browser, needs_chromium  # noqa: F401  (the module-scoped Chromium fixture)
-from tests.test_report import shared_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".github" / "scripts" / "results-history.sh"
@@ -52,8 +51,8 @@ def workflow_night(work: Path, origin: Path, run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def nightly(tmp_path_factory):
-    src = shared_tiny_run(tmp_path_factory)
+def nightly(tmp_path_factory, tiny_run):
+    src = tiny_run
     base = tmp_path_factory.mktemp("nightly")
     origin, work = base / "origin.git", base / "work"
     git(base, "init", "-q", "--bare", str(origin))

@@ -14,7 +14,6 @@ from rich.console import Console
 
 from reports.analysis import with_labels
 from reports.terminal import FASTEST, UNSTABLE, headline_tables, print_headline
-from tests.test_report import shared_tiny_run
 
 TWO_CASES = """
 name = "two-cases"
@@ -25,8 +24,8 @@ variant = [{name = "naive"}, {name = "sdpa", backend = "flash"}]
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    return pd.read_parquet(shared_tiny_run(tmp_path_factory) / "results.parquet")
+def rows(tiny_run):
+    return pd.read_parquet(tiny_run / "results.parquet")
 
 
 def _plain(text: str) -> str:
@@ -102,8 +101,8 @@ def test_bench_run_prints_the_table_and_quiet_does_not(tmp_path):
     assert "L=32" not in quiet.stdout + quiet.stderr and FASTEST not in quiet.stdout
 
 
-def test_bench_show_prints_the_same_table(tmp_path_factory):
-    run = shared_tiny_run(tmp_path_factory)
+def test_bench_show_prints_the_same_table(tiny_run):
+    run = tiny_run
     proc = subprocess.run([sys.executable, "-m", "harness", "show", str(run)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
