@@ -46,8 +46,12 @@ def bench(*args, cwd=None, env=None, timeout: float = 300, check: bool = False) 
 
 def bench_run(tmp: Path, suite_text: str, *extra) -> Path:
     """``bench run`` of ``suite_text`` into ``tmp/run``; returns the run directory."""
+    return bench_run_process(tmp, suite_text, *extra)[1]
+
+
+def bench_run_process(tmp: Path, suite_text: str, *extra) -> tuple[subprocess.CompletedProcess, Path]:
+    """``bench run`` of ``suite_text`` into ``tmp/run`` (must succeed): the process and the run directory."""
     suite = tmp / "suite.toml"
     suite.write_text(suite_text)
     out = tmp / "run"
-    bench("run", suite, "-o", out, "--quiet", *extra, check=True)
-    return out
+    return bench("run", suite, "-o", out, "--quiet", *extra, check=True), out

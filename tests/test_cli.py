@@ -15,44 +15,9 @@ REQUIRED_COLUMNS = (
     "reason time_ms time_ms_p10 time_ms_p90 reps flops tflops_per_s peak_mem_bytes max_abs_err rel_err"
 ).split()
 
-TINY = """
-name = "tiny"
-[defaults]
-heads = 2
-head_dim = 16
-[sweep]
-seq_len = [32, 64]
-causal = [false, true]
-[timing]
-warmup = 1
-min_time_s = 0.0
-min_reps = 2
-max_reps = 3
-[[variant]]
-name = "naive"
-[[variant]]
-name = "sdpa"
-backend = ["flash", "efficient"]
-[[variant]]
-name = "sliding_window"
-window = 8
-[[variant]]
-name = "linear"
-"""
 
-
-@pytest.fixture(scope="module")
-def tiny_cli_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run")
-    suite = tmp / "tiny.toml"
-    suite.write_text(TINY)
-    out = tmp / "out"
-    proc = bench("run", str(suite), "-o", str(out), "--quiet")
-    return proc, out
-
-
-def test_run_writes_results_meta_and_report(tiny_cli_run):
-    proc, out = tiny_cli_run
+def test_run_writes_results_meta_and_report(tiny_bench):
+    proc, out = tiny_bench
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"report: {out / 'report.html'}" in proc.stdout
@@ -73,10 +38,10 @@ def test_run_writes_results_meta_and_report(tiny_cli_run):
     assert samples.groupby("case_id").size().min() >= 2
 
 
-def test_run_json_records_environment(tiny_cli_run):
-    _, out = tiny_cli_run
+def test_run_json_records_environment(tiny_bench):
+    _, out = tiny_bench
     meta = json.loads((out / "run.json").read_text())
-    assert meta["status"] == "complete" and meta["suite"]["name"] == "tiny"
+    assert meta["status"] == "complete" and meta["suite"]["name"] == "tiny-report"
     env = meta["environment"]
     assert env["versions"]["torch"] and env["versions"]["python"].startswith("3.")
     assert env["machine"]["cpu_model"] and env["threads"] >= 1
@@ -84,8 +49,8 @@ def test_run_json_records_environment(tiny_cli_run):
     assert meta["started"] <= meta["finished"]
 
 
-def test_report_is_self_contained_html(tiny_cli_run):
-    _, out = tiny_cli_run
+def test_report_is_self_contained_html(tiny_bench):
+    _, out = tiny_bench
     html = (out / "report.html").read_text()
     assert html.count('<figure class="scaling">') == 2  # one chart (time, throughput, memory) per configuration
     assert html.count("sequence length L (tokens)") == 6 and "peak memory beyond inputs (MiB)" in html
@@ -95,8 +60,8 @@ def test_report_is_self_contained_html(tiny_cli_run):
     assert "Measured scaling exponents" in html
 
 
-def test_report_command_rerenders(tiny_cli_run, tmp_path):
-    _, out = tiny_cli_run
+def test_report_command_rerenders(tiny_bench, tmp_path):
+    _, out = tiny_bench
     target = tmp_path / "again.html"
     proc = bench("report", str(out), "-o", str(target))
     assert proc.returncode == 0, proc.stderr
