@@ -4,12 +4,15 @@
 
 Sets up what a nightly job sees, in a scratch git repository holding this
 project's working tree (``tests/scratch_repo.py``), with the nightly suite
-(``suites/nightly-cpu.toml`` unless ``--suite``) plus a probe variant
-``slow_sdpa`` from the test-only plugin ``tests/plugins/slow_sdpa.py`` (SDPA,
-flash backend). Two commits: **A**, the project as it is, and **B**, which
-changes one line of the plugin so that the probe does 10% more attention work
-(``--extra``) under an unchanged case key: a real regression, arriving the way
-real ones do. Then, each run a fresh ``bench run`` process exactly as the
+(``suites/nightly-cpu.toml`` unless ``--suite``) plus probe variants from the
+test-only plugin ``tests/plugins/slow_sdpa.py``, at ``--probe-lengths`` (default
+512, 1024 and 2048), causal and not as the suite sweeps: ``--probe`` names which,
+any of ``flash`` (``slow_sdpa``, SDPA's flash backend), ``math`` (``slow_sdpa``,
+SDPA's math backend) and ``naive`` (``slow_naive``: the dense ``naive`` variant,
+the one whose time moved most from process to process). Two commits: **A**, the
+project as it is, and **B**, which changes one line of the plugin so that every
+probe does 10% more attention work (``--extra``) under an unchanged case key: a
+real regression, arriving the way real ones do. Then, each run a fresh ``bench run`` process exactly as the
 nightly job runs it:
 
 * one baseline run at A;
@@ -51,12 +54,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PLUGIN = "tests/plugins/slow_sdpa.py"
-PROBE = "slow_sdpa"
+#: ``--probe`` choices: (variant, its parameters).
+PROBES = {"flash": ("slow_sdpa", {"backend": "flash"}), "math": ("slow_sdpa", {"backend": "math"}),
+          "naive": ("slow_naive", {})}
+PROBE_VARIANTS = frozenset(name for name, _ in PROBES.values())
 FLAGGED = ("regressed", "improved", "now failing")
 
 
-def derived_suite(suite: Path, probe_lengths: list[int]) -> str:
-    """The suite's text plus the plugin and the probe variant (flash SDPA at the given lengths).
+def derived_suite(suite: Path, probe_lengths: list[int], probes: list[str] = ("flash",)) -> str:
+    """The suite's text plus the plugin and the probe variants (``probes``: keys of :data:`PROBES`)
+    at the given lengths.
 
     The result lives at the scratch repository's top, so the plugin path is relative to it."""
     import tomllib
@@ -72,11 +79,16 @@ def derived_suite(suite: Path, probe_lengths: list[int]) -> str:
         raise SystemExit(f"{suite}: write its plugins list on one line for the detector")
     top = re.sub(r"(?m)^\s*(plugins|name)\s*=.*$", "", top)
     head = f'name = "detector-{raw.get("name", suite.stem)}"\nplugins = {json.dumps(plugins)}\n'
-    probe = f'\n[[variant]]\nname = "{PROBE}"\nbackend = "flash"\nseq_len = {json.dumps(probe_lengths)}\n'
+    probe = ""
+    for key in probes:
+        name, params = PROBES[key]
+        probe += f'\n[[variant]]\nname = "{name}"\n' + "".join(f"{k} = {json.dumps(v)}\n" for k, v in params.items())
+        probe += f"seq_len = {json.dumps(probe_lengths)}\n"
     return head + top + rest + probe
 
 
-def setup_repo(work: Path, suite: Path, probe_lengths: list[int], extra: float) -> tuple[Path, str, str]:
+def setup_repo(work: Path, suite: Path, probe_lengths: list[int], extra: float,
+               probes: list[str] = ("flash",)) -> tuple[Path, str, str]:
     """The scratch repository and its two commits (A: as is; B: the probe does ``extra`` more work)."""
     from tests.scratch_repo import commit_change, git, make_scratch_repo
 
@@ -84,13 +96,13 @@ def setup_repo(work: Path, suite: Path, probe_lengths: list[int], extra: float) 
     if (repo / ".git").is_dir():
         return repo, git(repo, "rev-parse", "fast"), git(repo, "rev-parse", "slow")
     make_scratch_repo(repo)
-    (repo / "detector.toml").write_text(derived_suite(suite, probe_lengths))
+    (repo / "detector.toml").write_text(derived_suite(suite, probe_lengths, probes))
     git(repo, "add", "detector.toml")
     git(repo, "commit", "-q", "-m", "detector suite")
     a = git(repo, "rev-parse", "HEAD")
     git(repo, "tag", "fast")
     b = commit_change(repo, PLUGIN, r"^EXTRA_WORK = 0\.0$", f"EXTRA_WORK = {extra!r}",
-                      f"slow_sdpa: {extra:.0%} more work")
+                      f"probes: {extra:.0%} more work")
     git(repo, "tag", "slow")
     return repo, a, b
 
@@ -110,11 +122,27 @@ def bench_run(repo: Path, commit: str, out: Path) -> float:
     return time.monotonic() - t0
 
 
+def compare(repo: Path, base: Path, new: Path, confirm_rounds: int | None = None):
+    """(cases table, confirm result) of ``bench compare BASE NEW`` run as the nightly job runs it, in
+    the scratch repository (whose commits ``--confirm`` re-runs), from the stored samples alone or
+    with ``--confirm`` (``confirm_rounds`` rounds per side)."""
+    import pandas as pd
+
+    args = [sys.executable, "-m", "harness", "compare", str(base), str(new), "--format", "json", "--no-html"]
+    if confirm_rounds:
+        args += ["--confirm", "--confirm-rounds", str(confirm_rounds)]
+    proc = subprocess.run(args, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        sys.exit(f"bench compare failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    data = json.loads(proc.stdout)
+    return pd.DataFrame(data["cases"]), data.get("confirm") or {}
+
+
 def tally(table, slowed: bool) -> dict:
     """What one comparison's verdicts say: alarms, flagged unchanged cases, probe detections."""
     import pandas as pd
 
-    is_probe = table["variant"] == PROBE
+    is_probe = table["variant"].isin(PROBE_VARIANTS)
     flagged = table["verdict"].isin(FLAGGED)
     unchanged = ~is_probe if slowed else pd.Series(True, index=table.index)
     probes = table[is_probe]
@@ -170,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow", type=int, default=20, metavar="N", help="slowdown comparisons (default 20)")
     p.add_argument("--extra", type=float, default=0.10, help="extra work of the slowed probe (default 0.10 = 10%%)")
     p.add_argument("--suite", type=Path, default=ROOT / "suites" / "nightly-cpu.toml", help="suite to run")
-    p.add_argument("--probe-lengths", default="1024,2048", help="sequence lengths of the probe (default 1024,2048)")
+    p.add_argument("--probe-lengths", default="512,1024,2048",
+                   help="sequence lengths of the probes (default 512,1024,2048)")
+    p.add_argument("--probe", default="flash,math,naive",
+                   help=f"comma-separated probes, of {', '.join(PROBES)} (default all)")
     p.add_argument("--rounds", type=int, default=8, help="--confirm rounds per side (default 8, as bench compare)")
     p.add_argument("--work", type=Path, help="directory for the repository and runs (default: a temporary one, "
                                              "removed); runs already there are reused")
@@ -178,10 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.aa < 0 or args.slow < 0 or args.aa + args.slow == 0:
         p.error("--aa and --slow must be >= 0 and not both 0")
-
-    from harness.measure import environment
-    from harness.regression.compare import compare_runs
-    from harness.regression.confirm import confirm
+    probes = [x.strip() for x in args.probe.split(",") if x.strip()]
+    if not probes or any(x not in PROBES for x in probes):
+        p.error(f"--probe: choose from {', '.join(PROBES)}, got {args.probe!r}")
 
     tmp = None
     if args.work is None:
@@ -190,16 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work = args.work
         work.mkdir(parents=True, exist_ok=True)
-    repo, fast, slow = setup_repo(work, args.suite, [int(x) for x in args.probe_lengths.split(",")], args.extra)
-    here = environment.capture()
-
+    repo, fast, slow = setup_repo(work, args.suite, [int(x) for x in args.probe_lengths.split(",")], args.extra,
+                                  probes)
     plan = [("base", "base", fast)]
     for i in range(max(args.aa, args.slow)):
         if i < args.aa:
             plan.append((f"aa-{i:02d}", "aa", fast))
         if i < args.slow:
             plan.append((f"slow-{i:02d}", "slow", slow))
-    print(f"{len(plan)} runs of {args.suite.name} + probe {PROBE} in {repo}", file=sys.stderr)
+    print(f"{len(plan)} runs of {args.suite.name} + probes {', '.join(probes)} in {repo}", file=sys.stderr)
     results: list[dict] = []
     for n, (name, kind, commit) in enumerate(plan, 1):
         out = work / "runs" / name
@@ -211,13 +240,13 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         if kind == "base":
             continue
-        c = compare_runs(work / "runs" / "base", out)
-        screen = tally(c.cases, kind == "slow")
+        cases, _ = compare(repo, work / "runs" / "base", out)
+        screen = tally(cases, kind == "slow")
         t0 = time.monotonic()
-        result = confirm(c, rounds=args.rounds, here=here, log=lambda s: None)
-        confirmed = tally(c.cases, kind == "slow")
+        cases, result = compare(repo, work / "runs" / "base", out, confirm_rounds=args.rounds)
+        confirmed = tally(cases, kind == "slow")
         print(f"    screen flagged {len(screen['flagged'])}; confirm ({time.monotonic() - t0:.0f} s): "
-              f"{result['message']}", file=sys.stderr)
+              f"{result.get('message', 'nothing to confirm')}", file=sys.stderr)
         results.append({"run": name, "kind": kind, "screen": screen, "confirm": confirmed,
                         "confirm_result": result})
         figures = {
@@ -240,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                    figures["confirm"]))
     for r in results:
         for f in r["confirm"]["flagged"]:
-            if r["kind"] == "aa" or not f["label"].startswith(PROBE):
+            if r["kind"] == "aa" or not f["label"].startswith(tuple(PROBE_VARIANTS)):
                 print(f"  left flagged after --confirm in {r['run']}: {f['verdict']} {f['label']} ×{f['time_ratio']:.3f}")
     if tmp is not None:
         tmp.cleanup()

@@ -90,15 +90,15 @@ def against_timer(rounds: int, min_run_time: float, tmp: Path) -> None:
     print(f"Part 1: harness vs torch.utils.benchmark, {rounds} fresh processes each, alternating "
           f"(threads: {os.cpu_count()} cores, PyTorch's default)")
     print(f"{'case':36s} {'harness ms':>11s} {'Timer ms':>10s} {'ratio':>7s} {'h spread':>9s} {'T spread':>9s}  stable")
-    for label, variant, params, L, H, causal in CASES:
-        suite = tmp / f"{variant}-{L}.toml"
+    for index, (label, variant, params, L, H, causal) in enumerate(CASES):
+        suite = tmp / f"case{index}.toml"
         suite.write_text(suite_text(variant, params, L, H, causal))
         ours, ref, stable = [], [], []
         for r in range(rounds):
             order = ("h", "t") if r % 2 == 0 else ("t", "h")
             for who in order:
                 if who == "h":
-                    row = harness_run(suite, tmp / f"run-{variant}-{L}-{r}").iloc[0]
+                    row = harness_run(suite, tmp / f"run-case{index}-{r}").iloc[0]
                     ours.append(float(row["time_ms"]))
                     stable.append(row.get("stable", None))
                 else:

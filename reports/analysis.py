@@ -8,9 +8,13 @@ import numpy as np
 import pandas as pd
 
 from harness.core.registry import PATTERN_FAMILIES, declared_baselines
+from reports.fidelity import unstable
+from reports.inference import shape_labels
 
-#: A configuration: everything but the variant and the sequence length.
-GROUP_KEYS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads", "head_dim", "inputs"]
+#: A configuration: everything but the variant and the sequence length; and the machine, when the
+#: run spans several (``machine``, from :func:`with_labels`: empty for a run on one machine).
+GROUP_KEYS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads", "head_dim", "inputs", "machine",
+              "shape"]
 #: Exponents are fitted over at most this many of the largest lengths.
 FIT_POINTS = 3
 
@@ -48,7 +52,22 @@ def with_labels(rows: pd.DataFrame, suite_definition: dict | None = None) -> pd.
                      for v, p in zip(rows["variant"], rows["params"])]
     if suite_definition is not None and rows.groupby("label")["params"].nunique().gt(1).any():
         rows["label"] = [series_label(v, p) for v, p in zip(rows["variant"], rows["params"])]  # keep them apart
+    rows["machine"] = machine_labels(rows)
+    rows["shape"] = shape_labels(rows)  # inference shapes (q_len, paged, lengths): "" for the others
     return rows
+
+
+def machine_labels(rows: pd.DataFrame) -> list[str]:
+    """Per row, ``host (fingerprint)`` of the machine it ran on when the rows span several machines
+    (``bench merge`` of shards, ``--executor ray``), else ``""``: timings of different machines are
+    never drawn or fitted together."""
+    if "machine_fingerprint" not in rows.columns:
+        return [""] * len(rows)
+    prints = rows["machine_fingerprint"].where(rows["machine_fingerprint"].notna(), None)
+    if prints.nunique(dropna=True) <= 1:
+        return [""] * len(rows)
+    hosts = rows["host"] if "host" in rows.columns else pd.Series([None] * len(rows), index=rows.index)
+    return [f"{h or 'unknown host'} ({f})" if isinstance(f, str) else "unknown machine" for h, f in zip(hosts, prints)]
 
 
 def group_title(key: tuple) -> str:
@@ -57,6 +76,7 @@ def group_title(key: tuple) -> str:
     return (
         f"{d['device']} · {d['dtype']} · {d['mode']} · {'causal' if d['causal'] else 'non-causal'} · "
         f"B={d['batch']} {heads} D={d['head_dim']} · {d['inputs']} inputs"
+        + (f" · on {d['machine']}" if d.get("machine") else "") + (f" · {d['shape']}" if d.get("shape") else "")
     )
 
 
@@ -71,20 +91,46 @@ def scaling_exponent(lengths, values, points: int = FIT_POINTS) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def _fit_lengths(lengths, values) -> list[int]:
+    """The lengths :func:`scaling_exponent` fits on (the ``FIT_POINTS`` largest with a positive value)."""
+    return sorted(int(x) for x, y in zip(lengths, values) if y == y and y > 0)[-FIT_POINTS:]
+
+
+def _lengths_text(fitted: list[int], all_lengths: list[int]) -> str:
+    """``512–4096`` for a run of consecutive measured lengths, else the lengths themselves."""
+    if not fitted:
+        return ""
+    span = [L for L in all_lengths if fitted[0] <= L <= fitted[-1]]
+    return f"{fitted[0]}–{fitted[-1]}" if span == fitted else ", ".join(map(str, fitted))
+
+
 def exponents(ok: pd.DataFrame) -> pd.DataFrame:
-    """Per group and series: time and memory exponents, and the lengths they were fitted on."""
+    """Per group and series: time and memory exponents, and the lengths they were fitted on.
+
+    Unstable points (``stable`` false) are left out of the time fit (``unstable_excluded`` counts
+    them); with fewer than two stable lengths left there is no time exponent and ``time_note`` says
+    why. Memory, measured once per case, is fitted over every point.
+    """
     records = []
     for key, group in ok.groupby(GROUP_KEYS, sort=True, dropna=False):
         for label, s in group.groupby("label", sort=True):
             s = s.sort_values("seq_len")
-            t = scaling_exponent(s["seq_len"], s["time_ms"])
+            shaky = unstable(s)
+            steady = s[~shaky]
+            t = scaling_exponent(steady["seq_len"], steady["time_ms"])
             m = scaling_exponent(s["seq_len"], s["peak_mem_bytes"])
-            if t is None and m is None:
+            excluded = int(shaky.sum())
+            if t is None and m is None and not excluded:
                 continue
-            fitted = sorted(s["seq_len"].unique())[-FIT_POINTS:]
+            timed = len(_fit_lengths(s["seq_len"], s["time_ms"]))
+            note = (f"too few stable points to fit ({excluded} unstable excluded)"
+                    if t is None and excluded and timed >= 2 else "")
+            fitted = _fit_lengths(steady["seq_len"], steady["time_ms"]) if t is not None else \
+                _fit_lengths(s["seq_len"], s["peak_mem_bytes"])
             records.append(
                 {"group": group_title(key), "label": label, "time_exp": t, "mem_exp": m,
-                 "fit_lengths": f"{fitted[0]}–{fitted[-1]}"}
+                 "fit_lengths": _lengths_text(fitted, sorted(int(x) for x in s["seq_len"].unique())),
+                 "unstable_excluded": excluded, "time_note": note}
             )
     return pd.DataFrame(records)
 
@@ -200,7 +246,9 @@ def crossovers(ok: pd.DataFrame) -> pd.DataFrame:
     """Per configuration and approximate/sparse series: from which length it beats the baseline.
 
     Time compares medians (``time_ms``), memory compares ``peak_mem_bytes``; both read off the
-    lengths where the two series have a measurement, interpolated on log-log axes.
+    lengths where the two series have a measurement, interpolated on log-log axes. A length where
+    either time is unstable is left out of the time comparison (the text says how many were).
+    Give it the rows whose times are speed results (``ok``, not emulated).
     """
     records = []
     for key, group in ok.groupby(GROUP_KEYS, sort=True, dropna=False):
@@ -215,16 +263,21 @@ def crossovers(ok: pd.DataFrame) -> pd.DataFrame:
                            compared="", time_ratio_last=None, mem_ratio_last=None, last_length=None)
                 records.append(rec)
                 continue
-            b = group[group["label"] == base].set_index("seq_len")
-            c = s.set_index("seq_len")
+            b = group[group["label"] == base]
+            shaky = set(s.loc[unstable(s), "seq_len"]) | set(b.loc[unstable(b), "seq_len"])
+            b, c = b.set_index("seq_len"), s.set_index("seq_len")
             for col, prefix, better in (("time_ms", "time", "faster"), ("peak_mem_bytes", "mem", "smaller")):
                 both = c[[col]].join(b[[col]].rename(columns={col: col + "_base"}), how="inner").dropna()
                 both = both[(both[col] > 0) & (both[col + "_base"] > 0)].sort_index()
+                left_out = both.index.isin(list(shaky)) if prefix == "time" else both.index.isin([])
+                both = both[~left_out]
                 ratios = both[col] / both[col + "_base"]
                 result = crossover_length(list(both.index), list(ratios))
                 rec[f"{prefix}_kind"] = result["kind"]
                 rec[f"{prefix}_length"] = result["length"]
-                rec[f"{prefix}_text"] = _describe(result, better)
+                rec[f"{prefix}_text"] = _describe(result, better) + (
+                    f" ({int(left_out.sum())} unstable length{'s' if left_out.sum() != 1 else ''} left out)"
+                    if left_out.any() else "")
                 rec[f"{prefix}_ratio_last"] = float(1 / ratios.iloc[-1]) if len(ratios) else None
                 if prefix == "time":
                     rec["last_length"] = int(both.index[-1]) if len(both) else None
@@ -248,11 +301,24 @@ def pareto_front(times, errors) -> list[bool]:
     return on
 
 
+def _exponent_text(r: dict, what: str) -> str:
+    value = r.get(f"{what}_exp")
+    if value is None or value != value:
+        return (r.get("time_note") or "?") if what == "time" else "?"
+    n = r.get("unstable_excluded") if what == "time" else 0
+    n = int(n) if n and n == n else 0
+    return f"L^{value:.2f}" + (f" ({n} unstable point{'s' if n != 1 else ''} excluded)" if n else "")
+
+
 def exponent_statement(exps: pd.DataFrame) -> str:
-    """'naive: time ∝ L^1.97, memory ∝ L^2.00; sliding_window(...): L^1.02, L^1.00' for one group."""
+    """'naive: time ∝ L^1.97, memory ∝ L^2.00; sliding_window(...): L^1.02, L^1.00' for one group;
+    unstable points left out of a time fit are counted ('L^1.97 (1 unstable point excluded)'), and a
+    series with too few stable points says so instead of an exponent."""
     parts = []
     for i, r in enumerate(exps.to_dict("records")):
-        t = "?" if r["time_exp"] is None or r["time_exp"] != r["time_exp"] else f"L^{r['time_exp']:.2f}"
-        m = "?" if r["mem_exp"] is None or r["mem_exp"] != r["mem_exp"] else f"L^{r['mem_exp']:.2f}"
-        parts.append(f"{r['label']}: time ∝ {t}, memory ∝ {m}" if i == 0 else f"{r['label']}: {t}, {m}")
+        t, m = _exponent_text(r, "time"), _exponent_text(r, "mem")
+        if i == 0:
+            parts.append(f"{r['label']}: time {'∝' if t.startswith('L^') else '—'} {t}, memory ∝ {m}")
+        else:
+            parts.append(f"{r['label']}: {t}, {m}")
     return "; ".join(parts)

@@ -164,10 +164,10 @@ def compare_context(comparison) -> dict[str, Any]:
 
 def render_compare(comparison, out: str | Path) -> Path:
     """Write the comparison page to ``out``; returns its path."""
+    from harness.engine.store import write_text
+
     html = _env().get_template("compare.html.j2").render(**compare_context(comparison))
-    path = Path(out)
-    path.write_text(html, encoding="utf-8")
-    return path
+    return write_text(Path(out), html)  # NEW/compare.html: never through a symlink the run directory holds
 
 
 # ----------------------------------------------------------------------------------------------

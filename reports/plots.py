@@ -2,7 +2,9 @@
 
 Every chart has a title, axis labels with units and a legend. A series keeps its colour
 in every chart of a report (:func:`palette`); exact variants are drawn with solid lines,
-approximate ones dashed.
+approximate ones dashed. A point whose timing the run flagged unstable (``stable`` false) is
+drawn hollow with a red edge in every time-derived view, and its SVG group carries a ``<title>``
+(the hover text) with the run's stability note.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import zlib
 from typing import Iterable
 
 import matplotlib
@@ -21,6 +24,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator  # noqa: E402
 
 from harness.core.units import finite, rate_tflops  # noqa: E402
+from reports.fidelity import stability_note, unstable  # noqa: E402
 
 plt.rcParams.update(
     {
@@ -47,6 +51,11 @@ SCALING_METRICS = [
 
 _COLORS = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors) + list(plt.get_cmap("Set1").colors)
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
+#: Unstable points: hollow, red-edged (the report's "bad" colour).
+UNSTABLE_EDGE = "#b3261e"
+UNSTABLE_LEGEND = "unstable timing: processes disagree (hover for why)"
+#: Scaling panels whose values come from the time (and so carry its instability).
+TIME_DERIVED = {"time_ms", "tflops_per_s"}
 
 
 def palette(labels: Iterable[str]) -> dict[str, dict]:
@@ -62,6 +71,8 @@ def to_svg(fig, title: str | None = None) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(fig)
     svg = buf.getvalue()
+    for gid, text in getattr(fig, "svg_titles", {}).items():
+        svg = svg.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{_escape(text)}</title>')
     svg = svg[svg.index("<svg") :]
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
     attrs = ' class="chart" role="img"'
@@ -80,6 +91,36 @@ def _escape(text: str) -> str:
 def _style(label: str, styles: dict | None, exact: bool = True) -> dict:
     s = (styles or {}).get(label) or palette([label])[label]
     return {"color": s["color"], "marker": s["marker"], "linestyle": "-" if exact else "--"}
+
+
+def _mark_unstable(ax, points: pd.DataFrame, xs, ys, key: str, marker: str = "o") -> None:
+    """Draw unstable points hollow with a red edge, each in an SVG group titled with its stability note."""
+    titles = getattr(ax.figure, "svg_titles", None)
+    if titles is None:
+        titles = ax.figure.svg_titles = {}
+    for x, y, row in zip(xs, ys, points.to_dict("records")):
+        note = f"{row.get('label', '')} at L={row.get('seq_len')}: unstable — {stability_note(row)}"
+        gid = f"unstable-{zlib.crc32(f'{key}|{x!r}|{y!r}|{note}'.encode()):08x}"
+        ax.scatter([x], [y], s=48, marker=marker, facecolors="white", edgecolors=UNSTABLE_EDGE, linewidths=1.5,
+                   zorder=5, gid=gid)
+        titles[gid] = note
+
+
+def _unstable_handle():
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], marker="o", ls="", ms=7, mfc="white", mec=UNSTABLE_EDGE, mew=1.5)
+
+
+def _scatter(ax, points: pd.DataFrame, xcol: str, ycol: str, key: str, st: dict, scale: float = 1.0, **kw):
+    """A series' points: the stable ones as ``kw`` says, the unstable ones hollow and red-edged.
+    Returns the stable points' artist (for the legend) and whether any point was unstable."""
+    shaky = unstable(points)
+    steady = points[~shaky]
+    h = ax.scatter(steady[xcol], steady[ycol] * scale, color=st["color"], marker=st["marker"], **kw)
+    if shaky.any():
+        _mark_unstable(ax, points[shaky], points.loc[shaky, xcol], points.loc[shaky, ycol] * scale, key, st["marker"])
+    return h, bool(shaky.any())
 
 
 def _log_length_axis(ax, lengths) -> None:
@@ -155,7 +196,7 @@ def scaling_chart(
     fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.5))
     fig.suptitle(title, fontsize=10, fontweight="bold")
     exact = _exactness(group)
-    handles, names = [], []
+    handles, names, any_unstable = [], [], False
     for ax, (col, panel, label, scale) in zip(axes, SCALING_METRICS):
         for name, s in group.groupby("label", sort=True):
             s = s.sort_values("seq_len")
@@ -163,6 +204,9 @@ def scaling_chart(
             if y.notna().sum() == 0 or (y.dropna() <= 0).all():
                 continue
             st = _style(name, styles, exact.get(name, True))
+            shaky = unstable(s).to_numpy() & (col in TIME_DERIVED)
+            if shaky.any():  # the line goes through them; their markers are drawn apart
+                st["markevery"] = [i for i, u in enumerate(shaky) if not u]
             if col == "time_ms":
                 err = [
                     (s["time_ms"] - s["time_ms_p10"]).clip(lower=0).fillna(0),
@@ -171,6 +215,9 @@ def scaling_chart(
                 h = ax.errorbar(s["seq_len"], y, yerr=err, ms=4, capsize=2, lw=1.4, **st)
             else:
                 (h,) = ax.plot(s["seq_len"], y, ms=4, lw=1.4, **st)
+            if shaky.any():
+                _mark_unstable(ax, s[shaky], s["seq_len"][shaky], y[shaky], f"{title}|{name}|{col}")
+                any_unstable = True
             if name not in names:
                 names.append(name)
                 handles.append(h)
@@ -192,6 +239,9 @@ def scaling_chart(
             if bits:
                 text += "  (" + ", ".join(bits) + ")"
         legend.append(text)
+    if any_unstable:
+        handles.append(_unstable_handle())
+        legend.append(UNSTABLE_LEGEND)
     if handles:
         longest = max(len(t) for t in legend)
         ncol = 1 if longest > 90 else 2 if longest > 60 else 3
@@ -216,12 +266,14 @@ def speed_accuracy_chart(
     fig.suptitle(title, fontsize=10, fontweight="bold")
     exact = _exactness(group)
     handles: dict[str, object] = {}
+    any_unstable = False
     for ax, L in zip(axes.flat, lengths):
         pts = group[group["seq_len"] == L]
         for name, s in pts.groupby("label", sort=True):
             st = _style(name, styles, exact.get(name, True))
-            h = ax.scatter(s["time_ms"], s["rel_err"], s=30, color=st["color"], marker=st["marker"], zorder=3,
-                           edgecolors="black" if exact.get(name, True) else "none", linewidths=0.6)
+            h, shaky = _scatter(ax, s, "time_ms", "rel_err", f"{title}|{name}|{L}", st, s=30, zorder=3,
+                                edgecolors="black" if exact.get(name, True) else "none", linewidths=0.6)
+            any_unstable |= shaky
             handles.setdefault(name, h)
         on = pts[front.loc[pts.index]].sort_values("time_ms")
         if len(on):
@@ -241,7 +293,10 @@ def speed_accuracy_chart(
     ring = Line2D([], [], marker="o", ms=10, mfc="none", mec="black", ls=":", color="black")
     names = list(handles)
     labels = [n + ("  (exact baseline)" if exact.get(n, True) else "") for n in names]
-    fig.legend([handles[n] for n in names] + [ring], labels + ["Pareto front (faster or more accurate than all others)"],
+    extra = [(ring, "Pareto front (faster or more accurate than all others)")]
+    if any_unstable:
+        extra.append((_unstable_handle(), UNSTABLE_LEGEND))
+    fig.legend([handles[n] for n in names] + [h for h, _ in extra], labels + [t for _, t in extra],
                loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(3, len(names) + 1), fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return to_svg(fig, title)
@@ -279,10 +334,14 @@ def roofline_chart(
     peaks = [r.get("peak_tflops") or 0 for r in roofs.values()]
     # GFLOP/s when everything (points and roofs) is below 1 TFLOP/s, as on most CPUs
     unit, scale = ("TFLOP/s", 1.0) if max([rows["tflops_per_s"].max()] + peaks) >= 1 else ("GFLOP/s", 1e3)
+    any_unstable = False
     for name, s in rows.groupby("label", sort=True):
         st = _style(name, styles, exact.get(name, True))
-        ax.scatter(s["arith_intensity"], s["tflops_per_s"] * scale, s=26, color=st["color"], marker=st["marker"],
-                   label=name, zorder=3, alpha=0.9)
+        _, shaky = _scatter(ax, s, "arith_intensity", "tflops_per_s", f"{title}|{name}", st, scale, s=26,
+                            label=name, zorder=3, alpha=0.9)
+        any_unstable |= shaky
+    if any_unstable:
+        ax.plot([], [], marker="o", ls="", ms=7, mfc="white", mec=UNSTABLE_EDGE, mew=1.5, label=UNSTABLE_LEGEND)
     xs = rows["arith_intensity"][rows["arith_intensity"] > 0]
     lo, hi = xs.min() / 4, xs.max() * 4
     roof_colors = plt.get_cmap("Greys")(np.linspace(0.5, 0.9, max(1, len(roofs))))

@@ -2,7 +2,10 @@
 
 Sections (each left out when the rows hold nothing for it, never drawn empty):
 
-* header — suite, run, dates, machine, versions, what was swept, status counts;
+* header — suite, run, dates, machine, versions, the measurement environment (worker processes per
+  case, allocator, threads, affinity, governor, variables), what was swept, status counts;
+* wrong answers — every ``incorrect`` row with its reason, at the top (see :mod:`reports.fidelity`
+  for what the speed views leave out: incorrect rows, unstable times, emulated rows);
 * scaling — per configuration, time / throughput / memory against L (log-log) with each
   series' measured exponents, and the exponents as a table and a sentence;
 * crossovers — for approximate and sparse/local variants, the length from which each beats
@@ -37,16 +40,22 @@ from reports.analysis import (
     pareto_front,
     with_labels,
 )
+from reports.fidelity import emulated, measurement_items, speed_rows, stability_note, unstable
 from reports.plots import palette, roofline_chart, scaling_chart, speed_accuracy_chart
+from reports.profile import profile_context
+from reports.inference import inference_context
 
-STATUS_ORDER = ["ok", "skipped", "error", "crash", "timeout", "oom"]
-#: Problems are listed failures first (the ones that need a look), skips last.
-PROBLEM_ORDER = ["crash", "timeout", "oom", "error", "skipped"]
+STATUS_ORDER = ["ok", "incorrect", "skipped", "error", "crash", "cuda_error", "timeout", "oom"]
+#: Problems are listed failures first (the ones that need a look), skips last; ``incorrect`` rows have
+#: their own section at the top of the page.
+PROBLEM_ORDER = ["crash", "cuda_error", "timeout", "oom", "error", "skipped"]
 
 #: Columns the results table either shows in its own cells or leaves out: every declared column but
 #: those the schema marks ``report_extra``, and the report's ``label``. Any other numeric column (the
 #: ``report_extra`` ones, a variant's own such as ``density``) is shown after them when it holds numbers.
-KNOWN_COLUMNS = {c.name for c in schema.COLUMNS if not c.report_extra} | {"label"}
+KNOWN_COLUMNS = {c.name for c in schema.COLUMNS if not c.report_extra} | {
+    "label", "processes", "time_ms_process_min", "time_ms_process_max", "time_process_spread", "stable",
+    "emulated", "is_unstable", "is_emulated"}
 #: Unit suffixes of a column name, stripped from the header's name (``power_w`` → "power (W)"); the unit
 #: of an undeclared column (a variant's) is taken from its suffix.
 UNIT_SUFFIXES = {"_w": "W", "_j": "J", "_mhz": "MHz", "_c": "°C", "_pct": "%", "_bytes": "bytes", "_ms": "ms",
@@ -54,7 +63,8 @@ UNIT_SUFFIXES = {"_w": "W", "_j": "J", "_mhz": "MHz", "_c": "°C", "_pct": "%", 
 
 
 def _env():
-    return environment({"pct": fmt.percent, "sortkey": _sort_key})
+    return environment({"pct": fmt.percent, "sortkey": _sort_key,
+                        "spread": lambda x: fmt.percent(100 * x) if fmt.finite(x) else ""})
 
 
 def _sort_key(x) -> str:
@@ -170,6 +180,8 @@ def _throughput(ok: pd.DataFrame, meta: dict, styles: dict) -> dict[str, Any] | 
             table.append(
                 {
                     "group": group_title(key), "label": label, "length": int(last["seq_len"]),
+                    "unstable": stability_note(last) if last["is_unstable"] else "",
+                    "best_unstable": stability_note(best) if best["is_unstable"] else "",
                     "tflops": float(last["tflops_per_s"]),
                     "pct": float(last["pct_of_peak"]) if has_pct and fmt.finite(last.get("pct_of_peak")) else None,
                     "best_tflops": float(best["tflops_per_s"]), "best_length": int(best["seq_len"]),
@@ -191,16 +203,22 @@ def _throughput(ok: pd.DataFrame, meta: dict, styles: dict) -> dict[str, Any] | 
 
 
 def _speed_accuracy(ok: pd.DataFrame, styles: dict) -> list[dict]:
-    """Per configuration with approximate variants: error against time at each length."""
+    """Per configuration with approximate variants: error against time at each length.
+
+    Emulated rows have no place on the time axis: they are listed with their error only
+    (``accuracy_only``), never on the chart or the Pareto front.
+    """
     charts = []
     for key, group in ok.groupby(GROUP_KEYS, sort=True, dropna=False):
         approx = group[[is_approximate(e) for e in group["exact"]]]
         approx = approx[pd.to_numeric(approx["rel_err"], errors="coerce") > 0]
-        if approx.empty:
+        accuracy_only = approx[approx["is_emulated"]].sort_values(["seq_len", "label"])
+        approx, group = approx[~approx["is_emulated"]], group[~group["is_emulated"]]
+        if approx.empty and accuracy_only.empty:
             continue
-        base, why = baseline_label(group)
+        base, why = baseline_label(group) if not group.empty else (None, "")
         pts = approx
-        if base is not None:
+        if base is not None and not approx.empty:
             b = group[(group["label"] == base) & (pd.to_numeric(group["rel_err"], errors="coerce") > 0)]
             pts = pd.concat([approx, b[b["seq_len"].isin(approx["seq_len"])]])
         pts = pts[(pts["time_ms"] > 0)]
@@ -210,17 +228,28 @@ def _speed_accuracy(ok: pd.DataFrame, styles: dict) -> list[dict]:
             front.loc[at.index] = pareto_front(at["time_ms"], at["rel_err"])
             for idx, r in at.sort_values("time_ms").iterrows():
                 rows.append({"length": int(L), "label": r["label"], "time_ms": float(r["time_ms"]),
-                             "rel_err": float(r["rel_err"]), "front": bool(front[idx]), "baseline": r["label"] == base})
+                             "rel_err": float(r["rel_err"]), "front": bool(front[idx]), "baseline": r["label"] == base,
+                             "unstable": stability_note(r) if r["is_unstable"] else ""})
         title = f"Speed vs. accuracy · {group_title(key)}"
         charts.append(
-            {"title": title, "svg": speed_accuracy_chart(pts, title, front, styles), "baseline": base,
-             "baseline_reason": why, "rows": rows}
+            {"title": title, "svg": speed_accuracy_chart(pts, title, front, styles) if not pts.empty else "",
+             "baseline": base, "baseline_reason": why, "rows": rows, "group": group_title(key),
+             "accuracy_only": [{"length": int(r["seq_len"]), "label": r["label"], "rel_err": float(r["rel_err"]),
+                                "max_abs_err": r.get("max_abs_err")} for r in accuracy_only.to_dict("records")]}
         )
     return charts
 
 
+def _incorrect(rows: pd.DataFrame) -> list[dict]:
+    """Every wrong answer: variant, configuration, length and the reason (where and how much)."""
+    wrong = rows[rows["status"] == "incorrect"].sort_values(["label", *GROUP_KEYS, "seq_len"], kind="stable")
+    return [{"label": r["label"], "group": group_title(tuple(r[k] for k in GROUP_KEYS)), "length": int(r["seq_len"]),
+             "reason": r["reason"] if isinstance(r["reason"], str) and r["reason"] else "(no reason recorded)",
+             "time_ms": r.get("time_ms")} for r in wrong.to_dict("records")]
+
+
 def _problems(rows: pd.DataFrame) -> list[dict]:
-    problems = rows[rows["status"] != "ok"]
+    problems = rows[~rows["status"].isin(["ok", "incorrect"])]
     order = {s: i for i, s in enumerate(PROBLEM_ORDER)}
     groups = []
     for (status, reason), g in problems.groupby(["status", "reason"], sort=True, dropna=False):
@@ -243,17 +272,20 @@ def build_context(run_dir: Path) -> dict[str, Any]:
     for col in ("family", "exact"):
         if col not in rows.columns:
             rows[col] = None
-    ok = rows[rows["status"] == "ok"]
+    rows["is_unstable"], rows["is_emulated"] = unstable(rows), emulated(rows)
+    ok = rows[rows["status"] == "ok"]  # incorrect rows are not ok: in no speed view
+    speed = speed_rows(ok)  # nor are emulated ones
     styles = palette(rows["label"])
-    charts, exps = _scaling(ok, styles)
-    cross = crossovers(ok) if not ok.empty else pd.DataFrame()
+    charts, exps = _scaling(speed, styles)
+    cross = crossovers(speed) if not speed.empty else pd.DataFrame()
     counts = rows["status"].value_counts().to_dict()
     statuses = [(s, counts.get(s, 0)) for s in STATUS_ORDER if counts.get(s, 0)] + [
         (s, n) for s, n in counts.items() if s not in STATUS_ORDER
     ]
     env = meta.get("environment", {}) or {}
     table_has = {c: _present(rows, c) for c in ("first_call_ms", "grad_rel_err", "pct_of_peak", "arith_intensity",
-                                                 "working_set_bytes", "flops", "time_ci_rel")}
+                                                 "working_set_bytes", "flops", "time_ci_rel", "time_ms_process_min")}
+    table_has["stable"] = "stable" in rows.columns and rows["stable"].notna().any()
     return {
         "meta": meta,
         "env": env,
@@ -265,12 +297,18 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "charts": charts,
         "exponents": exps,
         "crossovers": cross.to_dict("records") if not cross.empty else [],
-        "throughput": _throughput(ok, meta, styles),
+        "throughput": _throughput(speed, meta, styles),
         "speed_accuracy": _speed_accuracy(ok, styles) if not ok.empty else [],
         "problems": _problems(rows),
+        "incorrect": _incorrect(rows),
+        "unstable_count": int(rows["is_unstable"].sum()),
+        "emulated_labels": sorted(set(ok.loc[ok["is_emulated"], "label"])),
+        "measurement": measurement_items(env, meta, rows),
         "extra_columns": _extra_columns(rows),
         "show": {c: rows[c].nunique(dropna=False) > 1 for c in AXIS_COLUMNS},
         "table_has": table_has,
+        "profile": profile_context(run_dir, rows),  # None unless the run was made with --profile
+        "inference": inference_context(rows, styles),  # None unless the run has decode or varlen rows
     }
 
 
@@ -286,5 +324,4 @@ def render_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     html = _env().get_template("report.html.j2").render(**build_context(run_dir))
     path = Path(out) if out else run_dir / store.REPORT
-    path.write_text(html, encoding="utf-8")
-    return path
+    return store.write_text(path, html)  # never through a symlink the run directory holds

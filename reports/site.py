@@ -215,8 +215,8 @@ def _copy_run_pages(runs, out: Path) -> dict[str, dict[str, str]]:
     links: dict[str, dict[str, str]] = {}
     for run in runs:
         for name in (store.REPORT, "compare.html"):
-            src = Path(run.path) / name
-            if src.is_file():
+            src = store.plain_file(run.path, name)  # not a symlink out of the run directory
+            if src is not None:
                 dest = out / "runs" / safe_name(run.run_id) / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dest)

@@ -3,8 +3,9 @@
 One table per configuration (device, dtype, mode, causal, batch, heads, head_dim, inputs): a row
 per variant, a column per sequence length, the median time in each cell (and the peak memory with
 ``verbose``). The fastest cell of each column is marked; a case that did not give a time shows its
-status word (``skipped``, ``error``, ``oom`` …) instead; a time the run flags as unstable (a
-``stable`` column that is false) carries a mark.
+status word (``skipped``, ``error``, ``oom``, ``incorrect`` …) instead; a time the run flags as
+unstable (a ``stable`` column that is false) carries a mark, and an emulated row's time (``emulated``
+true: not a speed result) is marked so and never the fastest.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from reports.analysis import GROUP_KEYS, group_title, with_labels
 
 FASTEST = "★"
 UNSTABLE = "~"
+EMULATED = "emulated"
 NEEDED = ("status", "variant", "params", "seq_len", "time_ms")
 
 
@@ -28,9 +30,17 @@ def default_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
+def _flag(row: dict, column: str, value: bool) -> bool:
+    v = row.get(column)
+    return v is not None and not pd.isna(v) and bool(v) is value
+
+
 def _unstable(row: dict) -> bool:
-    value = row.get("stable")
-    return value is not None and value == value and not bool(value)
+    return _flag(row, "stable", False)
+
+
+def _emulated(row: dict) -> bool:
+    return _flag(row, "emulated", True)
 
 
 def _cell(row: dict | None, fastest: bool, verbose: bool) -> str:
@@ -43,6 +53,8 @@ def _cell(row: dict | None, fastest: bool, verbose: bool) -> str:
     text = fmt.duration_ms(row["time_ms"])
     if _unstable(row):
         text += f" [yellow]{UNSTABLE}[/]"
+    if _emulated(row):
+        text += f" [dim]{EMULATED}[/]"
     if fastest:
         text = f"[bold green]{text} {FASTEST}[/]"
     if verbose and fmt.finite(row.get("peak_mem_bytes")):
@@ -65,7 +77,7 @@ def headline_tables(rows: pd.DataFrame, verbose: bool = False, suite_definition:
         best = {}
         for length in lengths:
             times = [r["time_ms"] for (_, n), r in cells.items()
-                     if n == length and r.get("status") == "ok" and fmt.finite(r.get("time_ms"))]
+                     if n == length and r.get("status") == "ok" and fmt.finite(r.get("time_ms")) and not _emulated(r)]
             if len(times) >= 2:
                 best[length] = min(times)
         table = Table()
@@ -76,7 +88,8 @@ def headline_tables(rows: pd.DataFrame, verbose: bool = False, suite_definition:
             row_cells = []
             for length in lengths:
                 r = cells.get((label, length))
-                is_best = r is not None and length in best and r.get("status") == "ok" and r.get("time_ms") == best[length]
+                is_best = (r is not None and length in best and r.get("status") == "ok" and not _emulated(r)
+                           and r.get("time_ms") == best[length])
                 row_cells.append(_cell(r, is_best, verbose))
             table.add_row(label, *row_cells)
         tables.append((group_title(tuple(full[k] for k in GROUP_KEYS)), table))
@@ -95,4 +108,6 @@ def print_headline(rows: pd.DataFrame, console: Console | None = None, verbose: 
         legend = f"median time per call{', peak memory below it' if verbose else ''}; {FASTEST} fastest in its column"
         if "stable" in rows.columns:
             legend += f"; {UNSTABLE} unstable"
+        if "emulated" in rows.columns and rows["emulated"].map(lambda v: _flag({"e": v}, "e", True)).any():
+            legend += f"; {EMULATED}: time not a speed result, never fastest"
         console.print(f"[dim]{legend}; other cases by their status[/]")

@@ -332,6 +332,28 @@ def test_run_report_in_chromium(browser, report_page, tmp_path):
     print(f"screenshots: {shot} {printed} {pdf}", file=sys.stderr)
 
 
+@needs_chromium
+def test_untrustworthy_numbers_are_marked_in_chromium(browser, tmp_path):
+    """The doctored run of test_report_fidelity: wrong answers on top, unstable points titled, columns sortable."""
+    from tests.test_report_fidelity import NOTE, doctored_run
+
+    page = doctored_run(tmp_path) / "report.html"
+    browser.open(page)
+    assert browser.problems() == [], browser.problems()
+    assert browser.evaluate("document.querySelector('#incorrect').getBoundingClientRect().top"
+                            " < document.querySelector('#scaling').getBoundingClientRect().top")
+    titles = browser.evaluate("Array.from(document.querySelectorAll('#scaling svg.chart g[id^=\"unstable-\"] > title'))"
+                              ".map(t => t.textContent)")
+    assert len(titles) == 4 and all(t.endswith(NOTE) for t in titles)
+    col = _header_index(browser, "results-table", "stability")
+    browser.click(f"#results-table thead th:nth-child({col + 1})")
+    values = _column_values(browser, "results-table", col)
+    marked = [v for v in values if v]  # stable, unstable; rows without a verdict (skipped …) go last
+    assert marked == sorted(marked) and marked.count("unstable") == 2 and values[:len(marked)] == marked
+    browser.screenshot(tmp_path / "doctored.png")
+    assert browser.problems() == [], browser.problems()
+
+
 def derive_run(src: Path, dst: Path, run_id: str, started: str, slow: dict[str, float]) -> Path:
     """A copy of a real run with another id and start time, some variants' times scaled by ``slow``."""
     import pandas as pd

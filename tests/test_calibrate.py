@@ -84,7 +84,9 @@ def test_roofline_needs_no_torch_and_fills_the_schema_group():
     from harness.core import schema
 
     cols = roofline.row_roofline({"device": "cpu", "dtype": "float32", "threads": 2}, None)
-    assert set(cols) | set(roofline.ANALYTIC_COLUMNS) == set(schema.names("roofline"))
+    # every roofline column, plus tokens_per_s (declared with the work columns)
+    assert set(cols) | set(roofline.ANALYTIC_COLUMNS) == set(schema.names("roofline")) | {"tokens_per_s"}
+    assert schema.group_of("tokens_per_s") == "work"
     assert math.isnan(roofline.pct_of_peak(1.0, 0.0)) and math.isnan(roofline.pct_of_peak(None, 2.0))
     assert roofline.pct_of_peak(0.5, 2.0) == 25.0
     assert math.isnan(roofline.attainable_tflops(math.nan, 2.0, 100.0))
@@ -145,8 +147,52 @@ def test_bench_calibrate_check_prints_ratios(capsys):
                                  "--head-dim", "16", "--runs", "2", "--min-time-s", "0.02", "--max-time-s", "0.1"])
     assert args.handler(args) == 0
     out = capsys.readouterr().out
-    assert "harness" in out and "torch Timer.blocked_autorange" in out and "÷ Timer" in out
-    assert "median ratio" in out and "run-to-run spread" in out
+    assert "harness" in out and "torch Timer.blocked_autorange" in out and "÷ ref" in out
+    assert "/ torch Timer.blocked_autorange median ratio" in out and "run-to-run spread" in out and "5%" in out
+
+
+def test_cuda_check_is_judged_against_do_bench_not_the_timer(monkeypatch):
+    """On CUDA the harness (L2 flushed) is judged against do_bench (which flushes too), and its CUDA-graph
+    replay against do_bench_cudagraph; the Timer (warm L2) is shown but judges nothing. Faked on a CPU:
+    a fake triton.testing, CPU inputs, and a fake time_call that says which settings it timed with."""
+    import sys
+    import types
+
+    from harness.measure import crosscheck
+    from harness.measure.timing import Timing
+
+    calls = []
+
+    def fake_time_call(fns, config, device="cpu", **kw):
+        calls.append((device, config.cuda_graph, config.flush_l2))
+        ms = 1.0 if config.cuda_graph else 2.05  # harness: 2.5% over do_bench's 2.0 (graph: 1.0 vs 1.01)
+        return Timing(samples_s=[ms / 1e3] * 9, first_call_s=0.01)
+
+    def do_bench(fn, rep=100, return_mode="mean"):
+        return [2.0] * 9
+
+    def do_bench_cudagraph(fn, rep=20, return_mode="mean"):
+        return [1.01] * 9
+
+    fake = types.ModuleType("triton.testing")
+    fake.do_bench, fake.do_bench_cudagraph = do_bench, do_bench_cudagraph
+    monkeypatch.setitem(sys.modules, "triton.testing", fake)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(testing=fake))
+    monkeypatch.setattr(crosscheck, "time_call", fake_time_call)
+    case = Case("sdpa", {}, device="cuda", heads=2, kv_heads=2, seq_len=64, head_dim=16)
+    records = crosscheck.cross_check([case], runs=1, min_time_s=0.01, make_inputs=lambda c, seed: __import__(
+        "harness.measure.inputs", fromlist=["make_qkv"]).make_qkv(Case("sdpa", {}, heads=2, kv_heads=2, seq_len=64,
+                                                                     head_dim=16), seed=seed))
+    by = {r["method"]: r for r in records}
+    assert by["harness"]["judged"] and by["harness"]["reference"] == crosscheck.DO_BENCH
+    assert by["harness"]["ratio_to_ref"] == pytest.approx(1.025)
+    assert by["harness (cuda_graph)"]["reference"] == crosscheck.DO_BENCH_GRAPH
+    assert by["harness (cuda_graph)"]["ratio_to_ref"] == pytest.approx(1.0 / 1.01)
+    assert not by[crosscheck.TIMER]["judged"]
+    assert ("cuda", True, False) in calls and ("cuda", False, True) in calls  # graph without flush; eager with it
+    verdict = crosscheck.verdicts(records)
+    assert len(verdict) == 2 and all("3%" in line for line in verdict)
+    assert "harness / triton do_bench median ratio 1.025 (within 3%)" in verdict[0]
 
 
 def test_cuda_without_a_gpu_is_one_line_and_exit_2(capsys):

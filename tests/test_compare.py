@@ -305,7 +305,7 @@ def test_compare_two_real_runs_end_to_end(real, bench, tmp_path):
     assert status == 0 and "Traceback" not in err
     data = json.loads(out)
     assert len(data["cases"]) == 4 and sum(data["counts"].values()) == 4
-    assert {c["n_base"] for c in data["cases"]} == {5} and data["warnings"] == []
+    assert {c["n_base"] for c in data["cases"]} == {10} and data["warnings"] == []  # 5 samples from each of 2 processes
     assert all(c["verdict"] in ("unchanged", "regressed", "improved") for c in data["cases"])
     assert all(c["mem_ratio"] == pytest.approx(1.0) for c in data["cases"])  # peak memory is deterministic
     page = html.read_text()

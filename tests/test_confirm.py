@@ -25,6 +25,7 @@ from harness.regression.confirm import (
     runnable_reasons,
     worker_runners,
 )
+from harness.engine.trust import UntrustedPlugin
 from harness.measure.environment import PROJECT_ROOT, git_commit
 from harness.regression.history import run_info
 from harness.regression.verdicts import Thresholds
@@ -180,14 +181,32 @@ def test_extract_commit_and_side_paths(tmp_path):
     tree = extract_commit(PROJECT_ROOT, head, tmp_path / "tree")
     assert (tree / "harness" / "regression" / "confirm.py").is_file() or (tree / "harness" / "confirm.py").is_file()
     side = Side(commit=head, repo=PROJECT_ROOT, timing={}, seed=0, threads=1,
-                plugins=["../tests/plugins/slow_sdpa.py", "some.module"], suite_dir=PROJECT_ROOT / "suites")
+                plugins=["../tests/plugins/slow_sdpa.py", "tests.plugins.slow_sdpa"], suite_dir=PROJECT_ROOT / "suites")
     base_dir, plugins = side.in_tree(tree)
     assert base_dir == tree / "suites"
-    assert plugins == [str(tree / "tests" / "plugins" / "slow_sdpa.py"), "some.module"]
+    assert plugins == [str(tree / "tests" / "plugins" / "slow_sdpa.py"), "tests.plugins.slow_sdpa"]
     # recorded in a checkout elsewhere (a baseline from another machine): moved all the same
-    elsewhere = Side(commit=head, repo=PROJECT_ROOT, timing={}, seed=0, threads=1, plugins=["p.py", "/opt/x.py"],
+    elsewhere = Side(commit=head, repo=PROJECT_ROOT, timing={}, seed=0, threads=1, plugins=["p.py"],
                      suite_dir=Path("/home/ci/bench/suites"), recorded_root=Path("/home/ci/bench"))
-    assert elsewhere.in_tree(tree) == (tree / "suites", [str(tree / "suites" / "p.py"), "/opt/x.py"])
+    assert elsewhere.in_tree(tree) == (tree / "suites", [str(tree / "suites" / "p.py")])
+    # a plugin that is not the commit's code (a file elsewhere, a module it does not hold) is refused
+    # (tests/test_results_safety.py has the rest)
+    for foreign in ("/opt/x.py", "some.module"):
+        with pytest.raises(UntrustedPlugin, match="--trust-plugins"):
+            Side(commit=head, repo=PROJECT_ROOT, timing={}, seed=0, threads=1, plugins=[foreign],
+                 suite_dir=PROJECT_ROOT / "suites").in_tree(tree)
+
+
+def test_a_side_is_re_run_with_the_allocator_its_run_recorded():
+    from harness.measure.environment import ALLOCATOR_ENV
+
+    def side(environment):
+        return Side.from_meta({"environment": environment, "timing": {}, "suite": {}})
+
+    assert side({"measurement": {"allocator": "default", ALLOCATOR_ENV: None}}).env == {}  # nothing set
+    assert side({"measurement": {"allocator": "thp", ALLOCATOR_ENV: "1"}}).env == {ALLOCATOR_ENV: "1"}
+    assert side({"allocator": {ALLOCATOR_ENV: "1"}}).env == {ALLOCATOR_ENV: "1"}  # before the option: pinned
+    assert side({}).env == {}
 
 
 @needs_git

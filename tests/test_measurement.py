@@ -96,26 +96,29 @@ def test_inputs_start_on_a_page_and_keep_their_values(dtype):
         assert out.data_ptr() % ALIGNMENT == 0 and torch.equal(out, src)
 
 
-def test_large_cpu_allocations_are_pinned_to_pages_for_measurement(monkeypatch):
-    """Where glibc puts a large temporary changes CPU BLAS speed by up to 2x (see
-    harness.measure.environment.pin_allocator): runs pin it with THP_MEM_ALLOC_ENABLE unless the user chose."""
+def test_the_thp_allocator_is_an_option_never_a_default(monkeypatch):
+    """Where glibc puts a large temporary changes CPU BLAS speed by up to 2x, but a user's program
+    gets glibc's choice: bench measures in the user's environment, and THP_MEM_ALLOC_ENABLE=1
+    (page-aligned, huge-page allocations) is ``[run] allocator = "thp"``, recorded in run.json."""
     import os
     import subprocess
     import sys
 
-    from harness.measure.environment import ALLOCATOR_ENV, capture, pin_allocator
+    from harness.cli.main import main
+    from harness.measure.environment import ALLOCATOR_ENV, allocator_env, capture
 
     monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
-    pin_allocator()
-    assert os.environ[ALLOCATOR_ENV] == "1"
-    monkeypatch.setenv(ALLOCATOR_ENV, "0")
-    pin_allocator()
-    assert os.environ[ALLOCATOR_ENV] == "0" and capture()["allocator"] == {ALLOCATOR_ENV: "0"}
-    # and this torch honours it: after frees, new 16 MiB tensors still start on a page
+    assert main(["list", "--json"]) == 0 and ALLOCATOR_ENV not in os.environ  # the command line sets nothing
+    assert allocator_env("default") == {} and allocator_env("thp") == {ALLOCATOR_ENV: "1"}
+    assert capture()["measurement"][ALLOCATOR_ENV] is None
+    assert capture("thp")["measurement"] == {**capture()["measurement"], "allocator": "thp", ALLOCATOR_ENV: "1"}
+    monkeypatch.setenv(ALLOCATOR_ENV, "0")  # the user's own setting is what the workers get, and is recorded
+    assert capture()["measurement"][ALLOCATOR_ENV] == "0"
+    # and this torch honours the option: after frees, new 16 MiB tensors still start on a page
     code = ("import torch\nptrs = []\nfor i in range(8):\n    a = torch.empty(4 << 20); b = torch.empty(37000)\n"
             "    c = torch.empty(4 << 20); ptrs += [a.data_ptr(), c.data_ptr()]; del a\n"
             "print(all(p % 4096 == 0 for p in ptrs))")
-    env = dict(os.environ, **{ALLOCATOR_ENV: "1"})
+    env = dict(os.environ, **allocator_env("thp"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
 

@@ -145,3 +145,25 @@ def test_site_job_builds_uploads_and_publishes_only_when_asked(workflow):
     assert publish["environment"]["name"] == "github-pages"
     deploy = publish["steps"][_index(publish["steps"], lambda s: s.get("uses", "").startswith("actions/deploy-pages"))]
     assert "deployment.outputs.page_url" in publish["environment"]["url"] and deploy["id"] == "deployment"
+
+
+@pytest.mark.parametrize("name, suite, device", [("cpu", "nightly-cpu", "cpu"), ("gpu", "nightly-gpu", "cuda")])
+def test_each_job_calibrates_before_it_runs_with_a_cache_per_runner(workflow, name, suite, device):
+    """A fresh checkout has no results/calibration: without this every nightly row's pct_of_peak is empty."""
+    from harness.engine.suite import load_suite
+
+    steps = workflow["jobs"][name]["steps"]
+    fingerprint = _index(steps, lambda s: s.get("id") == "machine")
+    cache = _index(steps, lambda s: s.get("uses", "").startswith("actions/cache"))
+    calibrate = _index(steps, lambda s: "bench calibrate" in s.get("run", ""))
+    run = _index(steps, lambda s: f"bench run suites/{suite}.toml" in s.get("run", ""))
+    assert fingerprint < cache < calibrate < run
+    assert "current_fingerprint" in steps[fingerprint]["run"] and "GITHUB_OUTPUT" in steps[fingerprint]["run"]
+    with_ = steps[cache]["with"]
+    assert with_["path"] == "results/calibration"
+    assert "runner.name" in with_["key"] and "steps.machine.outputs.fingerprint" in with_["key"]
+    command = re.search(r"bench calibrate[^\n#]*", steps[calibrate]["run"]).group(0).split()
+    assert "--device" in command and command[command.index("--device") + 1] == device
+    threads = load_suite(ROOT / "suites" / f"{suite}.toml").timing.threads
+    if threads:  # CPU figures are kept per thread count: calibrate at the suite's
+        assert command[command.index("--threads") + 1] == str(threads)

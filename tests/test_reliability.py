@@ -26,6 +26,7 @@ seq_len = 32
 warmup = 1
 min_time_s = 0.0
 max_reps = 3
+processes = 2
 [run]
 case_timeout_s = 8
 [[variant]]
@@ -95,14 +96,15 @@ warmup = 1
 min_time_s = 0.0
 min_reps = 2
 max_reps = 2
+processes = 1
 [[variant]]
 name = "fault_slow"
 """
 
 
-def _start(tmp_path, name="slow.toml"):
+def _start(tmp_path, name="slow.toml", text=SLOW_SUITE):
     suite = tmp_path / name
-    suite.write_text(SLOW_SUITE)
+    suite.write_text(text)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(suite), "-o", str(out), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -140,6 +142,32 @@ def test_sigkill_midway_then_resume_gives_every_case_exactly_once(tmp_path):
     assert set(samples["case_id"]) == set(rows["case_id"])
     assert (samples.groupby("case_id").size() == 2).all()  # samples of no abandoned attempt
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def test_sigkill_between_rounds_then_resume_gives_every_case_once_from_all_processes(tmp_path):
+    """Two processes per case: killed while the second process times the cases, no case of the
+    second round has its final row yet; resume times them again in two fresh processes."""
+    suite, out, proc = _start(tmp_path, text=SLOW_SUITE.replace("processes = 1", "processes = 2"))
+    deadline = time.monotonic() + 120
+    while not any(json.loads(line).get("process") == 1 for line in _lines(out / store.ROUNDS_LOG)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = store.read_rows_log(out)
+    assert len(before) < 8
+    resumed = bench("resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = pd.read_parquet(out / "results.parquet")
+    assert sorted(rows["seq_len"]) == [16, 24, 32, 40, 48, 56, 64, 72] and rows["case_id"].is_unique
+    assert (rows["status"] == "ok").all() and (rows["processes"] == 2).all() and (rows["reps"] == 4).all()
+    samples = pd.read_parquet(out / "samples.parquet")
+    assert (samples.groupby(["case_id", "process"]).size() == 2).all() and len(samples) == 8 * 4
+    assert json.loads((out / "run.json").read_text())["timing"]["processes"] == 2
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
 
 
 def test_sigint_stops_writes_a_report_and_exits_nonzero(tmp_path):
@@ -197,7 +225,8 @@ def test_damaged_results_give_a_clear_error(tmp_path):
     (run / "run.json").write_text(json.dumps({"schema_version": 999}))
     proc = bench("report", str(run))
     assert proc.returncode == 2 and "schema version 999" in proc.stderr and "Traceback" not in proc.stderr
-    (run / "run.json").write_text(json.dumps({"schema_version": store.SCHEMA_VERSION}))
+    (run / "run.json").write_text(json.dumps({"schema_version": store.SCHEMA_VERSION, "run_id": "r",
+                                              "suite": {"name": "s"}}))  # what every run.json has
     (run / "results.parquet").write_bytes(b"not parquet")
     proc = bench("report", str(run))
     assert proc.returncode == 2 and "damaged" in proc.stderr and "Traceback" not in proc.stderr

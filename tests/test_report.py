@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from harness.core import schema
 from harness.engine.store import RunWriter
 from harness.core import units as fmt
 from reports.analysis import (
@@ -52,7 +53,8 @@ def test_crossover_uses_the_last_crossing_and_reports_never_and_always():
 
 def _row(variant, L, time_ms, mem, *, params=None, family="dense", exact=True, causal=False, rel_err=1e-7,
          status="ok", reason="", **extra):
-    row = {
+    row = schema.empty_row()  # every declared column, as the runner's rows have them
+    row.update({
         "case_id": f"{variant}-{json.dumps(params or {})}-{L}-{causal}", "variant": variant, "family": family,
         "exact": exact, "params": json.dumps(params or {}, sort_keys=True), "device": "cpu", "dtype": "float32",
         "mode": "fwd", "batch": 1, "heads": 4, "kv_heads": 4, "seq_len": L, "head_dim": 64, "causal": causal,
@@ -62,7 +64,7 @@ def _row(variant, L, time_ms, mem, *, params=None, family="dense", exact=True, c
         "first_call_ms": time_ms * 3, "flops": 4.0 * 4 * 64 * L * L, "peak_mem_bytes": mem,
         "working_set_bytes": mem, "max_abs_err": rel_err * 3, "rel_err": rel_err, "grad_rel_err": math.nan,
         "threads": 2, "run_id": "synthetic", "suite": "synthetic",
-    }
+    })
     row["tflops_per_s"] = row["flops"] / (time_ms / 1e3) / 1e12 if status == "ok" else math.nan
     row.update(extra)
     return row
@@ -105,7 +107,7 @@ def write_run(run_dir: Path, rows: list[dict], **meta) -> Path:
             "finished": "2026-01-01T00:01:00", "status": "complete",
             "environment": {"machine": {"cpu_model": "Test CPU", "cpu_count": 2, "gpu": None},
                             "versions": {"python": "3.11", "torch": "2.13", "harness": "0.1.0"}, "threads": 2,
-                            "git": {"commit": "abc", "dirty": False}}}
+                            "git": {"commit": "abc1234", "dirty": False}}}
     base.update(meta)
     writer = RunWriter(run_dir, base)
     for r in rows:

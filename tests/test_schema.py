@@ -106,7 +106,7 @@ def test_declarations_are_complete_and_groups_checked():
     assert len(schema.BY_NAME) == len(schema.COLUMNS)  # no name declared twice
     for c in schema.COLUMNS:
         assert c.dtype in schema.DTYPES and c.group in schema.GROUPS and c.doc, c
-    assert [c.name for c in schema.columns("outcome")] == ["status", "reason"]
+    assert [c.name for c in schema.columns("outcome")] == ["status", "reason", "phase_note"]
     with pytest.raises(ValueError, match="unknown column group"):
         schema.columns("nope")
     assert schema.unit("time_ms") == "ms" and schema.unit("density") == "" and schema.group_of("density") == "extra"

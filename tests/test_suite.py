@@ -191,13 +191,13 @@ def test_a_key_is_one_declaration():
 
     from harness.core.config import RUN, Key, Table
 
-    table = Table("run", RUN.keys + (Key("allocator", str, "default", "test key", choices=("default", "thp")),))
+    table = Table("run", RUN.keys + (Key("placement", str, "default", "test key", choices=("default", "pinned")),))
     Config = table.dataclass("Config", __name__, "test")
-    assert Config().allocator == "default" and [f.name for f in fields(Config)] == list(table.names)
-    assert table.check({"allocator": "thp"}) == ({"allocator": "thp"}, [])
-    settings, problems = table.check({"allocator": "tph", "isolation": "none"})
+    assert Config().placement == "default" and [f.name for f in fields(Config)] == list(table.names)
+    assert table.check({"placement": "pinned"}) == ({"placement": "pinned"}, [])
+    settings, problems = table.check({"placement": "pined", "isolation": "none"})
     assert settings == {"isolation": "none"}
-    assert problems == [("allocator", "unknown allocator 'tph' (did you mean 'thp'?); one of default, thp")]
+    assert problems == [("placement", "unknown placement 'pined' (did you mean 'pinned'?); one of default, pinned")]
 
 
 def test_declarations_match_what_uses_them():

@@ -228,8 +228,17 @@ def test_cuda_events_flush_and_graph(graph):
 @cuda
 def test_cuda_graph_capture_failure_falls_back_to_eager():
     a = torch.randn(64, device="cuda")
+    before = torch.cuda.current_stream()
     t = time_call(lambda: a.sum().item(), TimingConfig(warmup=1, min_time_s=0.0, cuda_graph=True), device="cuda")
-    assert t.method == "cuda_events" and "capture failed" in t.note
+    assert t.method == "cuda_events" and "capture failed" in t.note and t.restart
+    assert torch.cuda.current_stream() == before  # not left on the capture's side stream
+
+
+@cuda
+def test_cuda_warm_up_uses_25_ms_of_gpu_time():
+    a = torch.randn(256, 256, device="cuda")
+    t = time_call(lambda: a @ a, TimingConfig(warmup=2, min_time_s=0.0, max_reps=10), device="cuda")
+    assert t.warmup_calls * t.median_s >= 0.02  # tiny calls: many more than warmup - 1 of them
 
 
 def test_cpu_cache_sizes_from_sysfs(tmp_path):

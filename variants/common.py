@@ -34,3 +34,14 @@ def pad_seq(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
 def masked_value(dtype: torch.dtype) -> float:
     """A finite 'minus infinity' for masking: rows with every key masked give no NaN."""
     return torch.finfo(dtype).min
+
+
+def causal_sdpa_kwargs(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
+    """Arguments of ``scaled_dot_product_attention`` for causal masking aligned to the bottom right
+    (query i of Lq sees keys j <= Lk - Lq + i, as FlashAttention does): ``is_causal`` for equal
+    lengths, no mask for one query (it sees every key), else an explicit boolean mask, because
+    PyTorch's ``is_causal=True`` aligns non-square shapes to the top left."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    if not causal or Lq == Lk or Lq == 1:
+        return {"is_causal": causal and Lq == Lk}
+    return {"attn_mask": torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril_(Lk - Lq)}

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness import Param, register_variant
-from variants.common import group_queries, scale_of, ungroup
+from harness import Param, Supports, register_variant
+from variants.common import causal_sdpa_kwargs, group_queries, scale_of, ungroup
 
 
 def _dense_working_set(case) -> float:
     """Score and probability matrices plus the causal mask: the naive variant's peak."""
-    scores = case.batch * case.heads * case.seq_len**2 * case.element_bytes
-    mask = case.seq_len**2 if case.causal else 0
+    scores = case.batch * case.heads * case.query_len * case.seq_len * case.element_bytes
+    mask = case.query_len * case.seq_len if case.causal else 0
     return 2 * scores + mask
 
 
@@ -20,15 +20,17 @@ def _dense_working_set(case) -> float:
     "naive",
     family="dense",
     exact=True,
+    supports=Supports(non_square=True),
     working_set=_dense_working_set,
     description="QKᵀ → softmax → ·V, materialising the full L×L score matrix",
 )
 def naive(q, k, v, *, causal):
     B, H, L, D = q.shape
+    Lk = k.shape[2]
     qg = group_queries(q * scale_of(q), k.shape[1])  # (B, Hkv, G, L, D)
-    scores = qg @ k.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, L, L)
-    if causal:
-        future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
+    scores = qg @ k.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, L, Lk)
+    if causal:  # bottom-right aligned: query i sees keys j <= Lk - L + i
+        future = torch.ones(L, Lk, dtype=torch.bool, device=q.device).triu_(1 + Lk - L)
         scores.masked_fill_(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return ungroup(probs @ v.unsqueeze(2))
@@ -53,6 +55,10 @@ def _sdpa_check(case) -> list[str]:
     backend = case.params.get("backend", "auto")
     if case.device == "cpu" and backend in _CUDA_ONLY:
         return [f"sdpa backend {backend!r} ({_CUDA_ONLY[backend]}) runs only on CUDA"]
+    if backend == "efficient" and case.kv_heads != case.heads:
+        # torch's memory-efficient kernel takes no enable_gqa: forced alone, SDPA finds no kernel
+        return ["sdpa backend 'efficient' does not support grouped-query inputs (kv_heads < heads): "
+                "'No available kernel'"]
     if case.device == "cuda":
         if backend in ("flash", "cudnn") and case.dtype == "float32":
             return [f"sdpa backend {backend!r} on CUDA needs float16 or bfloat16, not float32"]
@@ -63,10 +69,61 @@ def _sdpa_check(case) -> list[str]:
     return []
 
 
+def _sdpa_math_working_set(case) -> float:
+    """The math backend's peak beyond its inputs: it computes in float32 for half-precision inputs
+    (q, k, v are upcast), so the score and probability matrices are float32 L×L per head; causal
+    adds a boolean and a float L×L mask (shared by batch and heads), grouped-query the repeated
+    K and V. (On the CPU the profiler measures 2.50 L×L float32 matrices per head for bfloat16 at
+    L=512, D=32, B=1, H=4, inputs and output included; this gives 2.56.)"""
+    acc = 4 if case.dtype in ("float16", "bfloat16") else case.element_bytes
+    rows = case.batch * case.heads * case.query_len
+    scores = 2 * rows * case.seq_len * acc
+    mask = case.query_len * case.seq_len * (1 + acc) if case.causal else 0
+    vectors = (7 if acc != case.element_bytes else 2) * rows * case.head_dim * acc  # upcasts, scaled q, output
+    repeated = 2 * rows * case.head_dim * acc if case.kv_heads != case.heads else 0
+    return scores + mask + vectors + repeated
+
+
 def _sdpa_working_set(case) -> float:
-    if case.params.get("backend") in ("math",):
-        return _dense_working_set(case)
+    if case.params.get("backend") == "math":
+        return _sdpa_math_working_set(case)
     return 4 * case.batch * case.heads * case.seq_len * case.head_dim * case.element_bytes
+
+
+#: SDPA's backend numbers (``torch.nn.attention.SDPBackend``) and the names ``backend`` uses.
+_BACKEND_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+
+
+def sdpa_backend_used(q, k, v, causal: bool) -> str | None:
+    """The backend ``scaled_dot_product_attention`` dispatches these inputs to with no backend
+    forced (``torch._fused_sdp_choice``: the dispatcher's own decision); None when unknown."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None:
+        return None
+    try:
+        return _BACKEND_NAMES.get(int(choose(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])))
+    except Exception:
+        return None
+
+
+def _sdpa_columns(case) -> dict:
+    """``sdpa_backend_used``: the forced backend, or for ``auto`` the one SDPA picks for the case's
+    shapes, dtype, device and mode (probed on uninitialised tensors of the case's shapes)."""
+    backend = case.params.get("backend", "auto")
+    if backend != "auto":
+        return {"sdpa_backend_used": backend}
+    if case.device == "cuda" and not torch.cuda.is_available():
+        return {"sdpa_backend_used": None}
+    try:
+        dtype = getattr(torch, case.dtype)
+        grad = case.mode != "fwd"
+        q = torch.empty(case.batch, case.heads, case.query_len, case.head_dim, dtype=dtype, device=case.device,
+                        requires_grad=grad)
+        k, v = (torch.empty(case.batch, case.kv_heads, case.seq_len, case.head_dim, dtype=dtype, device=case.device,
+                            requires_grad=grad) for _ in range(2))
+    except Exception:
+        return {"sdpa_backend_used": None}
+    return {"sdpa_backend_used": sdpa_backend_used(q, k, v, case.causal)}
 
 
 @register_variant(
@@ -74,16 +131,19 @@ def _sdpa_working_set(case) -> float:
     family="dense",
     exact=True,
     baseline=True,
+    supports=Supports(non_square=True),
     params={"backend": Param("auto", choices=SDPA_BACKENDS, help="kernel forced through sdpa_kernel")},
     check=_sdpa_check,
     working_set=_sdpa_working_set,
+    columns=_sdpa_columns,
     description="torch.nn.functional.scaled_dot_product_attention, backend forced by sdpa_kernel",
 )
 def sdpa(q, k, v, *, causal, backend="auto"):
     gqa = k.shape[1] != q.shape[1]
+    mask = causal_sdpa_kwargs(q, k, causal)  # bottom-right causal when q_len != kv_len
     if backend == "auto":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **mask)
     from torch.nn.attention import sdpa_kernel
 
     with sdpa_kernel(_sdpa_backend(backend)):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **mask)

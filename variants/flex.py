@@ -33,6 +33,12 @@ whose per-shape/dtype/mask specialisations dynamo keeps (``dynamic=False``:
 every shape gets its own static kernel). The first call of a new
 configuration compiles (seconds); the harness times a separate warm-up call.
 
+Queries and keys of different lengths (decode, chunked prefill) run with ``mask = "none"``:
+causal is aligned to the bottom right (:func:`harness.masks.bottom_right_causal`), and the
+BlockMask has ceil(Lq/tile) rows of ceil(Lk/tile) tiles. The other masks need equal lengths.
+:func:`compiled_call`, :func:`tile_layout` and :func:`ordered_blocks` serve the inference
+variants (paged caches, packed sequences) too.
+
 Limits: PyTorch's FlexAttention has no backward on the CPU (inference only),
 and needs ``torch.compile`` to work (on the CPU: an x86 CPU with AVX2 and a C++
 compiler; on CUDA: Triton). Both are probed once, lazily, by ``check``; a case
@@ -51,7 +57,7 @@ import threading
 import torch
 from torch.nn.attention.flex_attention import and_masks
 
-from harness import masks
+from harness import attention_flops, masks
 from harness import pair_flops
 from harness import Param, Supports, register_variant
 from variants.local import window_pairs
@@ -93,11 +99,12 @@ def _mask_key(params: dict, causal: bool) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _mask_mod(key: tuple, seq_len: int, device: str):
-    """The mask_mod of ``key`` (None: full attention). Cached, so dynamo sees one object per mask."""
+def _mask_mod(key: tuple, seq_len: int, device: str, q_len: int | None = None):
+    """The mask_mod of ``key`` (None: full attention) for ``q_len`` queries (default: seq_len) and
+    ``seq_len`` keys. Cached, so dynamo sees one object per mask."""
     kind, causal = key[0], key[1]
     if kind == "none":
-        return masks.causal if causal else None
+        return masks.bottom_right_causal(q_len or seq_len, seq_len) if causal else None
     if kind == "sliding_window":
         window = masks.sliding_window(key[2])
         return and_masks(masks.causal, window) if causal else window
@@ -111,7 +118,7 @@ def _mask_mod(key: tuple, seq_len: int, device: str):
 
 def _case_mask(case):
     """The reference's mask_mod: the very function the kernel applies."""
-    return _mask_mod(_mask_key(case.params, case.causal), case.seq_len, case.device)
+    return _mask_mod(_mask_key(case.params, case.causal), case.seq_len, case.device, case.q_len)
 
 
 def _pairs(case) -> float:
@@ -127,6 +134,8 @@ def _pairs(case) -> float:
 
 
 def _flops(case) -> float:
+    if case.params["mask"] == "none":  # full or causal, equal lengths or not
+        return attention_flops(case)
     return pair_flops(case, _pairs(case))
 
 
@@ -144,21 +153,23 @@ def _columns(case) -> dict:
 # BlockMask construction (chunked: never the L×L boolean mask)
 
 
-def tile_layout(mask_mod, seq_len: int, tile: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial, full) boolean (n, n) tile maps of ``mask_mod``, n = ceil(L / tile), on the CPU.
+def tile_layout(mask_mod, seq_len: int, tile: int, device, q_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) boolean (nq, n) tile maps of ``mask_mod``, n = ceil(L / tile), nq the same of
+    ``q_len`` queries (default: L), on the CPU.
 
     A tile is full when every one of its tile×tile positions is kept (a tile cut by
     the end of the sequence is never full), partial when some but not all are. The
     mask is evaluated one chunk of query tiles at a time (O(chunk · L) memory).
     """
-    n = -(-seq_len // tile)
+    q_len = seq_len if q_len is None else q_len
+    n, nq = -(-seq_len // tile), -(-q_len // tile)
     Lp = n * tile
-    partial = torch.zeros(n, n, dtype=torch.bool)
-    full = torch.zeros(n, n, dtype=torch.bool)
+    partial = torch.zeros(nq, n, dtype=torch.bool)
+    full = torch.zeros(nq, n, dtype=torch.bool)
     step = max(1, BUILD_CHUNK_ELEMENTS // (tile * Lp))  # query tiles per chunk
-    for t0 in range(0, n, step):
-        t1 = min(n, t0 + step)
-        rows = torch.arange(t0 * tile, min(t1 * tile, seq_len), device=device)
+    for t0 in range(0, nq, step):
+        t1 = min(nq, t0 + step)
+        rows = torch.arange(t0 * tile, min(t1 * tile, q_len), device=device)
         m = masks.dense_mask(mask_mod, rows, seq_len)  # (rows, L) bool
         m = torch.nn.functional.pad(m, (0, Lp - seq_len, 0, (t1 - t0) * tile - len(rows)))
         m = m.view(t1 - t0, tile, n, tile)
@@ -169,22 +180,27 @@ def tile_layout(mask_mod, seq_len: int, tile: int, device) -> tuple[torch.Tensor
     return partial, full
 
 
-def band_tile_layout(lo: float, hi: float, seq_len: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial, full) tile maps of the band mask ``lo <= q_idx - kv_idx <= hi``, in O(n²).
+def band_tile_layout(lo: float, hi: float, seq_len: int, tile: int,
+                     q_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) tile maps of the band mask ``lo <= q_idx - kv_idx <= hi``, in O(n²), for
+    ``q_len`` queries (default: seq_len) against ``seq_len`` keys.
 
     Tile (a, b) holds rows r0..r1 and keys c0..c1 (consecutive), so its differences
     q - kv are exactly the integers from r0 - c1 to r1 - c0: it keeps some pair when
     that range meets [lo, hi], and all of them when the range lies inside it (and the
     tile is not cut by the end of the sequence).
     """
-    n = -(-seq_len // tile)
-    start = torch.arange(n) * tile
-    last = torch.clamp(start + tile - 1, max=seq_len - 1)
-    dmin = start.view(n, 1) - last.view(1, n)  # r0 - c1
-    dmax = last.view(n, 1) - start.view(1, n)  # r1 - c0
+    def spans(length):
+        start = torch.arange(-(-length // tile)) * tile
+        last = torch.clamp(start + tile - 1, max=length - 1)
+        return start, last, (last - start + 1) == tile
+
+    r_start, r_last, r_whole = spans(seq_len if q_len is None else q_len)
+    c_start, c_last, c_whole = spans(seq_len)
+    dmin = r_start.view(-1, 1) - c_last.view(1, -1)  # r0 - c1
+    dmax = r_last.view(-1, 1) - c_start.view(1, -1)  # r1 - c0
     some = (dmax >= lo) & (dmin <= hi)
-    whole = (last - start + 1) == tile
-    every = (dmin >= lo) & (dmax <= hi) & whole.view(n, 1) & whole.view(1, n)
+    every = (dmin >= lo) & (dmax <= hi) & r_whole.view(-1, 1) & c_whole.view(1, -1)
     return some & ~every, every
 
 
@@ -198,7 +214,7 @@ def _band(key: tuple) -> tuple[float, float] | None:
     return None
 
 
-def _ordered(blocks: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+def ordered_blocks(blocks: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(num_blocks (1,1,n), indices (1,1,n,n)) int32: each row's kept tile indices first, ascending."""
     num = blocks.sum(-1, dtype=torch.int32)
     idx = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
@@ -209,28 +225,31 @@ _BLOCK_MASKS: dict = {}
 _LOCK = threading.Lock()
 
 
-def _block_mask(key: tuple, seq_len: int, tile: int, device: torch.device):
-    """The cached BlockMask of mask ``key`` (full attention: every tile full, the tail one partial)."""
-    mask_mod = _mask_mod(key, seq_len, str(device))
+def _block_mask(key: tuple, seq_len: int, tile: int, device: torch.device, q_len: int | None = None):
+    """The cached BlockMask of mask ``key`` (full attention: every tile full, the tail one partial),
+    for ``q_len`` queries (default: seq_len; fewer: causal bottom-right aligned) and ``seq_len`` keys."""
+    mask_mod = _mask_mod(key, seq_len, str(device), q_len)
     if mask_mod is None:
         from torch.nn.attention.flex_attention import noop_mask
 
         mask_mod = noop_mask
-    cache_key = (key, seq_len, tile, str(device))
+    cache_key = (key, seq_len, tile, str(device), q_len)
     with _LOCK:
         bm = _BLOCK_MASKS.get(cache_key)
     if bm is None:
         from torch.nn.attention.flex_attention import BlockMask
 
         band = _band(key)
+        shift = seq_len - (q_len or seq_len)  # q_idx - kv_idx >= -shift: bottom-right causal
         if band is not None:
-            partial, full = band_tile_layout(*band, seq_len, tile)
+            partial, full = band_tile_layout(band[0] - shift, band[1] - shift, seq_len, tile, q_len)
         else:
-            partial, full = tile_layout(mask_mod, seq_len, tile, device)
-        kv_num, kv_idx = _ordered(partial, device)
-        full_num, full_idx = _ordered(full, device)
+            partial, full = tile_layout(mask_mod, seq_len, tile, device, q_len)
+        kv_num, kv_idx = ordered_blocks(partial, device)
+        full_num, full_idx = ordered_blocks(full, device)
         bm = BlockMask.from_kv_blocks(
-            kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len)
+            kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tile, mask_mod=mask_mod,
+            seq_lengths=(q_len or seq_len, seq_len)
         )
         with _LOCK:
             bm = _BLOCK_MASKS.setdefault(cache_key, bm)
@@ -248,10 +267,8 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
-def _run(q, k, v, *, causal: bool, params: dict):
-    L = q.shape[-2]
-    key = _mask_key(params, causal)
-    bm = _block_mask(key, L, params.get("tile", 128), q.device)
+def compiled_call(q, k, v, block_mask, enable_gqa: bool):
+    """The compiled flex_attention of (q, k, v) under ``block_mask``."""
     # one specialisation per shape/dtype/mask: raise the recompile limit, and fail rather than
     # silently fall back to eager flex_attention (dense scores) if it is ever hit
     with torch._dynamo.config.patch(
@@ -259,7 +276,14 @@ def _run(q, k, v, *, causal: bool, params: dict):
         accumulated_recompile_limit=RECOMPILE_LIMIT,
         fail_on_recompile_limit_hit=True,
     ):
-        return _compiled()(q, k, v, block_mask=bm, enable_gqa=k.shape[1] != q.shape[1])
+        return _compiled()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def _run(q, k, v, *, causal: bool, params: dict):
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    key = _mask_key(params, causal)
+    bm = _block_mask(key, Lk, params.get("tile", 128), q.device, Lq if Lq != Lk else None)
+    return compiled_call(q, k, v, bm, k.shape[1] != q.shape[1])
 
 
 #: The probe: a tiny case whose compiled kernel is also used by the tests (kept in the cache).
@@ -327,6 +351,8 @@ def _check(case) -> list[str]:
         reasons.append("FlexAttention on CUDA needs head_dim >= 16")
     if case.device == "cuda" and case.params.get("tile", 128) % 128:
         reasons.append("FlexAttention's CUDA kernel needs tile 128 or 256 (a multiple of its BLOCK_M/BLOCK_N)")
+    if getattr(case, "q_len", None) is not None and case.params.get("mask", "none") != "none":
+        reasons.append(f"flex mask {case.params['mask']!r} needs q_len == kv_len; mask 'none' takes other lengths")
     if not reasons:
         why = unavailable(case.device)
         if why:
@@ -365,7 +391,7 @@ for _name, _default in PATTERN_DEFAULTS.items():
     family="compiled",
     exact=True,
     flops=_flops,
-    supports=Supports(devices={"cpu", "cuda"}, dtypes={"float32", "bfloat16", "float16"}),
+    supports=Supports(devices={"cpu", "cuda"}, dtypes={"float32", "bfloat16", "float16"}, non_square=True),
     params=_PARAMS,
     check=_check,
     mask=_case_mask,

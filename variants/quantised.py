@@ -25,7 +25,8 @@ useful gradient).
 * ``kv_quant``: K and V stored as ``bits``-bit integers with one scale per ``group`` values
   (:func:`quantize_kv`, int4 packed two to a byte), dequantised on the fly, then PyTorch's SDPA.
   The helpers are pure functions so a decode path can keep a quantised cache and call
-  :func:`dequantize_kv` per step.
+  :func:`dequantize_kv` per step. It takes decode shapes (``q_len < kv_len``, causal aligned to
+  the bottom right).
 
 Every row carries ``quant_matmul`` (which product ran) and ``emulated`` (True when the timing is
 not that of a low-precision kernel: an emulated int8/FP8 product, or kv_quant's quantise +
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import Param, Supports, attention_flops, register_variant
+from variants.common import causal_sdpa_kwargs
 
 _F32 = torch.float32
 _LOG2E = math.log2(math.e)
@@ -393,7 +395,7 @@ def _kv_check(case) -> list[str]:
     family="quantised",
     exact=False,
     flops=attention_flops,
-    supports=_INFERENCE,
+    supports=Supports(devices={"cpu", "cuda"}, backward=False, non_square=True),
     params={
         "bits": Param(8, choices=(8, 4), help="bits per K/V value (4: two values per byte)"),
         "group": Param(32, min=1, help="consecutive head-dim values per scale"),
@@ -406,4 +408,5 @@ def _kv_check(case) -> list[str]:
 def kv_quant(q, k, v, *, causal, bits=8, group=32):
     kd = dequantize_kv(quantize_kv(k, bits, group), q.dtype)
     vd = dequantize_kv(quantize_kv(v, bits, group), q.dtype)
-    return F.scaled_dot_product_attention(q, kd, vd, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(q, kd, vd, enable_gqa=k.shape[1] != q.shape[1],
+                                          **causal_sdpa_kwargs(q, kd, causal))

@@ -15,7 +15,9 @@ Only a ``block_q × block_k`` score tile per head ever exists, never L×L. All
 batch × kv-head pairs go through one batched matmul per tile; the ``G`` query
 heads sharing a key/value head are stacked as extra rows of the query tile, so
 grouped-query attention never repeats K or V. Causal: key blocks entirely above
-the diagonal are skipped, and only tiles straddling the diagonal are masked.
+the diagonal are skipped, and only tiles straddling the diagonal are masked. With fewer
+queries than keys (decode, chunked prefill) the diagonal is aligned to the bottom right:
+query i sits at position ``Lk - L + i``.
 
 Backward (FlashAttention-2): the forward saves q, k, v, out and the per-row
 log-sum-exp; the backward recomputes each probability tile as
@@ -54,20 +56,21 @@ def _blocks(length: int, block: int):
     return [(s, min(s + block, length)) for s in range(0, length, block)]
 
 
-def _diagonal_mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | None:
-    """Boolean (rows, cols) mask of keys after their query in tile [i0,i1)×[j0,j1), or None if none are."""
-    if j1 - 1 <= i0:
+def _diagonal_mask(i0: int, i1: int, j0: int, j1: int, device, offset: int = 0) -> torch.Tensor | None:
+    """Boolean (rows, cols) mask of keys after their query in tile [i0,i1)×[j0,j1), or None if none are
+    (query i sits at key position i + offset: bottom-right alignment)."""
+    if j1 - 1 <= i0 + offset:
         return None
     rows = torch.arange(i0, i1, device=device).unsqueeze(1)
     cols = torch.arange(j0, j1, device=device).unsqueeze(0)
-    return cols > rows
+    return cols > rows + offset
 
 
-def _key_blocks(i0: int, i1: int, kblocks, causal: bool):
-    """The key blocks query rows [i0, i1) attend: all of them, or those starting at or before i1 - 1."""
+def _key_blocks(i0: int, i1: int, kblocks, causal: bool, offset: int = 0):
+    """The key blocks query rows [i0, i1) attend: all of them, or those starting at or before i1 - 1 + offset."""
     if not causal:
         return kblocks
-    return [(j0, j1) for j0, j1 in kblocks if j0 < i1]
+    return [(j0, j1) for j0, j1 in kblocks if j0 < i1 + offset]
 
 
 class _Tiles:
@@ -122,6 +125,7 @@ def flash_forward(q, k, v, causal: bool, block_q: int, block_k: int, scale: floa
     """
     N, G, L, D = q.shape
     Lk = k.shape[1]
+    offset = Lk - L  # causal: bottom-right aligned
     block_q, block_k = min(block_q, L), min(block_k, Lk)
     low = compute == "input" and q.dtype != _F32
     lo = q.dtype if low else _F32
@@ -138,11 +142,11 @@ def flash_forward(q, k, v, causal: bool, block_q: int, block_k: int, scale: floa
         pv = tiles.get("pv", (N, rows, D), lo)
         m, m_new = tiles.get("m", (N, rows, 1)), tiles.get("m_new", (N, rows, 1))
         l, rowsum = tiles.get("l", (N, rows, 1)), tiles.get("rowsum", (N, rows, 1))
-        for n, (j0, j1) in enumerate(_key_blocks(i0, i1, kblocks, causal)):
+        for n, (j0, j1) in enumerate(_key_blocks(i0, i1, kblocks, causal, offset)):
             s = tiles.get("s", (N, rows, j1 - j0))
             p_low = tiles.get("p_low", (N, rows, j1 - j0), lo) if low else None  # P in the input dtype
             torch.bmm(qs, kf[:, j0:j1].transpose(1, 2), out=s)  # base-2 scores
-            mask = _diagonal_mask(i0, i1, j0, j1, q.device) if causal else None
+            mask = _diagonal_mask(i0, i1, j0, j1, q.device, offset) if causal else None
             if mask is not None:
                 s.view(N, G, i1 - i0, j1 - j0).masked_fill_(mask, float("-inf"))
             if n == 0:
@@ -175,6 +179,7 @@ def flash_backward(q, k, v, out, lse, dout, causal: bool, block_q: int, block_k:
     """FlashAttention-2 backward from the saved log-sum-exp; returns float32 (dq, dk, dv) in the input layouts."""
     N, G, L, D = q.shape
     Lk = k.shape[1]
+    offset = Lk - L
     block_q, block_k = min(block_q, L), min(block_k, Lk)
     kf, vf = k.to(_F32), v.to(_F32)
     dq = torch.empty(N, G, L, D, dtype=_F32, device=q.device)
@@ -191,12 +196,12 @@ def flash_backward(q, k, v, out, lse, dout, causal: bool, block_q: int, block_k:
         lse2 = (lse[:, :, i0:i1] * _LOG2E).view(N, rows, 1)  # base-2 log-sum-exp
         dq_acc = tiles.get("dq", (N, rows, D))
         tmp_q = tiles.get("tmp_q", (N, rows, D))
-        for n, (j0, j1) in enumerate(_key_blocks(i0, i1, kblocks, causal)):
+        for n, (j0, j1) in enumerate(_key_blocks(i0, i1, kblocks, causal, offset)):
             kb, vb = kf[:, j0:j1], vf[:, j0:j1]
             tmp_k = tiles.get("tmp_k", (N, j1 - j0, D))
             p = tiles.get("p", (N, rows, j1 - j0))
             torch.bmm(qs, kb.transpose(1, 2), out=p)
-            mask = _diagonal_mask(i0, i1, j0, j1, q.device) if causal else None
+            mask = _diagonal_mask(i0, i1, j0, j1, q.device, offset) if causal else None
             if mask is not None:
                 p.view(N, G, i1 - i0, j1 - j0).masked_fill_(mask, float("-inf"))
             p.sub_(lse2).exp2_()  # P recomputed from the log-sum-exp
@@ -240,11 +245,12 @@ def _working_set(case) -> float:
     one key-row tile, or (16-bit inputs) the final casts of the gradients.
     """
     B, H, Hkv, L, D = case.batch, case.heads, case.kv_heads, case.seq_len, case.head_dim
-    bq, bk = min(case.params["block_q"], L), min(case.params["block_k"], L)
+    Lq = case.query_len
+    bq, bk = min(case.params["block_q"], Lq), min(case.params["block_k"], L)
     eb, f4 = case.element_bytes, DTYPE_BYTES["float32"]
     rows = B * H * bq  # query rows of one tile, all heads
     half = case.dtype != "float32"
-    out_lse = B * H * L * (D * eb + f4)
+    out_lse = B * H * Lq * (D * eb + f4)
     kv32 = 2 * B * Hkv * L * D * f4 if half else 0
     direct = not half and H == Hkv
     if half and case.params.get("compute", "input") == "input":  # float32 K only; a 16-bit P and P·V tile
@@ -253,7 +259,7 @@ def _working_set(case) -> float:
         fwd = out_lse + kv32 + rows * bk * f4 + rows * D * f4 * (2 if direct else 3)
     if case.mode == "fwd":
         return fwd
-    grad_elems = B * H * L * D + 2 * B * Hkv * L * D
+    grad_elems = B * H * Lq * D + 2 * B * Hkv * L * D
     tiles = 2 * rows * bk * f4 + 5 * rows * D * f4 + B * Hkv * bk * D * f4
     casts = grad_elems * eb if half else 0  # after the loop, when K/V copies and tiles are gone
     bwd = out_lse + grad_elems * f4 + max(kv32 + tiles, casts)
@@ -265,7 +271,7 @@ def _working_set(case) -> float:
     family="memory_efficient",
     exact=True,
     flops=attention_flops,
-    supports=Supports(devices={"cpu", "cuda"}),
+    supports=Supports(devices={"cpu", "cuda"}, non_square=True),
     working_set=_working_set,
     params={
         "block_q": Param(256, min=1, help="query rows per tile"),

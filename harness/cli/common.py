@@ -2,7 +2,8 @@
 
 Exit status: :data:`EXIT_OK` (0) success; :data:`EXIT_FAILED` (1) a run was interrupted or could
 not write its report, or ``compare --fail-on-regression`` found a regression; :data:`EXIT_USAGE`
-(2) bad input (a suite file, arguments, a results directory), one line per problem, no traceback.
+(2) bad input (a suite file, arguments, a results directory), one line per problem, no traceback;
+:data:`EXIT_INCORRECT` (3) ``run --fail-on-incorrect`` and a case gave a wrong answer.
 
 This module imports only the standard library, so building the parser for ``bench --help`` stays cheap.
 """
@@ -13,7 +14,7 @@ import argparse
 import math
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCORRECT = 0, 1, 2, 3
 #: ``bench compare --fail-on-regression``: something regressed or now fails.
 EXIT_REGRESSED = EXIT_FAILED
 

@@ -15,8 +15,8 @@ from harness import __version__
 from harness.cli.common import EXIT_USAGE, Parser
 
 #: Modules that add subcommands, in the order ``bench --help`` lists them.
-COMMAND_MODULES: list[str] = ["harness.cli.run", "harness.cli.measure", "harness.cli.regression", "harness.cli.export",
-                             "harness.cli.site"]
+COMMAND_MODULES: list[str] = ["harness.cli.run", "harness.cli.profile", "harness.cli.measure", "harness.cli.regression", "harness.cli.export",
+                             "harness.cli.site", "harness.cli.scale"]
 
 
 def build_parser() -> Parser:
@@ -29,9 +29,6 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.measure.environment import pin_allocator  # no torch: it only sets an environment variable
-
-    pin_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -39,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from harness.core.registry import RegistryError
     from harness.engine.lifecycle import ResumeError
+    from harness.engine.merge import MergeError
+    from harness.engine.shard import ShardError
     from harness.engine.store import StoreError
     from harness.engine.suite import SuiteError
 
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_USAGE
-    except (RegistryError, StoreError, ResumeError, FileExistsError) as exc:
+    except (RegistryError, StoreError, ResumeError, FileExistsError, MergeError, ShardError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

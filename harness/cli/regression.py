@@ -43,6 +43,9 @@ def register(sub) -> None:
                           "when both are runnable here; keep only the verdicts the re-run shows again")
     cmp.add_argument("--confirm-rounds", type=int, default=8, metavar="N",
                      help="interleaved rounds per side for --confirm (default 8)")
+    cmp.add_argument("--trust-plugins", action="store_true",
+                     help="with --confirm: also import plugins the runs' suites name that are not their commits' "
+                          "code (listed first; see the README's 'Sharing results safely')")
     cmp.add_argument("--time-threshold", type=fraction, metavar="F", help="smallest time change that counts (default 5%%)")
     cmp.add_argument("--memory-threshold", type=fraction, metavar="F", help="smallest memory change that counts (default 10%%)")
     cmp.add_argument("--alpha", type=fraction, metavar="F", help="false-discovery rate across the cases (default 0.05)")
@@ -135,7 +138,7 @@ def cmd_compare(args) -> int:
     if args.confirm:
         if args.confirm_rounds < 1:
             return _usage("bench compare: --confirm-rounds must be at least 1")
-        result = confirm(comparison, rounds=args.confirm_rounds)
+        result = confirm(comparison, rounds=args.confirm_rounds, trust_plugins=args.trust_plugins)
         print(f"confirm: {result['message']}", file=sys.stderr)
 
     if args.format == "json":

@@ -11,21 +11,26 @@ import json
 import sys
 from pathlib import Path
 
-from harness.cli.common import EXIT_FAILED, EXIT_OK, positive_number
+from harness.cli.common import EXIT_FAILED, EXIT_INCORRECT, EXIT_OK, EXIT_USAGE, positive_int, positive_number
 
 
 def register(sub) -> None:
-    from harness.core.config import RUN
+    from harness.core.config import RUN, TIMING
 
     run = sub.add_parser("run", help="run a suite file and write results and a report")
     run.add_argument("suite", help="suite TOML file")
     run.add_argument("-o", "--output", metavar="DIR", help="run directory (default results/runs/<run_id>)")
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (same suite)")
     run.add_argument("--dry-run", action="store_true", help="check the suite and list its cases; run nothing")
+    run.add_argument("--only", metavar="PATTERN", help="run only the cases whose label (as --dry-run lists them) "
+                     "has every word of PATTERN (globs allowed), or whose case id starts with it")
     run.set_defaults(handler=cmd_run)
 
     res = sub.add_parser("resume", help="continue an interrupted run with the suite it started with")
     res.add_argument("run_dir", help="run directory")
+    res.add_argument("--trust-plugins", action="store_true",
+                     help="also import plugins the recorded suite names that are not this checkout's code "
+                          "(listed first; see the README's 'Sharing results safely')")
     res.set_defaults(handler=cmd_resume)
 
     for p in (run, res):
@@ -34,10 +39,23 @@ def register(sub) -> None:
         p.add_argument("--isolation", choices=RUN["isolation"].choices, help=RUN["isolation"].help)
         p.add_argument("--case-timeout", type=positive_number, metavar="S",
                        help="per-case timeout in seconds (isolation only)")
+        p.add_argument("--processes", type=positive_int, metavar="N",
+                       help=TIMING["processes"].help + f" (default: the suite's [timing] processes, else "
+                            f"{TIMING['processes'].default})")
+        p.add_argument("--allocator", choices=RUN["allocator"].choices, help=RUN["allocator"].help)
+        p.add_argument("--fail-on-incorrect", action="store_true",
+                       help=f"exit status {EXIT_INCORRECT} when any case gives a wrong answer (status incorrect)")
         p.add_argument("-v", "--verbose", action="store_true", help="one line per finished case")
         p.add_argument("-q", "--quiet", action="store_true",
                        help="plain progress lines (every 10%% of cases) instead of the bar")
         p.add_argument("--no-report", action="store_true", help="skip writing report.html")
+        p.add_argument("--profile", action="store_true", default=None,
+                       help="also profile every case: one more call under torch.profiler after its timing "
+                            "(RUN/profile.parquet, RUN/traces/; see bench profile)")
+
+    from harness.cli.scale import add_run_arguments
+
+    add_run_arguments(run, res)  # --executor, --ray-address; --shard (harness.cli.scale)
 
     ls = sub.add_parser("list", help="list registered variants and their capabilities")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -52,30 +70,62 @@ def register(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from harness.engine.suite import expand_cases
+    from harness.cli.scale import chosen_cases, record_shard
     from harness.engine import lifecycle
     from harness.engine.suite import load_suite
 
-    suite = load_suite(args.suite)
+    suite = _with_options(load_suite(args.suite), args)
+    if (problem := lifecycle.option_problem(suite, args.isolation)) is not None:
+        print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    if args.only and args.resume:
+        print("bench run: --only cannot be combined with --resume (a run resumes the cases it started with)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    cases, shard = chosen_cases(suite, args, select_cases)  # --only, --shard (harness.cli.scale)
     if args.dry_run:
-        cases = expand_cases(suite)
         for case in cases:
             print(case.label())
         print(f"suite {suite.name}: {len(cases)} cases (dry run: nothing was run)", file=sys.stderr)
         return EXIT_OK
     if args.resume:
         suite, todo, writer = lifecycle.resume_run(Path(args.resume), suite)
-        return _execute(suite, todo, writer, args, resumed=True)
-    cases = expand_cases(suite)
+        return _execute(_with_options(suite, args), todo, writer, args, resumed=True)
     writer = lifecycle.start_run(suite, Path(args.output) if args.output else None, cases)
+    record_shard(writer, shard)
     return _execute(suite, cases, writer, args)
+
+
+def select_cases(suite, pattern: str | None):
+    """The suite's cases, or those matching ``pattern`` (:mod:`harness.core.patterns`); a SuiteError
+    (one line, exit status 2) when none does."""
+    from harness.core.patterns import select_cases as matching
+    from harness.engine.suite import SuiteError, expand_cases
+
+    cases = expand_cases(suite)
+    if pattern is None:
+        return cases
+    chosen = matching(cases, pattern)
+    if not chosen:
+        where = suite.path or suite.name
+        raise SuiteError([f"{where}: no case matches {pattern!r} (list them: bench run {where} --dry-run)"])
+    return chosen
 
 
 def cmd_resume(args) -> int:
     from harness.engine.lifecycle import resume_run
 
-    suite, todo, writer = resume_run(Path(args.run_dir))
-    return _execute(suite, todo, writer, args, resumed=True)
+    suite, todo, writer = resume_run(Path(args.run_dir), trust_plugins=args.trust_plugins)
+    return _execute(_with_options(suite, args), todo, writer, args, resumed=True)
+
+
+def _with_options(suite, args):
+    """The suite with the command line's ``--processes`` and ``--allocator``, where given."""
+    from harness.cli.scale import with_executor
+    from harness.engine.lifecycle import with_options
+
+    suite = with_options(suite, processes=getattr(args, "processes", None), allocator=getattr(args, "allocator", None))
+    return with_executor(suite, args)  # --executor, --ray-address
 
 
 def _execute(suite, cases, writer, args, resumed: bool = False) -> int:
@@ -83,12 +133,18 @@ def _execute(suite, cases, writer, args, resumed: bool = False) -> int:
     from harness.engine.lifecycle import execute
     from harness.engine.progress import make_progress
 
+    from harness.engine.lifecycle import option_problem
+
+    if (problem := option_problem(suite, args.isolation)) is not None:
+        print(problem, file=sys.stderr)
+        return EXIT_USAGE
     verb = "resuming" if resumed else "running"
     total = len(writer.meta.get("case_ids", cases))
     print(f"suite {suite.name}: {verb} {len(cases)} of {total} cases → {writer.dir}", file=sys.stderr)
     with make_progress(len(cases), verbose=args.verbose, quiet=args.quiet) as progress:
         outcome = execute(suite, cases, writer, progress=progress, isolation=args.isolation,
-                          case_timeout_s=args.case_timeout, memory_budget_gib=args.memory_budget_gib)
+                          case_timeout_s=args.case_timeout, memory_budget_gib=args.memory_budget_gib,
+                          profile=getattr(args, "profile", None))
     _print_summary(outcome.rows)
     if not args.quiet:  # the headline numbers: variants × lengths per configuration
         from reports.terminal import print_headline
@@ -100,6 +156,8 @@ def _execute(suite, cases, writer, args, resumed: bool = False) -> int:
     if outcome.interrupted is not None:
         print(f"interrupted: resume with  bench resume {writer.dir}", file=sys.stderr)
         return EXIT_FAILED
+    if getattr(args, "fail_on_incorrect", False) and _incorrect(outcome.rows):
+        return EXIT_INCORRECT
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -122,6 +180,25 @@ def _print_summary(rows) -> None:
         return
     counts = rows["status"].value_counts()
     print("cases: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=sys.stderr)
+    wrong = _incorrect(rows)
+    for label, reason in wrong[:MAX_INCORRECT_LINES]:
+        print(f"incorrect: {label}: {reason}", file=sys.stderr)
+    if len(wrong) > MAX_INCORRECT_LINES:
+        print(f"incorrect: … and {len(wrong) - MAX_INCORRECT_LINES} more (status incorrect in the results)",
+              file=sys.stderr)
+
+
+#: At most this many wrong answers are listed after a run (all are in the results).
+MAX_INCORRECT_LINES = 10
+
+
+def _incorrect(rows) -> list[tuple[str, str]]:
+    """(label, reason) of every row whose answer was wrong (status ``incorrect``)."""
+    from harness.regression.labels import row_label
+
+    if rows.empty or "status" not in rows:
+        return []
+    return [(row_label(r), str(r.get("reason") or "")) for r in rows[rows["status"] == "incorrect"].to_dict("records")]
 
 
 def cmd_list(args) -> int:

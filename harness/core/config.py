@@ -19,9 +19,10 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from harness.core.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, MODES
+from harness.core import lengths
+from harness.core.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, KV_LAYOUTS, MODES
 
 #: How a value's type is named in messages (TOML's names).
 _TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
@@ -58,6 +59,10 @@ class Key:
     lt: float | None = None
     choices: tuple[str, ...] = ()
     names: str = "name"
+    #: a validator of its own, ``value -> (value to use, problem or None)``, instead of type and range
+    parse: Callable[[Any], tuple[Any, str | None]] | None = None
+    #: a list of integers is one value of this key (``lengths = [100, 7, 512]``), not a sweep of them
+    list_value: bool = False
 
     @property
     def annotation(self) -> str:
@@ -74,6 +79,8 @@ class Key:
 
     def check(self, value: Any) -> tuple[Any, str | None]:
         """(the value to use, None) or (value, problem); integers are accepted where a number is."""
+        if self.parse is not None:
+            return self.parse(value)
         if self.type is dict:
             return self._check_table(value)
         return self._check_scalar(value, self.type, self.choices)
@@ -191,6 +198,9 @@ class Table:
         return cls
 
 
+#: ``[timing] processes`` by default: see harness.engine.lifecycle.run_cases and the README.
+DEFAULT_PROCESSES = 2
+
 #: ``[timing]``: how each case is timed (harness.measure.timing).
 TIMING = Table("timing", (
     Key("warmup", int, 3, "warm-up calls (the first call is timed separately)", ge=0),
@@ -205,6 +215,9 @@ TIMING = Table("timing", (
     Key("rotate_inputs", bool, True, "rotate copies of the inputs when one set fits in the last-level cache"),
     Key("cuda_graph", bool, False, "CUDA: time a captured CUDA graph's replay"),
     Key("flush_l2", bool, True, "CUDA: overwrite a buffer larger than L2 before every sample"),
+    Key("processes", int, DEFAULT_PROCESSES,
+        "fresh worker processes that time each case, one round each; the time is the median of their "
+        "medians, and the row says whether they agree (stable)", ge=1),
 ), orders=(Order("min_reps", "<=", "max_reps"), Order("max_time_s", ">=", "min_time_s")))
 
 #: ``[run]``: how cases are executed (harness.engine.lifecycle, harness.engine.executors).
@@ -212,9 +225,22 @@ RUN = Table("run", (
     Key("isolation", str, "process",
         "process: each case in a reusable worker process, which survives crashes | none: in the bench process",
         choices=("process", "none")),
+    Key("executor", str, "process",
+        "process: cases one after another on this machine | ray: each case a Ray task on any node of a Ray "
+        "cluster (or a local Ray), in its own worker process there (harness.engine.rayexec)",
+        choices=("process", "ray")),
+    Key("ray_address", str, None, "the Ray cluster to send cases to (default: RAY_ADDRESS, else a local Ray "
+        "started for the run)"),
     Key("case_timeout_s", float, 900.0, "a case with no result by then is killed: status timeout", gt=0),
     Key("memory_budget_gib", float, None,
         "skip cases whose estimated working set exceeds this (default: 60% of available memory)", gt=0),
+    Key("allocator", str, "default",
+        "default: the workers measure in your environment as it is | thp: THP_MEM_ALLOC_ENABLE=1 in the worker "
+        "processes (page-aligned, huge-page CPU allocations; needs isolation = process)", choices=("default", "thp")),
+    Key("profile", object, False, "profile every case (true) or those of these variants (an array of names) after "
+        "timing them: one call under torch.profiler (harness.measure.profile)", parse=lambda v: (v, None if isinstance(
+            v, bool) or (isinstance(v, list) and all(isinstance(x, str) for x in v)) else "expected true, false or an "
+            f"array of variant names, got {type_name(v)} {v!r}")),
 ))
 
 #: Tolerances of an exact variant's error growth, by dtype (about one unit roundoff; 8 for float32).
@@ -242,6 +268,13 @@ SWEEP = Table("sweep", (
     Key("dtype", str, AXES["dtype"], "element type of q, k, v", choices=DTYPES),
     Key("causal", bool, AXES["causal"], "causal masking"),
     Key("inputs", str, AXES["inputs"], "input distribution (see the README's Inputs)", choices=INPUT_KINDS),
+    Key("q_len", int, AXES["q_len"], "query length (1: decode); with kv_len, instead of seq_len", ge=1),
+    Key("kv_len", int, AXES["kv_len"], "key/value (cache) length; with q_len, instead of seq_len", ge=1),
+    Key("kv_layout", str, AXES["kv_layout"], "KV cache layout: contiguous, or paged (a pool of pages and a "
+        "block table)", choices=KV_LAYOUTS),
+    Key("page_size", int, AXES["page_size"], "tokens per page of a paged KV cache", ge=1),
+    Key("lengths", str, AXES["lengths"], "per-sequence lengths: fixed, uniform, zipf, or a list (the maximum: "
+        "seq_len or kv_len)", parse=lengths.parse, list_value=True),
 ))
 
 TABLES: dict[str, Table] = {t.name: t for t in (TIMING, RUN, COMPARE, SWEEP)}

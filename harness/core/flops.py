@@ -6,6 +6,12 @@ attends L² pairs; causal counts L²/2 (the FlashAttention convention, although
 the real lower triangle has L(L+1)/2). Patterned variants (sliding window,
 block-sparse) count the pairs they really attend. The backward pass counts
 2.5× the forward (FlashAttention's convention), so ``fwd_bwd`` counts 3.5×.
+
+Inference shapes count the real pairs: queries and keys of different lengths (decode, chunked
+prefill, cross-attention) and variable-length batches attend, per sequence, ``q·kv`` pairs, or
+with causal masking (bottom-right aligned) ``q·(kv − q) + q(q+1)/2``, summed over the batch
+(:func:`harness.core.lengths.pairs`); only the square, fixed-length causal case keeps the L²/2
+convention.
 """
 
 from __future__ import annotations
@@ -29,9 +35,20 @@ def pair_flops(case: "Case", pairs: float) -> float:
     return 4.0 * case.batch * case.heads * case.head_dim * pairs
 
 
+def case_pairs(case: "Case") -> float:
+    """Attended (query, key) pairs per head, averaged over the batch's sequences: the dense
+    convention for a square fixed-length case, else the real pairs (see the module doc)."""
+    if case.q_len is None and case.lengths == "fixed":
+        return dense_pairs(case.seq_len, case.causal)
+    from harness.core.lengths import case_lengths, pairs
+
+    q_lens, kv_lens = case_lengths(case)
+    return sum(pairs(q, kv, case.causal) for q, kv in zip(q_lens, kv_lens)) / case.batch
+
+
 def attention_flops(case: "Case") -> float:
-    """Forward FLOPs of exact dense attention (causal counts half)."""
-    return pair_flops(case, dense_pairs(case.seq_len, case.causal))
+    """Forward FLOPs of exact attention over the case's pairs (square causal counts half)."""
+    return pair_flops(case, case_pairs(case))
 
 
 def total_flops(forward_flops: float, mode: str) -> float:

@@ -18,7 +18,7 @@ MaskMod = Callable[..., torch.Tensor]
 
 
 def causal(b, h, q_idx, kv_idx):
-    """Query i sees keys j <= i."""
+    """Query i sees keys j <= i (equal query and key lengths; otherwise :func:`bottom_right_causal`)."""
     return q_idx >= kv_idx
 
 
@@ -71,3 +71,43 @@ def pairs(mask_mod: MaskMod | None, seq_len: int, chunk: int = 1024) -> int:
         rows = torch.arange(start, min(start + chunk, seq_len))
         total += int(dense_mask(mask_mod, rows, seq_len).sum())
     return total
+
+
+def bottom_right_causal(q_len: int, kv_len: int) -> MaskMod:
+    """Causal masking aligned to the bottom right: query i sits at position ``kv_len - q_len + i``
+    and sees keys j <= that (FlashAttention's and FlexAttention's decode convention). Equal lengths:
+    :func:`causal` itself. PyTorch's ``is_causal=True`` aligns to the top left instead."""
+    offset = kv_len - q_len
+    if offset == 0:
+        return causal
+
+    def bottom_right(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    bottom_right.__name__ = f"causal_bottom_right_{offset}"
+    return bottom_right
+
+
+def lengths_mask(q_lens, kv_lens, causal_: bool) -> MaskMod:
+    """Variable-length batch: in sequence ``b`` query i < q_lens[b] sees key j < kv_lens[b] (and, when
+    causal, j <= i + kv_lens[b] - q_lens[b]: bottom-right aligned per sequence). Padding queries see nothing."""
+    q_lens, kv_lens = torch.as_tensor(q_lens), torch.as_tensor(kv_lens)
+
+    def within_lengths(b, h, q_idx, kv_idx):
+        ql, kl = q_lens.to(q_idx.device)[b], kv_lens.to(q_idx.device)[b]
+        keep = (q_idx < ql) & (kv_idx < kl)
+        return keep & (q_idx + (kl - ql) >= kv_idx) if causal_ else keep
+
+    return within_lengths
+
+
+def case_mask(case) -> MaskMod | None:
+    """The mask of a case's own shape: none, causal (bottom-right when ``q_len < seq_len``), or, for
+    a variable-length batch, :func:`lengths_mask` of its lengths (:mod:`harness.core.lengths`)."""
+    from harness.core.lengths import case_lengths
+
+    q_len = case.q_len if case.q_len is not None else case.seq_len
+    if case.lengths == "fixed":
+        return bottom_right_causal(q_len, case.seq_len) if case.causal else None
+    q_lens, kv_lens = case_lengths(case)
+    return lengths_mask(q_lens, kv_lens, case.causal)

@@ -36,7 +36,9 @@ violates and every ``check`` reason, all at once, as in xformers' operators).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import threading
@@ -113,6 +115,8 @@ class Param:
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not acceptable for this parameter, or None."""
         kind = self.kind
+        if any(value == c and type(value) is type(c) for c in self.choices):  # choices may mix types ("auto", 4)
+            return None
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -136,10 +140,17 @@ class Supports:
     backward: bool = True
     min_head_dim: int | None = None
     max_head_dim: int | None = None
+    #: queries and keys of different lengths (q_len != kv_len), causal aligned to the bottom right
+    non_square: bool = False
+    #: variable-length batches: takes ``q_lens``/``kv_lens`` keyword arguments
+    varlen: bool = False
+    #: the KV cache layouts it reads: contiguous tensors, or paged pools with a ``block_table``
+    kv_layouts: frozenset[str] = frozenset({"contiguous"})
 
     def __post_init__(self):
         object.__setattr__(self, "devices", frozenset(self.devices))
         object.__setattr__(self, "dtypes", frozenset(self.dtypes))
+        object.__setattr__(self, "kv_layouts", frozenset(self.kv_layouts))
 
 
 FlopFn = Callable[["Case"], float]
@@ -166,9 +177,17 @@ class Variant:
     columns: Callable[["Case"], dict[str, Any]] | None = None
     baseline: bool = False
     source: str = "builtin"
+    #: the variant's own output tolerances by dtype, (max abs, rel), over the harness's defaults
+    #: (harness.measure.reference.TOLERANCE); None: the defaults
+    tolerance: dict[str, tuple[float, float]] | None = None
 
     def __call__(self, q, k, v, *, causal: bool = False, **params):
         return self.fn(q, k, v, causal=causal, **params)
+
+    def with_inputs(self, extra: dict[str, Any]) -> "Variant":
+        """This variant with ``extra`` keyword inputs (``q_lens``, ``kv_lens``, ``block_table`` of an
+        inference-shaped case, :func:`harness.measure.inputs.layout_inputs`) passed on every call."""
+        return dataclasses.replace(self, fn=functools.partial(self.fn, **extra)) if extra else self
 
     def not_supported_reasons(self, case: "Case") -> list[str]:
         """Human-readable reasons this variant cannot run ``case`` (empty: it can).
@@ -195,6 +214,7 @@ class Variant:
             reasons.append(f"{self.name} supports head_dim >= {s.min_head_dim}, not {case.head_dim}")
         if case.mode not in MODES:
             reasons.append(f"unknown mode {case.mode}")
+        reasons.extend(_inference_reasons(self.name, s, case))
         if self.check is not None:
             reasons.extend(r for r in self.check(case) if r not in reasons)
         return reasons
@@ -205,7 +225,7 @@ class Variant:
 
         if self.mask is not None:
             return self.mask(case)
-        return masks.causal if case.causal else None
+        return masks.case_mask(case)
 
     def describe(self) -> dict[str, Any]:
         s = self.supports
@@ -221,10 +241,27 @@ class Variant:
             "gqa": s.gqa,
             "backward": s.backward,
             "head_dim": _head_dim_range(s),
+            "non_square": s.non_square,
+            "varlen": s.varlen,
+            "kv_layouts": sorted(s.kv_layouts),
             "params": {n: p.default for n, p in self.params.items()},
             "description": self.description,
             "source": self.source,
         }
+
+
+def _inference_reasons(name: str, s: Supports, case: "Case") -> list[str]:
+    """Why ``case``'s inference shape (q_len, lengths, kv_layout) is beyond what ``s`` declares."""
+    reasons = []
+    if getattr(case, "q_len", None) is not None and not s.non_square:
+        reasons.append(f"{name} needs q_len == kv_len (self-attention of equal lengths), "
+                       f"not q_len={case.q_len}, kv_len={case.seq_len}")
+    if getattr(case, "lengths", "fixed") != "fixed" and not s.varlen:
+        reasons.append(f"{name} does not take variable-length batches (lengths = {case.lengths})")
+    layout = getattr(case, "kv_layout", "contiguous")
+    if layout not in s.kv_layouts:
+        reasons.append(f"{name} reads a {'/'.join(sorted(s.kv_layouts))} KV cache, not a {layout} one")
+    return reasons
 
 
 def _head_dim_range(s: Supports) -> str:
@@ -232,6 +269,19 @@ def _head_dim_range(s: Supports) -> str:
     if lo is None and hi is None:
         return "any"
     return f"{lo or 1}..{hi if hi is not None else ''}"
+
+
+def tolerance_problem(tolerance: Any) -> str | None:
+    """Why ``tolerance`` is not ``{dtype: (max abs, rel)}`` with non-negative numbers, or None."""
+    if not isinstance(tolerance, dict):
+        return f"tolerance must be a dict {{dtype: (max abs, rel)}}, got {type(tolerance).__name__}"
+    for dtype, pair in tolerance.items():
+        if dtype not in DTYPES:
+            return f"tolerance: unknown dtype {dtype!r}; one of {', '.join(DTYPES)}"
+        if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in pair)):
+            return f"tolerance[{dtype!r}] must be (max abs, rel), two numbers >= 0, got {pair!r}"
+    return None
 
 
 _REGISTRY: dict[str, Variant] = {}
@@ -254,11 +304,17 @@ def register_variant(
     working_set: BytesFn | None = None,
     columns: Callable[["Case"], dict[str, Any]] | None = None,
     baseline: bool = False,
+    tolerance: dict[str, tuple[float, float]] | None = None,
 ):
     """Decorator: register ``fn`` as attention variant ``name``; returns the :class:`Variant`.
 
+    ``tolerance``: ``{dtype: (max abs, rel)}``, the error against the float64 reference beyond
+    which an exact variant's answer is ``incorrect``, where the harness's default for that dtype
+    does not fit the algorithm (e.g. ``{"bfloat16": (0.05, 0.02)}``).
+
     Raises RegistryError (one line) for an unknown family, a missing ``flops`` where no
-    default applies, a non-exact baseline, or a name that is already registered.
+    default applies, a non-exact baseline, a malformed ``tolerance``, or a name that is already
+    registered.
     """
     problem = family_problem(family)
     if problem is None and flops is None and not exact:
@@ -267,6 +323,8 @@ def register_variant(
         problem = "a variant with a mask must declare flops= (e.g. pair_flops(case, attended pairs))"
     if problem is None and baseline and not exact:
         problem = "only an exact variant can be a baseline"
+    if problem is None and tolerance is not None:
+        problem = tolerance_problem(tolerance)
     if problem is not None:
         raise RegistryError(f"variant {name!r} from {_CURRENT_SOURCE[-1]}: {problem}")
 
@@ -292,6 +350,7 @@ def register_variant(
                 columns=columns,
                 baseline=bool(baseline),
                 source=_CURRENT_SOURCE[-1],
+                tolerance={d: (float(a), float(r)) for d, (a, r) in tolerance.items()} if tolerance else None,
             )
             _REGISTRY[name] = variant
             return variant

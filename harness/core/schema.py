@@ -7,7 +7,7 @@ the runner's rows (:func:`base_row`, :func:`empty_row`), the store's Parquet typ
 (:func:`arrow_schema`), the report's table and the pytest-benchmark export.
 
 Groups: ``identity`` (what was measured; :class:`harness.core.cases.Case` and the run),
-``outcome``, ``time``, ``work``, ``roofline``, ``telemetry``, ``memory``, ``accuracy``,
+``outcome``, ``time``, ``stability`` (the case timed in several processes: do they agree?), ``work``, ``roofline``, ``telemetry``, ``memory``, ``accuracy``,
 ``environment``, ``record`` (bookkeeping of the store). A variant may add columns of its own
 (``columns(case)`` of ``register_variant``, e.g. ``density``); those are not declared here
 (group ``extra``, see :func:`group_of`) and keep the types they are written with.
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from harness.core.cases import Case
 
 DTYPES = ("string", "int64", "float64", "bool")
-GROUPS = ("identity", "outcome", "time", "work", "roofline", "telemetry", "memory", "accuracy", "environment",
-          "record")
+GROUPS = ("identity", "outcome", "time", "stability", "work", "roofline", "telemetry", "memory", "accuracy",
+          "environment", "record")
 #: The group of a column this schema does not declare (a variant's own).
 EXTRA = "extra"
 
@@ -75,11 +75,19 @@ COLUMNS: tuple[Column, ...] = (
     _c("head_dim", "int64", "", "identity", "head dimension D"),
     _c("causal", "bool", "", "identity", "causal masking"),
     _c("inputs", "string", "", "identity", "input distribution: gaussian or structured"),
+    _c("q_len", "int64", "tokens", "identity", "query length when it differs from seq_len (then the key/value "
+       "length; 1: decode); empty: the same"),
+    _c("kv_layout", "string", "", "identity", "KV cache layout: contiguous or paged"),
+    _c("page_size", "int64", "tokens", "identity", "tokens per page of a paged KV cache (empty: contiguous)"),
+    _c("lengths", "string", "", "identity", "per-sequence lengths: fixed, uniform, zipf or a list (max: seq_len)"),
     # outcome
-    _c("status", "string", "", "outcome", "ok, skipped, error, oom, crash or timeout"),
+    _c("status", "string", "", "outcome",
+       "ok, incorrect (a wrong answer; its time is kept), skipped, error, oom, cuda_error, crash or timeout"),
     _c("reason", "string", "", "outcome", "why the case is not ok (empty when ok)"),
+    _c("phase_note", "string", "", "outcome",
+       "a step after timing (memory, flops, accuracy) that failed, and why: its columns are empty"),
     # time
-    _c("time_ms", "float64", "ms", "time", "median time of one call"),
+    _c("time_ms", "float64", "ms", "time", "median time of one call (several processes: the median of their medians)"),
     _c("time_ms_p10", "float64", "ms", "time", "10th percentile of the samples"),
     _c("time_ms_p90", "float64", "ms", "time", "90th percentile of the samples"),
     _c("reps", "int64", "", "time", "timing samples taken"),
@@ -91,12 +99,29 @@ COLUMNS: tuple[Column, ...] = (
     _c("input_sets", "int64", "", "time", "copies of the inputs the calls rotated through"),
     _c("timing_method", "string", "", "time", "perf_counter, cuda_events or cuda_graph"),
     _c("timing_note", "string", "", "time", "anything the timing's reader should know"),
+    _c("host_ms", "float64", "ms", "time", "CUDA: CPU time spent issuing one call", report_extra=True),
+    _c("host_bound", "bool", "", "time", "CUDA: issuing took about as long as the GPU work, so the events include host overhead"),
+    # stability (harness.measure.stability)
+    _c("processes", "int64", "", "stability", "fresh worker processes that timed the case, one round each"),
+    _c("time_ms_process_min", "float64", "ms", "stability", "smallest per-process median"),
+    _c("time_ms_process_max", "float64", "ms", "stability", "largest per-process median"),
+    _c("time_process_spread", "float64", "", "stability",
+       "(largest − smallest per-process median) / time_ms; empty with one process"),
+    _c("stable", "bool", "", "stability",
+       "whether the processes' intervals of the median (at least ±2.5%) all overlap; empty with one process"),
+    _c("stability_note", "string", "", "stability", "why not stable: the modes, e.g. two modes: 8.4 ms (2 processes) "
+       "and 41.4 ms (1 process)"),
     # work
     _c("flops", "float64", "FLOP", "work", "analytic FLOPs of one call (FlashAttention's convention)"),
     _c("tflops_per_s", "float64", "TFLOP/s", "work", "flops over the median time"),
     _c("flops_counted", "float64", "FLOP", "work", "FLOPs counted by FlopCounterMode (empty when it cannot)"),
     _c("flops_counted_ratio", "float64", "", "work", "flops_counted / flops", report_extra=True),
     _c("flops_counted_note", "string", "", "work", "why flops_counted is empty or differs from the convention"),
+    _c("useful_flops", "float64", "FLOP", "work", "FLOPs of the real (query, key) pairs, where flops counts "
+       "padding (padded variable-length variants)", report_extra=True),
+    _c("useful_fraction", "float64", "", "work", "useful_flops / flops", report_extra=True),
+    _c("tokens_per_s", "float64", "tokens/s", "work", "query tokens (all sequences) per second, for "
+       "inference-shaped cases (decode: batch·q_len / time)", report_extra=True),
     # roofline
     _c("min_bytes", "float64", "bytes", "roofline", "least traffic of a call: inputs read once, outputs written once"),
     _c("arith_intensity", "float64", "FLOP/byte", "roofline", "flops / min_bytes"),
@@ -105,6 +130,12 @@ COLUMNS: tuple[Column, ...] = (
     _c("pct_of_peak", "float64", "%", "roofline", "tflops_per_s as a percentage of peak_tflops_per_s"),
     _c("attainable_tflops_per_s", "float64", "TFLOP/s", "roofline", "min(peak, intensity · bandwidth)"),
     _c("roofline_note", "string", "", "roofline", "why the roofline columns are empty or approximate"),
+    _c("kv_bytes", "float64", "bytes", "roofline", "bytes of the K/V cache a call must read (real tokens)",
+       report_extra=True),
+    _c("achieved_bandwidth", "float64", "bytes/s", "roofline", "kv_bytes over the median time",
+       report_extra=True),
+    _c("pct_of_bandwidth", "float64", "%", "roofline", "achieved_bandwidth as a percentage of the measured "
+       "copy bandwidth (peak_gb_per_s)", report_extra=True),
     # telemetry
     _c("power_w", "float64", "W", "telemetry", f"mean board power during the case ({_TELEMETRY})", report_extra=True),
     _c("power_w_max", "float64", "W", "telemetry", "highest sampled board power", report_extra=True),
@@ -115,10 +146,13 @@ COLUMNS: tuple[Column, ...] = (
     _c("gpu_util_pct", "float64", "%", "telemetry", "mean GPU utilisation", report_extra=True),
     _c("mem_util_pct", "float64", "%", "telemetry", "mean memory-controller utilisation", report_extra=True),
     _c("throttle_reasons", "string", "", "telemetry", "comma-separated NVML clock-event reasons seen"),
-    _c("throttled", "bool", "", "telemetry", "a reason that makes the timing suspect was seen"),
+    _c("throttled", "bool", "", "telemetry", "a reason that makes the timing suspect was seen (samples or counters)"),
+    _c("throttle_time_ms", "float64", "ms", "telemetry", "time NVML's violation counters grew during the timing", report_extra=True),
     _c("energy_j", "float64", "J", "telemetry", "energy of one call", report_extra=True),
     _c("tokens_per_joule", "float64", "tokens/J", "telemetry", "B·L / energy_j", report_extra=True),
     _c("energy_source", "string", "", "telemetry", "energy_counter or power_integral"),
+    _c("energy_power_w", "float64", "W", "telemetry", "mean board power during the energy loop", report_extra=True),
+    _c("energy_throttled", "bool", "", "telemetry", "the energy loop (not the timing) was throttled"),
     _c("telemetry_samples", "int64", "", "telemetry", "NVML samples taken during the case"),
     _c("telemetry_note", "string", "", "telemetry", "why telemetry is empty or partial"),
     # memory
@@ -130,6 +164,9 @@ COLUMNS: tuple[Column, ...] = (
     _c("grad_rel_err", "float64", "", "accuracy", "largest rel_err of dq, dk, dv (backward modes, L ≤ 2048)"),
     # environment
     _c("threads", "int64", "", "environment", "torch intra-op threads"),
+    _c("host", "string", "", "environment", "host name of the machine the case ran on"),
+    _c("machine_fingerprint", "string", "", "environment", "fingerprint of that machine (CPU, cores, memory, "
+       "GPU; as run.json's): a run across several machines is reported and compared per machine"),
     # added when the row is recorded
     _c("run_id", "string", "", "identity", "the run the row belongs to", per_case=False),
     _c("suite", "string", "", "identity", "the suite's name", per_case=False),
@@ -189,7 +226,8 @@ def base_row(case: "Case", family: str | None = None, exact: bool | None = None,
         case_id=case.case_id, variant=case.variant, family=family, exact=exact, params=case.params_json,
         device=case.device, dtype=case.dtype, mode=case.mode, batch=case.batch, heads=case.heads,
         kv_heads=case.kv_heads, seq_len=case.seq_len, head_dim=case.head_dim, causal=case.causal,
-        inputs=case.inputs, threads=threads,
+        inputs=case.inputs, q_len=case.q_len, kv_layout=case.kv_layout, page_size=case.page_size,
+        lengths=case.lengths, threads=threads,
     )
     return row
 
@@ -247,3 +285,5 @@ class CaseResult:
 
     row: dict[str, Any]
     samples_s: list[float]
+    #: why the process that ran it must not run another case (a poisoned CUDA context); "" when it may
+    restart: str = ""

@@ -4,7 +4,9 @@
 cases while it is healthy. Per case it sends the case and waits for the row, up
 to the case timeout:
 
-* the worker answers: the row is returned as is (``ok``, ``skipped``, ``error``, ``oom``);
+* the worker answers: the row is returned as is (``ok``, ``skipped``, ``error``, ``oom``,
+  ``cuda_error``); when the answer says the worker's CUDA state is poisoned (``restart``: a sticky
+  CUDA error, a failed CUDA-graph capture) the worker is closed and the next case starts a fresh one;
 * the worker dies (segfault, ``abort()``, the kernel's OOM killer, ``os._exit``):
   a ``crash`` row naming the signal or exit code, with the tail of its stderr
   (made from :func:`harness.core.schema.base_row`: the parent needs no torch for it);
@@ -12,9 +14,18 @@ to the case timeout:
 * no answer before the timeout (a hang, a deadlock): the worker's process group
   is killed and the row is ``timeout``.
 
+Every executor feeds its rows to a :class:`CircuitBreaker`: after a few consecutive ``crash`` or
+``cuda_error`` rows (a lost GPU) it trips, and the run loop stops with its message instead of
+turning every remaining case into one more such row.
+
 The worker runs in its own session, so a Ctrl-C at the terminal reaches only the
 parent, which decides what to do with the case in flight; and it is killed if
 the parent dies (Linux ``PR_SET_PDEATHSIG``), so no orphan keeps running.
+
+The worker inherits this process's environment as it is, plus ``env`` when given (e.g.
+``THP_MEM_ALLOC_ENABLE=1`` for ``[run] allocator = "thp"``): nothing else is set for it.
+:meth:`WorkerPool.new_process` retires the worker so that the next case starts a fresh one (a
+new round of :func:`harness.engine.lifecycle.run_cases`).
 """
 
 from __future__ import annotations
@@ -34,13 +45,64 @@ from typing import TYPE_CHECKING, Any
 from harness.core import schema
 from harness.core.cases import Case
 from harness.core.schema import CaseResult
-from harness.measure.environment import ALLOCATOR_ENV
 
 if TYPE_CHECKING:
     from harness.measure.timing import TimingConfig
 
 STDERR_TAIL_CHARS = 1500
 START_TIMEOUT_S = 300.0
+
+
+class CircuitBreaker:
+    """Trips after ``limit`` consecutive rows whose status says the device or the worker is gone
+    (:data:`STATUSES`); an ``ok`` row (or any other outcome) resets the count, a ``skipped`` one
+    (nothing ran) neither counts nor resets. ``tripped`` holds the message once it has tripped."""
+
+    STATUSES = ("crash", "cuda_error")
+
+    def __init__(self, limit: int = 3):
+        self.limit = limit
+        self.streak: list[dict[str, Any]] = []
+        self.tripped: str | None = None
+
+    def record(self, row: dict[str, Any]) -> str | None:
+        """Count one finished row; the message when this row trips the breaker, else None."""
+        status = row.get("status")
+        if status in self.STATUSES:
+            self.streak.append(row)
+        elif status != "skipped":
+            self.streak = []
+        if self.tripped is None and len(self.streak) >= self.limit:
+            kinds = "/".join(sorted({r["status"] for r in self.streak}))
+            self.trip(f"{len(self.streak)} consecutive cases ended in {kinds} (the last: "
+                      f"{str(self.streak[-1].get('reason', ''))[:300]}): the GPU or the worker looks lost, so the run "
+                      "stops here; once it is fixed, bench resume the run")
+            return self.tripped
+        return None
+
+    def trip(self, message: str) -> None:
+        self.tripped = self.tripped or message
+
+
+#: The Case fields the worker protocol has carried from the start; later fields travel only when
+#: they differ from their defaults, so that a worker of an older commit (``bench compare --confirm``
+#: re-running a baseline) still reads every case it could have run.
+PROTOCOL_FIELDS = ("variant", "params", "device", "mode", "batch", "heads", "kv_heads", "seq_len", "head_dim",
+                   "dtype", "causal", "inputs")
+
+
+def case_message(case: Case) -> dict[str, Any]:
+    """``case`` as the worker protocol sends it (see :data:`PROTOCOL_FIELDS`)."""
+    out = {}
+    for f in dataclasses.fields(case):
+        value = getattr(case, f.name)
+        if f.name not in PROTOCOL_FIELDS:
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+                continue
+        out[f.name] = value
+    return out
 
 
 def worker_module(code_root: Path) -> str:
@@ -81,22 +143,29 @@ class WorkerPool:
         *,
         seed: int = 0,
         memory_budget: int | None = None,
+        memory_budget_explicit: bool = False,
         plugins: list[str] | None = None,
         base_dir: Path | str = ".",
         threads: int | None = None,
         case_timeout_s: float = 900.0,
         log_dir: Path | None = None,
         code_root: Path | str | None = None,
+        env: dict[str, str] | None = None,
+        profile: dict[str, Any] | None = None,
     ):
         self.config = {
+            **({"profile": profile} if profile else {}),  # harness.measure.profile.request
             "timing": timing if isinstance(timing, dict) else dataclasses.asdict(timing),
             "seed": seed,
             "memory_budget": memory_budget,
+            "memory_budget_explicit": memory_budget_explicit,
             "plugins": list(plugins or []),
             "base_dir": str(Path(base_dir).resolve()),
             "threads": threads,
         }
         self.case_timeout_s = case_timeout_s
+        #: variables set in the workers' environment on top of this process's (none by default)
+        self.env = dict(env or {})
         #: the project tree the worker imports harness and variants from (default: this one; another
         #: one, such as an older commit's, also becomes the worker's working directory)
         self.own_tree = code_root is None
@@ -106,6 +175,10 @@ class WorkerPool:
         self.log_path: Path | None = None
         self._buffer = b""
         self.started = 0  # workers started so far
+        self.breaker = CircuitBreaker()
+        #: the rows' host and machine_fingerprint columns (harness.engine.lifecycle.make_executor sets this
+        #: machine's, harness.engine.rayexec its node's; None: left empty, and the parent needs no torch)
+        self.identity: dict[str, str] | None = None
 
     # -- worker lifecycle ---------------------------------------------------------------------
     def _start(self) -> None:
@@ -120,8 +193,7 @@ class WorkerPool:
             os.close(fd)
             self.log_path = Path(name)
         log = open(self.log_path, "wb")
-        env = dict(os.environ)
-        env.setdefault(ALLOCATOR_ENV, "1")  # as harness.measure.environment.pin_allocator; reaches older workers too
+        env = dict(os.environ, **self.env)
         root = str(self.code_root)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(
@@ -199,13 +271,17 @@ class WorkerPool:
             pass
         self.kill()
 
+    def new_process(self) -> None:
+        """Retire the worker: the next case starts a fresh process."""
+        self.close()
+
     # -- cases --------------------------------------------------------------------------------
     def run(self, case: Case, on_phase=None, time_only: bool = False) -> CaseResult:
         if self.proc is None or self.proc.poll() is not None:
             self.kill()
             self._start()
         try:
-            self._send({"case": dataclasses.asdict(case), **({"time_only": True} if time_only else {})})
+            self._send({"case": case_message(case), **({"time_only": True} if time_only else {})})
             deadline = time.monotonic() + self.case_timeout_s
             while True:
                 reply = self._receive(max(0.0, deadline - time.monotonic()))
@@ -215,8 +291,8 @@ class WorkerPool:
                     on_phase(reply["phase"])
         except TimeoutError:
             self.kill()
-            return self._failed(case, "timeout", f"no result within the case timeout of {self.case_timeout_s:g} s; "
-                                                 "the worker was killed")
+            return self._observed(self._failed(case, "timeout", f"no result within the case timeout of "
+                                                                f"{self.case_timeout_s:g} s; the worker was killed"))
         except BrokenPipeError:
             reply = None
         if reply is None:
@@ -226,8 +302,16 @@ class WorkerPool:
             reason = f"worker {describe_exit(returncode)}"
             if tail:
                 reason += f"; stderr: {tail}"
-            return self._failed(case, "crash", reason)
-        return CaseResult(reply["row"], reply["samples_s"])
+            return self._observed(self._failed(case, "crash", reason))
+        result = CaseResult(reply["row"], reply["samples_s"], restart=reply.get("restart", ""))
+        if result.restart:  # the worker said its CUDA state is poisoned (and exits): the next case gets a fresh one
+            self.close()
+        return self._observed(result)
+
+    def _observed(self, result: CaseResult) -> CaseResult:
+        result.row.update(self.identity or {})
+        self.breaker.record(result.row)
+        return result
 
     def _failed(self, case: Case, status: str, reason: str) -> CaseResult:
         """The row of a case the worker gave none for: its identity and what happened (no torch here:
@@ -247,13 +331,30 @@ class WorkerPool:
 class InProcess:
     """Runs cases in this process (``isolation = "none"``): no protection, no overhead."""
 
-    def __init__(self, timing: TimingConfig, *, seed: int = 0, memory_budget: int | None = None, **_: Any):
-        self.timing, self.seed, self.memory_budget = timing, seed, memory_budget
+    def __init__(self, timing: TimingConfig, *, seed: int = 0, memory_budget: int | None = None,
+                 memory_budget_explicit: bool = False, profile: dict[str, Any] | None = None, **_: Any):
+        self.timing, self.seed, self.memory_budget, self.profile = timing, seed, memory_budget, profile
+        self.memory_budget_explicit = memory_budget_explicit
+        self.breaker = CircuitBreaker()
 
-    def run(self, case: Case, on_phase=None) -> CaseResult:
+    def run(self, case: Case, on_phase=None, time_only: bool = False) -> CaseResult:
         from harness.engine.runner import run_case
 
-        return run_case(case, self.timing, seed=self.seed, memory_budget=self.memory_budget, on_phase=on_phase)
+        result = run_case(case, self.timing, seed=self.seed, memory_budget=self.memory_budget, on_phase=on_phase,
+                          time_only=time_only, memory_budget_explicit=self.memory_budget_explicit,
+                          profile=self.profile)
+        from harness.measure.environment import host_identity
+
+        result.row.update(host_identity())
+        self.breaker.record(result.row)
+        if result.restart:  # this process's CUDA context cannot be replaced: end the run cleanly
+            self.breaker.trip(f"{case.label()}: {result.row['reason']}; this process's CUDA context is unusable "
+                              "after it (--isolation none), so the run stops here; --isolation process replaces "
+                              "the worker instead")
+        return result
+
+    def new_process(self) -> None:
+        """There is only this process (``processes`` is 1 without isolation)."""
 
     def close(self) -> None:
         pass

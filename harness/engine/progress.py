@@ -170,6 +170,10 @@ class PlainProgress:
     def phase(self, case, name: str) -> None:
         self.current.set_phase(name)
 
+    def set_total(self, total: int) -> None:
+        """The number of steps changed (a run with several processes per case, once round 0 is done)."""
+        self.total = total
+
     def finish(self, case, row) -> None:
         self.current.stop()
         self.done += 1
@@ -242,6 +246,9 @@ class RichProgress:
 
     def phase(self, case, name: str) -> None:
         self.current.set_phase(name)
+
+    def set_total(self, total: int) -> None:
+        self.bar.update(self.task, total=total)
 
     def finish(self, case, row) -> None:
         self.current.stop()

@@ -10,11 +10,19 @@ error against the float64 reference (:mod:`harness.measure.reference`). Timing r
 NVML telemetry sampler (:mod:`harness.measure.telemetry`; empty columns off NVIDIA GPUs) and
 rotates among several copies of the inputs when one set fits in the cache
 (:func:`harness.measure.timing.input_set_count`). Any exception becomes an ``error`` row and
-the run goes on. The row's columns are declared in :mod:`harness.core.schema`.
+the run goes on; an allocator refusal an ``oom`` row; a CUDA error (an illegal memory access, a
+failed cuDNN execution: errors that poison the process's CUDA context) a ``cuda_error`` row whose
+:class:`CaseResult` asks for the worker process to be replaced (``restart``). Memory, FLOP count
+and accuracy come after timing, each in its own guard: an OOM there (or a failure of the
+harness's own measuring) empties that step's columns and says so in ``phase_note``, and the
+timing stays. CUDA cases are budgeted against the device's free memory (:func:`cuda_memory_budget`),
+not the host's. The row's columns are declared in :mod:`harness.core.schema`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 from typing import Any, Callable
 
@@ -22,12 +30,13 @@ import torch
 
 from harness.measure import calibrate
 from harness.measure import flopcount
+from harness.measure import profile as profiling
 from harness.measure import roofline
 from harness.measure import telemetry
 from harness.core import flops as flop_rules
 from harness.core import schema
 from harness.core.cases import Case
-from harness.measure.inputs import aligned_copy, make_grad, make_qkv
+from harness.measure.inputs import aligned_copy, dense_kv, layout_inputs, make_grad, make_qkv
 from harness.measure.memory import peak_memory_bytes
 from harness.measure.reference import MAX_GRAD_CHECK_LEN, check_rows, errors, reference_attention, reference_grads
 from harness.core.registry import Variant, get_variant
@@ -55,20 +64,53 @@ def _io_bytes(case: Case) -> int:
     return int(roofline.min_bytes(case, mode="fwd"))
 
 
-def skip_reasons(case: Case, variant: Variant, memory_budget: int | None) -> list[str]:
+#: Share of the GPU memory free when a CUDA case starts that its working-set estimate may use.
+CUDA_MEMORY_FRACTION = 0.9
+
+
+def cuda_memory_budget(device: str = "cuda") -> int:
+    """Bytes a CUDA case may be estimated to use: :data:`CUDA_MEMORY_FRACTION` of the device memory
+    free now (``torch.cuda.mem_get_info``, measured in the process that runs the case), counting the
+    blocks this process's caching allocator holds unused (it hands those out first)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(CUDA_MEMORY_FRACTION * (free + max(cached, 0)))
+
+
+def estimated_bytes(case: Case, variant: Variant) -> float | None:
+    """The variant's working-set estimate plus the inputs and output, × 3 for backward modes
+    (saved activations and gradients); None when the variant gives no estimate."""
+    if variant.working_set is None:
+        return None
+    estimate = variant.working_set(case) + _io_bytes(case)
+    return estimate * 3 if case.mode != "fwd" else estimate
+
+
+def skip_reasons(case: Case, variant: Variant, memory_budget: int | None, explicit: bool = False) -> list[str]:
+    """Why ``case`` cannot run here. ``memory_budget`` None: no memory check; otherwise a CUDA case is
+    checked against :func:`cuda_memory_budget` unless the budget was the user's own (``explicit``),
+    and a CPU case against ``memory_budget``."""
     reasons = variant.not_supported_reasons(case)
     if case.device == "cuda" and not torch.cuda.is_available():
         reasons.append("CUDA is not available on this machine")
-    if not reasons and memory_budget is not None and variant.working_set is not None:
-        estimate = variant.working_set(case) + _io_bytes(case)
-        if case.mode != "fwd":
-            estimate *= 3  # saved activations and gradients
-        if estimate > memory_budget:
-            reasons.append(
-                f"estimated working set {estimate / 2**30:.2f} GiB exceeds the memory budget "
-                f"{memory_budget / 2**30:.2f} GiB"
-            )
+    estimate = estimated_bytes(case, variant)
+    if reasons or memory_budget is None or estimate is None:
+        return reasons
+    budget, name = memory_budget, "memory budget"
+    if case.device == "cuda" and not explicit:
+        budget = cuda_memory_budget(case.device)
+        name = f"GPU memory budget ({CUDA_MEMORY_FRACTION:.0%} of the device memory free now)"
+    if estimate > budget:
+        reasons.append(f"estimated working set {estimate / 2**30:.2f} GiB exceeds the {name} {budget / 2**30:.2f} GiB")
     return reasons
+
+
+def timing_for(case: Case, timing: TimingConfig) -> tuple[TimingConfig, str]:
+    """The timing settings for ``case`` and a note: backward alone is never captured into a CUDA
+    graph (it replays autograd on a graph retained across calls)."""
+    if case.mode == "bwd" and timing.cuda_graph:
+        return dataclasses.replace(timing, cuda_graph=False), "cuda_graph: backward alone is not captured; timed eagerly"
+    return timing, ""
 
 
 def _call_for_mode(variant: Variant, case: Case, q, k, v) -> Callable[[], Any]:
@@ -89,32 +131,96 @@ def _call_for_mode(variant: Variant, case: Case, q, k, v) -> Callable[[], Any]:
     return lambda: torch.autograd.grad(variant(*leaves, causal=case.causal, **case.params), leaves, grad)
 
 
-def _accuracy(variant: Variant, case: Case, q, k, v) -> dict[str, float]:
+def _accuracy(variant: Variant, case: Case, q, k, v, extra: dict | None = None) -> dict[str, Any]:
+    """The accuracy columns; with ``status = "incorrect"`` and the reason (where, how much) when the
+    answer is wrong (:func:`harness.measure.reference.correctness_problems`)."""
+    from harness.measure.reference import correctness_problems
+
     mask = variant.reference_mask(case)
-    rows = check_rows(case.seq_len)
+    rows = check_rows(q.shape[2])
     with torch.no_grad():
         out = variant(q, k, v, causal=case.causal, **case.params)
-        ref = reference_attention(q, k, v, mask, rows)
+        ref = reference_attention(q, *dense_kv(case, k, v, extra or {}), mask, rows)  # a paged cache, gathered
         max_abs, rel = errors(out[:, :, rows.to(out.device)], ref)
-    result = {"max_abs_err": max_abs, "rel_err": rel}
+    result: dict[str, Any] = {"max_abs_err": max_abs, "rel_err": rel}
+    got = want = ()
     if case.mode != "fwd" and case.seq_len <= MAX_GRAD_CHECK_LEN:
         leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
-        out = variant(*leaves, causal=case.causal, **case.params)
-        grad = make_grad(out)
-        got = torch.autograd.grad(out, leaves, grad)
+        grad_out = variant(*leaves, causal=case.causal, **case.params)
+        grad = make_grad(grad_out)
+        got = torch.autograd.grad(grad_out, leaves, grad)
         want = reference_grads(q, k, v, mask, grad)
-        result["grad_rel_err"] = max(errors(g, w)[1] for g, w in zip(got, want))
+        rels = [errors(g, w)[1] for g, w in zip(got, want)]
+        result["grad_rel_err"] = float("nan") if any(r != r for r in rels) else max(rels)
+    low = q.dtype  # dense attention computed in the case's own dtype: how far its rounding alone goes
+    problems = correctness_problems(
+        out, ref, rows, dtype=case.dtype, exact=variant.exact, tolerance=variant.tolerance, grads=got,
+        grads_ref=want, grads_baseline=lambda: reference_grads(q, k, v, mask, grad, dtype=low),
+        baseline=lambda: reference_attention(q, *dense_kv(case, k, v, extra or {}), mask, rows, dtype=low))
+    if problems:
+        result.update(status="incorrect", reason="; ".join(problems))
     return result
 
 
 def _is_oom(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
+    """CUDA's OutOfMemoryError, cuBLAS failing to allocate its workspace, or the CPU allocator's
+    "can't allocate memory"."""
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     if oom_type and isinstance(exc, oom_type):
         return True
+    text = str(exc)
     return isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
+        isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+        or "CUBLAS_STATUS_ALLOC_FAILED" in text
     )
+
+
+#: Texts of errors that leave a process's CUDA context unusable (with torch's without AcceleratorError).
+CUDA_ERROR_TEXT = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure",
+                   "CUDNN_STATUS_EXECUTION_FAILED", "CUBLAS_STATUS_EXECUTION_FAILED", "cuDNN error")
+
+
+def _is_cuda_error(exc: BaseException) -> bool:
+    """An error of the CUDA runtime or cuDNN (``torch.AcceleratorError`` where torch has it), not an OOM."""
+    if _is_oom(exc):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in CUDA_ERROR_TEXT)
+
+
+def _release(case: Case) -> str:
+    """Free what a case left behind (garbage, the CUDA cache); the error when CUDA itself fails
+    there (a sticky error from an asynchronous kernel surfaces at the next CUDA call), else ''."""
+    gc.collect()
+    if case.device == "cuda" and torch.cuda.is_available():
+        try:
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            return _error_text(exc)
+    return ""
+
+
+def _add_note(row: dict[str, Any], column: str, note: str) -> None:
+    row[column] = "; ".join(x for x in (row.get(column), note) if x)
+
+
+def _after_timing(row: dict[str, Any], case: Case, step: str, fn: Callable[[], dict[str, Any]]) -> None:
+    """One step after timing (memory, flops, accuracy), in its own guard: a CUDA error propagates
+    (the process is unusable); an OOM, or a failure of the harness's own measuring, leaves the step's
+    columns empty with a note in ``phase_note``; the variant failing its accuracy call is an error
+    row that keeps its timing."""
+    try:
+        row.update(fn())
+    except Exception as exc:
+        if _is_cuda_error(exc):
+            raise
+        if step == "accuracy" and not _is_oom(exc):
+            row.update(status="error", reason=f"accuracy check: {_error_text(exc)}")
+        else:
+            _add_note(row, "phase_note", f"{step}: {'oom' if _is_oom(exc) else 'error'}: {_error_text(exc)}")
+        _release(case)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -124,14 +230,17 @@ def _error_text(exc: BaseException) -> str:
 
 
 def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int | None = None,
-             on_phase: Callable[[str], None] | None = None, time_only: bool = False) -> CaseResult:
+             on_phase: Callable[[str], None] | None = None, time_only: bool = False,
+             memory_budget_explicit: bool = False, profile: dict[str, Any] | None = None) -> CaseResult:
     """Measure one case; never raises for a variant's failure (it becomes an error row).
 
     ``time_only``: stop after timing (no memory, FLOP count or accuracy), for re-runs that only
-    compare times (``bench compare --confirm``).
+    compare times (``bench compare --confirm``). ``memory_budget`` and ``memory_budget_explicit``:
+    see :func:`skip_reasons`.
 
     ``on_phase(name)``, if given, is told each step as it starts: ``inputs``, ``first call``,
-    ``warm-up``, ``timing``, ``memory``, ``accuracy`` (for progress display).
+    ``warm-up``, ``timing``, ``memory``, ``accuracy``, ``profile`` (for progress display).
+    ``profile``: which cases get one more call under torch.profiler, last (:mod:`harness.measure.profile`).
     """
     phase = on_phase or (lambda name: None)
     variant = get_variant(case.variant)
@@ -141,42 +250,62 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
         row = base_row(case, None)
         row.update(status="error", reason=f"describing the case failed: {_error_text(exc)}")
         return CaseResult(row, [])
-    reasons = skip_reasons(case, variant, memory_budget)
+    reasons = skip_reasons(case, variant, memory_budget, memory_budget_explicit)
     if reasons:
         row.update(status="skipped", reason="; ".join(reasons))
         return CaseResult(row, [])
-    samples: list[float] = []
     try:
-        phase("inputs")
-        q, k, v = make_qkv(case, seed=seed)
-        call = _call_for_mode(variant, case, q, k, v)
-        # more input sets (copies, same values) when one call's traffic would leave its inputs in the cache
-        touched = _io_bytes(case) + (int(variant.working_set(case)) if variant.working_set is not None else 0)
-        sets = input_set_count(touched, case.device, timing)
-        calls = [call] + [_call_for_mode(variant, case, *(aligned_copy(x) for x in (q, k, v))) for _ in range(sets - 1)]
-        with telemetry.Sampler(case.device) as tel:
-            measured = time_call(calls, timing, device=case.device, on_phase=phase)
-            tel.measure_energy(call, tokens=case.batch * case.seq_len)
-        del calls
-        samples = measured.samples_s
-        row.update(measured.row_columns())
-        row["tflops_per_s"] = row["flops"] / measured.median_s / 1e12
-        row.update(tel.columns)
-        if time_only:
-            return CaseResult(row, samples)
-        phase("memory")
-        row["peak_mem_bytes"] = float(peak_memory_bytes(call, case.device))
-        row.update(flopcount.flop_columns(call, row["flops"], causal=case.causal))
-        row.update(roofline.row_roofline(row, calibrate.cached()))
-        del call
-        phase("accuracy")
-        row.update(_accuracy(variant, case, q, k, v))
+        samples, restart = _measure(case, variant, timing, seed, row, phase, time_only, profile)
     except Exception as exc:
-        row.update(status="oom" if _is_oom(exc) else "error", reason=_error_text(exc))
-        samples = []
-    finally:
-        gc.collect()
-        if case.device == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return CaseResult(row, samples)
+        samples, restart = [], ""
+        status = "cuda_error" if _is_cuda_error(exc) else "oom" if _is_oom(exc) else "error"
+        row.update(status=status, reason=_error_text(exc))
+        if status == "cuda_error":
+            restart = row["reason"]
+    released = _release(case)  # outside the handler: the case's tensors are unreferenced by now
+    if released:
+        if row["status"] != "cuda_error":
+            row.update(status="cuda_error", reason=f"CUDA failed after the case (its results are void): {released}")
+        samples, restart = [], restart or released
+    return CaseResult(row, samples, restart=restart)
 
+
+def _memory_columns(call: Callable[[], Any], device: str) -> dict[str, float]:
+    return {"peak_mem_bytes": float(peak_memory_bytes(call, device))}
+
+
+def _measure(case: Case, variant: Variant, timing: TimingConfig, seed: int, row: dict[str, Any], phase,
+             time_only: bool, profile: dict[str, Any] | None = None) -> tuple[list[float], str]:
+    """Time the case, then (unless ``time_only``) memory, FLOPs and accuracy, into ``row``; returns
+    (samples, why the worker should be replaced or '')."""
+    phase("inputs")
+    q, k, v = make_qkv(case, seed=seed)
+    k, v, extra = layout_inputs(case, k, v, seed=seed)  # inference shapes: page pools, per-sequence lengths
+    variant = variant.with_inputs(extra)
+    call = _call_for_mode(variant, case, q, k, v)
+    # more input sets (copies, same values) when one call's traffic would leave its inputs in the cache
+    touched = _io_bytes(case) + (int(variant.working_set(case)) if variant.working_set is not None else 0)
+    sets = input_set_count(touched, case.device, timing)
+    calls = [call] + [_call_for_mode(variant, case, *(aligned_copy(x) for x in (q, k, v))) for _ in range(sets - 1)]
+    config, note = timing_for(case, timing)
+    with telemetry.Sampler(case.device) as tel:
+        with tel.window("timing"):
+            measured = time_call(calls, config, device=case.device, on_phase=phase)
+        tel.measure_energy(call, tokens=case.batch * case.query_len)
+    del calls
+    row.update(measured.row_columns())
+    _add_note(row, "timing_note", note)
+    row["tflops_per_s"] = row["flops"] / measured.median_s / 1e12
+    row.update(tel.columns)
+    if time_only:
+        return measured.samples_s, measured.restart
+    phase("memory")
+    _after_timing(row, case, "memory", functools.partial(_memory_columns, call, case.device))
+    _after_timing(row, case, "flops", functools.partial(flopcount.flop_columns, call, row["flops"], causal=case.causal))
+    row.update(roofline.row_roofline(row, calibrate.cached()))
+    del call
+    phase("accuracy")
+    _after_timing(row, case, "accuracy", lambda: _accuracy(variant, case, q, k, v, extra))
+    # --profile: one more call under torch.profiler, last (harness.measure.profile)
+    profiling.maybe_profile(profile, case, lambda: _call_for_mode(variant, case, q, k, v), phase)
+    return measured.samples_s, measured.restart

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.core import lengths
+from harness.core.names import name_problem
 from harness.core.cases import AXES, Case
 from harness.core.registry import RegistryError, get_variant
 from harness.core.config import COMPARE, RUN, SWEEP, TIMING, RunConfig, Table, closest, type_name
@@ -126,8 +128,8 @@ def parse_suite(text: str, path: Path | None = None) -> Suite:
             check.add(None, key, f"unknown key{closest(key, TOP_KEYS)}")
 
     name = raw.get("name", path.stem if path else "suite")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        check.add(None, "name", f"expected a name of letters, digits, '-', '_' or '.', got {name!r}")
+    if (problem := name_problem(name)) is not None:  # it becomes run ids and results/baseline/<name>/
+        check.add(None, "name", problem)
         name = "suite"
     description = raw.get("description", "")
     if not isinstance(description, str):
@@ -150,6 +152,11 @@ def parse_suite(text: str, path: Path | None = None) -> Suite:
     if not plugin_problems:
         suite.variants = _variants(raw.get("variant"), check)
     _check_head_combinations(suite, check)
+    _check_inference_axes(suite, check)
+    named = {v.name for v in suite.variants}
+    for name in (suite.run.profile if isinstance(suite.run.profile, list) and named else []):
+        if name not in named:  # [run] profile = ["variant", ...] names variants of this suite
+            check.add("run", "profile", f"variant {name!r} is not in this suite{closest(name, named)}")
     if check.problems:
         raise SuiteError(check.problems)
     return suite
@@ -204,17 +211,19 @@ def _defaults(value: Any, check: _Checker) -> dict[str, Any]:
     for key, v in _table(value, check, "defaults").items():
         if key not in SWEEP:
             check.add("defaults", key, _unknown_axis(key))
-        elif isinstance(v, list):
+        elif isinstance(v, list) and not SWEEP[key].list_value:
             check.add("defaults", key, "[defaults] takes single values; put lists under [sweep]")
         elif (problem := SWEEP[key].check(v)[1]) is not None:
             check.add("defaults", key, problem)
         else:
-            out[key] = v
+            out[key] = SWEEP[key].check(v)[0]  # as the key reads it (lengths = [1, 7]: "1,7")
     return out
 
 
 def _axis_list(table: str, key: str, v: Any, check: _Checker, index: int | None = None, label: str | None = None):
     values = v if isinstance(v, list) else [v]
+    if SWEEP[key].list_value and values and all(isinstance(x, int) for x in values):
+        values = [v]  # one list value (lengths = [100, 7, 512]), not a sweep of integers
     if not values:
         check.add(table, key, "empty list: nothing to sweep", index, label)
         return None
@@ -226,7 +235,7 @@ def _axis_list(table: str, key: str, v: Any, check: _Checker, index: int | None 
     if ok and len(set(map(repr, values))) != len(values):
         check.add(table, key, f"repeated values in {values}", index, label)
         ok = False
-    return list(values) if ok else None
+    return [SWEEP[key].check(x)[0] for x in values] if ok else None
 
 
 def _sweep(value: Any, check: _Checker, defaults: dict[str, Any]) -> dict[str, list[Any]]:
@@ -317,6 +326,52 @@ def _check_head_combinations(suite: Suite, check: _Checker) -> None:
         check.add(table, "kv_heads", f"kv_heads={g} does not divide heads={h}")
 
 
+def _check_inference_axes(suite: Suite, check: _Checker) -> None:
+    """seq_len, or q_len with kv_len; no causal q_len > kv_len; paged needs page_size; listed lengths fit."""
+    found: dict[tuple, None] = {}  # (key, message), in order, once each
+    for entry in suite.variants or [VariantEntry(name="")]:
+        axes = {**{k: [v] for k, v in suite.defaults.items()}, **suite.sweep, **entry.axes}
+        for key, message in inference_axes_problems(axes):
+            found[(key, message)] = None
+    for key, message in found:
+        check.add("sweep" if key in suite.sweep else "defaults" if key in suite.defaults else "variant", key, message)
+
+
+def inference_axes_problems(axes: dict[str, list[Any]]) -> list[tuple[str, str]]:
+    """(key, message) for each rule the inference axes of one variant entry's sweep break."""
+    out = []
+    if "seq_len" in axes and ({"q_len", "kv_len"} & set(axes)):
+        key = "q_len" if "q_len" in axes else "kv_len"
+        out.append((key, "set together with seq_len: use seq_len (queries and keys of one length), "
+                    "or q_len and kv_len"))
+    if "q_len" in axes and "kv_len" not in axes:
+        out.append(("q_len", "needs kv_len (the key/value length; seq_len means both)"))
+    maxima = axes.get("kv_len") or axes.get("seq_len") or [AXES["seq_len"]]
+    causal, q_lens = True in axes.get("causal", [False]), axes.get("q_len", [])
+    for q, kv in itertools.product(q_lens, axes.get("kv_len", [])):
+        if causal and q > kv:
+            out.append(("q_len", f"q_len {q} > kv_len {kv} with causal: refused (bottom-right alignment would "
+                        f"leave the first {q - kv} queries no key to see); keep q_len <= kv_len, or causal = false"))
+    layouts, pages = axes.get("kv_layout", ["contiguous"]), axes.get("page_size")
+    if "paged" in layouts and not pages:
+        out.append(("kv_layout", 'kv_layout = "paged" needs page_size (tokens per page)'))
+    if pages and "paged" not in layouts:
+        out.append(("page_size", 'page_size applies to kv_layout = "paged" only'))
+    for value in axes.get("lengths", []):
+        listed = lengths.explicit(value) if value not in lengths.KINDS else None
+        for batch in axes.get("batch", [AXES["batch"]]) if listed else ():
+            if len(listed) > batch:
+                out.append(("lengths", f"{len(listed)} lengths listed for batch {batch}: at most one per sequence"))
+        for top in maxima if listed else ():
+            if max(listed) > top:
+                out.append(("lengths", f"length {max(listed)} is longer than the maximum (kv_len/seq_len {top})"))
+        for q in q_lens if listed and causal else ():
+            if min(listed) < q:
+                out.append(("lengths", f"length {min(listed)} is shorter than q_len {q}: with causal bottom-right "
+                            "alignment its first queries would see no key"))
+    return out
+
+
 def _product(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
     names = list(axes)
     return [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
@@ -336,9 +391,7 @@ def expand_cases(suite) -> list[Case]:
         param_lists.update(entry.params)
         for params in _product(param_lists):
             for point in _product(axes):
-                if point["kv_heads"] is None:
-                    point["kv_heads"] = point["heads"]
-                case = Case(variant=entry.name, params=params, **point)
+                case = Case.from_point(entry.name, params, point)
                 if case.case_id not in seen:
                     seen.add(case.case_id)
                     cases.append(case)

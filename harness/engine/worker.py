@@ -1,10 +1,12 @@
 """The worker process: runs cases sent by the parent, one at a time, and answers with rows.
 
 Protocol: JSON lines. The parent's first message configures the worker
-(``plugins``, ``base_dir``, ``threads``, ``timing``, ``seed``, ``memory_budget``);
+(``plugins``, ``base_dir``, ``threads``, ``timing``, ``seed``, ``memory_budget``, and ``profile``:
+:func:`harness.measure.profile.request`, with the run directory, when cases are profiled);
 each further message is one case (``{"case": {...}}``, with ``"time_only": true`` to
 stop after timing) and is answered with
-``{"row": {...}, "samples_s": [...]}``. The worker answers on a private copy of
+``{"row": {...}, "samples_s": [...]}`` (with ``"restart": "why"`` when the case left the
+process's CUDA state poisoned: the worker then exits, and the parent starts a fresh one). The worker answers on a private copy of
 its original stdout; fd 1 itself is pointed at stderr, so anything a variant
 prints (from Python or C) cannot corrupt the protocol and ends up in the
 stderr log the parent reads when a worker dies. End of input ends the worker.
@@ -30,10 +32,7 @@ def main() -> int:
     if not config_line:
         return 0
     config = json.loads(config_line)
-    from harness.measure.environment import pin_allocator
-
-    pin_allocator()  # before torch is imported
-    import torch
+    import torch  # in the environment the parent gave: the worker sets no variable of its own
 
     from harness.core.cases import Case
     from harness.engine.plugins import load_plugin
@@ -53,9 +52,13 @@ def main() -> int:
         message = json.loads(line)
         case = Case(**message["case"])
         result = run_case(case, timing, seed=config.get("seed", 0), memory_budget=config.get("memory_budget"),
+                          memory_budget_explicit=bool(config.get("memory_budget_explicit")),
                           on_phase=lambda name: channel.write(json.dumps({"phase": name}) + "\n"),
-                          time_only=bool(message.get("time_only")))
-        channel.write(json.dumps({"row": result.row, "samples_s": result.samples_s}) + "\n")
+                          time_only=bool(message.get("time_only")), profile=config.get("profile"))
+        restart = {"restart": result.restart} if result.restart else {}
+        channel.write(json.dumps({"row": result.row, "samples_s": result.samples_s, **restart}) + "\n")
+        if result.restart:
+            return 0
     return 0
 
 

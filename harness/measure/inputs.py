@@ -11,6 +11,14 @@ Two kinds, chosen by the suite's ``inputs`` axis:
 Inputs are drawn in float32 on the CPU with a seeded generator and then cast and
 moved, so the same case gets the same values on every device.
 
+Inference shapes: q has the case's query length (``q_len``) and k, v its key/value length
+(``seq_len``). :func:`layout_inputs` gives what a variant receives besides q: for a
+variable-length batch the padded tensors (padding rows hold random values too) and ``q_lens``,
+``kv_lens`` (int32 ``(B,)``); for a paged cache k and v as page pools ``(num_pages, H_kv,
+page_size, D)`` with a ``block_table`` ``(B, max_pages)``, each sequence's pages placed in the
+pool in an order shuffled from the seed (a partly filled last page holds random values past the
+sequence's end). :func:`dense_kv` gives the contiguous cache back for the float64 reference.
+
 Every input starts on a 4 KiB boundary (:func:`aligned_copy`). The allocators
 only promise 64 bytes (CPU) or 512 bytes (CUDA), so where a tensor lands within
 a page is luck, and CPU BLAS speed depends on it: on this project's 2-core EPYC
@@ -29,6 +37,7 @@ import math
 import torch
 
 from harness.core.cases import Case
+from harness.core.lengths import case_lengths
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -43,21 +52,65 @@ def make_qkv(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
     """(q, k, v) for ``case``, in its dtype and on its device."""
     g = torch.Generator().manual_seed(seed)
     B, H, Hkv, L, D = case.batch, case.heads, case.kv_heads, case.seq_len, case.head_dim
+    Lq = getattr(case, "query_len", L)
     if case.inputs == "gaussian":
-        q = torch.randn(B, H, L, D, generator=g)
+        q = torch.randn(B, H, Lq, D, generator=g)
         k = torch.randn(B, Hkv, L, D, generator=g)
     elif case.inputs == "structured":
         r = STRUCTURED_RANK
         basis = torch.randn(r, D, generator=g) / math.sqrt(D)
         # scores ~ (zq·basis)·(zk·basis)ᵀ / sqrt(D): choose the latent scale to give std ~ STRUCTURED_SCORE_STD
         scale = math.sqrt(STRUCTURED_SCORE_STD * math.sqrt(D) / math.sqrt(r))
-        q = 0.5 * torch.randn(B, H, L, D, generator=g) + scale * torch.randn(B, H, L, r, generator=g) @ basis
+        q = 0.5 * torch.randn(B, H, Lq, D, generator=g) + scale * torch.randn(B, H, Lq, r, generator=g) @ basis
         k = 0.5 * torch.randn(B, Hkv, L, D, generator=g) + scale * torch.randn(B, Hkv, L, r, generator=g) @ basis
     else:
         raise ValueError(f"unknown inputs kind {case.inputs!r}")
     v = torch.randn(B, Hkv, L, D, generator=g)
     dtype = TORCH_DTYPES[case.dtype]
     return tuple(aligned_copy(x.to(device=case.device, dtype=dtype)) for x in (q, k, v))
+
+
+def layout_inputs(case: Case, k: torch.Tensor, v: torch.Tensor, seed: int = 0):
+    """(k, v, extra keyword arguments) as the case's variant receives them: ``k, v, {}`` for a fixed
+    contiguous batch; ``q_lens``/``kv_lens`` for a variable-length or paged one; page pools and a
+    ``block_table`` for a paged one (see the module doc)."""
+    if case.lengths == "fixed" and case.kv_layout == "contiguous":
+        return k, v, {}
+    q_lens, kv_lens = case_lengths(case)
+    extra = {name: torch.tensor(x, dtype=torch.int32, device=k.device) for name, x in
+             (("q_lens", q_lens), ("kv_lens", kv_lens))}
+    if case.kv_layout != "paged":
+        return k, v, extra
+    ps, B, Hkv, _, D = case.page_size, *k.shape
+    pages = [-(-n // ps) for n in kv_lens]
+    order = torch.randperm(sum(pages), generator=torch.Generator().manual_seed(seed + 1)).to(k.device)
+    table = torch.zeros(B, max(pages), dtype=torch.int32, device=k.device)
+    pools = []
+    for i, x in enumerate((k, v)):
+        junk = torch.Generator().manual_seed(seed + 2 + i)
+        pool = aligned_copy(torch.randn(sum(pages), Hkv, ps, D, generator=junk)
+                            .to(device=k.device, dtype=k.dtype))  # unwritten slots: random, never zero
+        start = 0
+        for b, (n, count) in enumerate(zip(kv_lens, pages)):
+            ids = order[start:start + count]
+            table[b, :count] = ids.int()
+            padded = torch.nn.functional.pad(x[b, :, :n], (0, 0, 0, count * ps - n)).view(Hkv, count, ps, D)
+            pool[ids] = torch.where(torch.arange(count * ps, device=k.device).view(count, 1, ps, 1) < n,
+                                    padded.transpose(0, 1), pool[ids])
+            start += count
+        pools.append(pool)
+    return pools[0], pools[1], {**extra, "block_table": table}
+
+
+def dense_kv(case: Case, k: torch.Tensor, v: torch.Tensor, extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contiguous (B, H_kv, seq_len, D) k and v of what :func:`layout_inputs` gave (a paged cache
+    gathered through its block table; positions past a sequence's length are never attended)."""
+    if "block_table" not in extra:
+        return k, v
+    table = extra["block_table"].long()
+    B, pages = table.shape
+    _, Hkv, ps, D = k.shape
+    return tuple(x[table].transpose(1, 2).reshape(B, Hkv, pages * ps, D)[:, :, :case.seq_len] for x in (k, v))
 
 
 def aligned_copy(x: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:

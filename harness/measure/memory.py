@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 
 
-def cpu_allocation_events(prof) -> list[tuple[int, int]]:
-    """(time_ns, bytes) of every CPU allocation (+) and free (-) the profiler saw."""
+def allocation_events(prof, device_type: str = "cpu") -> list[tuple[int, int]]:
+    """(time_ns, bytes) of every allocation (+) and free (-) on ``device_type`` the profiler saw."""
     from torch._C._profiler import _EventType
 
     events: list[tuple[int, int]] = []
@@ -31,7 +31,7 @@ def cpu_allocation_events(prof) -> list[tuple[int, int]]:
         node = stack.pop()
         if node.tag == _EventType.Allocation:
             fields = node.extra_fields
-            if fields.device.type == "cpu":
+            if fields.device.type == device_type:
                 events.append((node.start_time_ns, fields.alloc_size))
         stack.extend(node.children)
     events.sort()
@@ -48,7 +48,7 @@ def peak_from_events(events: list[tuple[int, int]]) -> int:
 
 
 @contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Silence fd 2 (the profiler's C++ side logs 'profiler_start/stop' lines there)."""
     try:
         sys.stderr.flush()
@@ -70,11 +70,11 @@ def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak CPU bytes allocated while ``fn()`` runs (result kept alive until the end)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr():
+    with quiet_stderr():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             result = fn()
         del result
-    return peak_from_events(cpu_allocation_events(prof))
+    return peak_from_events(allocation_events(prof))
 
 
 def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cuda") -> int:

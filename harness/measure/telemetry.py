@@ -13,11 +13,23 @@ short call cannot be measured). Where the counter is not supported the sampled
 power is integrated over the same window instead (``energy_source =
 "power_integral"``). ``tokens_per_joule = tokens / energy_j`` with tokens = B·L.
 
-A case is ``throttled`` when NVML reported, during the case, a clock reduction for
-a reason that makes its timing suspect: software power cap, hardware slowdown,
-hardware or software thermal slowdown, or power brake. (GPU idle, application
-clock settings and sync boost are reported in ``throttle_reasons`` but do not set
-the flag.)
+**Two windows.** The timing and the energy loop are separate windows
+(:meth:`Sampler.window`; :meth:`Sampler.measure_energy` opens its own): the power,
+clock, temperature, utilisation and throttle columns describe the timing window
+alone; the energy loop (at least a second of back-to-back calls, which heats the
+GPU more than the timing did) gives ``energy_j``, ``tokens_per_joule``, its own mean
+power (``energy_power_w``) and whether it throttled (``energy_throttled``).
+
+A case is ``throttled`` when NVML reported, during the timing window, a clock
+reduction for a reason that makes its timing suspect: software power cap, hardware
+slowdown, hardware or software thermal slowdown, or power brake (GPU idle,
+application clock settings and sync boost are reported in ``throttle_reasons`` but
+do not set the flag) — either in a sample (every ``interval_s``, 50 ms by default,
+which misses short cases) or in NVML's cumulative violation counters
+(``nvmlDeviceGetViolationStatus``: nanoseconds spent held below the requested clocks
+by power, thermal, board-limit or reliability policies), read when the timing window
+opens and closes, whose growth is ``throttle_time_ms`` and names the policy in
+``throttle_reasons`` (``power_violation``, ...).
 
 Everywhere else (a CPU case, no GPU, NVML missing or failing) the columns are
 empty (None) and ``telemetry_note`` says why; nothing here raises because
@@ -30,6 +42,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from harness.core import schema
@@ -51,6 +64,14 @@ REASON_BITS = {
 }
 #: Reasons that make a timing suspect.
 THROTTLING = ("sw_power_cap", "hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake")
+#: NVML performance policies whose cumulative violation time means the clocks were held down:
+#: our name -> (nvml.h constant, its stable value).
+VIOLATION_POLICIES = {
+    "power_violation": ("NVML_PERF_POLICY_POWER", 0),
+    "thermal_violation": ("NVML_PERF_POLICY_THERMAL", 1),
+    "board_limit_violation": ("NVML_PERF_POLICY_BOARD_LIMIT", 3),
+    "reliability_violation": ("NVML_PERF_POLICY_RELIABILITY", 5),
+}
 
 
 def empty_columns(note: str) -> dict[str, Any]:
@@ -172,6 +193,8 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._energy: dict[str, Any] = {}
+        self._window: str | None = None
+        self._violations: dict[str, float] = {}
         self.note = ""
         self.columns: dict[str, Any] = empty_columns("telemetry not collected yet")
 
@@ -234,6 +257,41 @@ class Sampler:
         while not self._stop.wait(self.interval_s):
             self.sample_once()
 
+    @contextmanager
+    def window(self, name: str):
+        """Tag the samples taken inside the block as window ``name`` ("timing": the row's telemetry
+        columns; "energy": the energy loop's). The timing window also reads the violation counters
+        when it opens and closes. A sample is taken at both ends, so a short window has two."""
+        if not self.active:
+            yield self
+            return
+        self._sync()
+        self._window = name
+        self.sample_once()
+        before = self._violation_ns() if name == "timing" else {}
+        try:
+            yield self
+        finally:
+            self._sync()
+            self.sample_once()
+            self._window = None
+            if name == "timing":
+                after = self._violation_ns()
+                self._violations = {k: (after[k] - before[k]) / 1e6 for k in after if k in before}
+
+    def _violation_ns(self) -> dict[str, int]:
+        """Cumulative violation time (ns) per policy of :data:`VIOLATION_POLICIES` that NVML answers."""
+        fn = getattr(self._nvml, "nvmlDeviceGetViolationStatus", None)
+        if fn is None:
+            self._unsupported.add("violation counters")
+            return {}
+        counts = {}
+        for name, (attr, value) in VIOLATION_POLICIES.items():
+            got = self._query(name, lambda: fn(self._handle, int(getattr(self._nvml, attr, value))))
+            if got is not None:
+                counts[name] = int(got.violationTime)
+        return counts
+
     # -- sampling --------------------------------------------------------------------------
 
     def _query(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -257,6 +315,7 @@ class Sampler:
         )
         record = {
             "t": self.clock(),
+            "window": self._window,
             "power_w": power_mw / 1000.0 if power_mw is not None else None,
             "sm_clock_mhz": self._query("sm", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
             "mem_clock_mhz": self._query("mem", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
@@ -280,27 +339,24 @@ class Sampler:
         """
         if not self.active:
             return None
-        self._sync()
-        self.sample_once()
-        e0 = self._energy_mj()
-        t0 = self.clock()
-        calls, batch = 0, 1
-        while calls < max_calls:
-            for _ in range(batch):
-                fn()
-            calls += batch
-            self._sync()
-            if self.clock() - t0 >= min_time_s:
-                break
-            batch = min(batch * 2, max_calls - calls) or 1
-        t1 = self.clock()
-        self.sample_once()
-        e1 = self._energy_mj()
+        with self.window("energy"):
+            e0 = self._energy_mj()
+            t0 = self.clock()
+            calls, batch = 0, 1
+            while calls < max_calls:
+                for _ in range(batch):
+                    fn()
+                calls += batch
+                self._sync()
+                if self.clock() - t0 >= min_time_s:
+                    break
+                batch = min(batch * 2, max_calls - calls) or 1
+            t1 = self.clock()
+            e1 = self._energy_mj()
         if e0 is not None and e1 is not None and e1 > e0:
             energy, source = (e1 - e0) / 1000.0 / calls, "counter"
         else:
-            with self._lock:
-                powers = [r["power_w"] for r in self._records if t0 <= r["t"] <= t1 and r["power_w"] is not None]
+            powers = [r["power_w"] for r in self._in_window("energy") if r["power_w"] is not None]
             if not powers:
                 self._energy = {"energy_note": "no energy counter and no power samples"}
                 return None
@@ -314,13 +370,19 @@ class Sampler:
 
     # -- summary ---------------------------------------------------------------------------
 
-    def _summarise(self) -> dict[str, Any]:
+    def _in_window(self, name: str) -> list[dict[str, Any]]:
         with self._lock:
-            records = list(self._records)
+            return [r for r in self._records if r["window"] == name]
+
+    def _summarise(self) -> dict[str, Any]:
+        records = self._in_window("timing")
+        if not records:  # no timing window was opened: everything but the energy loop
+            with self._lock:
+                records = [r for r in self._records if r["window"] != "energy"]
         cols = empty_columns("")
 
-        def values(key):
-            return [r[key] for r in records if r[key] is not None]
+        def values(key, rows=records):
+            return [r[key] for r in rows if r[key] is not None]
 
         def mean(xs):
             return sum(xs) / len(xs) if xs else None
@@ -338,11 +400,17 @@ class Sampler:
             mem_util_pct=mean(values("mem_util_pct")),
             telemetry_samples=len(records),
         )
-        masks = values("reasons")
-        if masks:
-            seen = [name for name, bit in self._reason_bits().items() if any(m & bit for m in masks)]
-            cols["throttle_reasons"] = ",".join(seen)
-            cols["throttled"] = any(name in THROTTLING for name in seen)
+        seen = self._reasons_seen(values("reasons"))
+        violated = [name for name, ms in self._violations.items() if ms > 0]
+        if self._violations:
+            cols["throttle_time_ms"] = sum(self._violations.values())
+        if values("reasons") or self._violations:
+            cols["throttle_reasons"] = ",".join(seen + violated)
+            cols["throttled"] = any(name in THROTTLING for name in seen) or bool(violated)
+        energy_rows = self._in_window("energy")
+        if energy_rows and self._energy:
+            cols["energy_power_w"] = mean(values("power_w", energy_rows))
+            cols["energy_throttled"] = any(n in THROTTLING for n in self._reasons_seen(values("reasons", energy_rows)))
         cols.update({k: v for k, v in self._energy.items() if k in COLUMNS})
         notes = []
         if self._unsupported:
@@ -351,6 +419,9 @@ class Sampler:
             notes.append(self._energy["energy_note"])
         cols["telemetry_note"] = "; ".join(notes)
         return cols
+
+    def _reasons_seen(self, masks: list[int]) -> list[str]:
+        return [name for name, bit in self._reason_bits().items() if any(m & bit for m in masks)]
 
     def _reason_bits(self) -> dict[str, int]:
         return {name: int(getattr(self._nvml, attr, bit)) for name, (attr, bit) in REASON_BITS.items()}

@@ -5,7 +5,7 @@ The rule (``TimingConfig``):
 1. The first call is timed on its own (``first_call_s``: it includes compilation,
    autotuning and lazy initialisation, and is kept out of the samples).
 2. Up to ``warmup - 1`` more warm-up calls, stopping early once warm-up has taken
-   ``min_time_s``.
+   ``min_time_s`` (CUDA: and at least 25 ms of GPU time, see below).
 3. Samples, one call each, until one of these holds (checked after every sample,
    on CUDA after every batch of samples):
 
@@ -40,15 +40,18 @@ kernel among other work sees.
 kernels are synchronous). ``clock`` is injectable so the rule can be tested on a
 fake clock.
 
-**CUDA** samples are CUDA events recorded around each call on the current stream
-and read after synchronising; calls are issued in batches sized from the warm-up
-time (so slow cases do not overshoot the budget) and the stopping rule is checked
-after each batch. Before every sample (outside the events) a buffer larger than
-the L2 cache is overwritten (``flush_l2``, as ``triton.testing.do_bench`` does), so
-that no sample finds its inputs in L2. With ``cuda_graph = true`` each callable is
-captured once into a CUDA graph after warm-up and the samples replay it, which
-removes the CPU launch overhead that dominates small cases; a callable that cannot
-be captured is timed eagerly and the row says why (``timing_note``).
+**CUDA** (:mod:`harness.measure.cudatime`): the warm-up runs until the calls have used at
+least 25 ms of GPU time (``triton.testing.do_bench``'s rule; an idle GPU clocks down) and the
+warm-up count is met; samples are CUDA events recorded around each call on the current stream
+and read after synchronising, in batches sized from the warm-up's GPU time (so slow cases do not
+overshoot the budget), the stopping rule checked after each batch. Before every sample (outside
+the events) a buffer larger than the L2 cache is overwritten (``flush_l2``, as do_bench does), so
+that no sample finds its inputs in L2. With ``cuda_graph = true`` each callable is captured once
+into a CUDA graph after warm-up and the samples replay it, which removes the CPU launch overhead
+that dominates small cases; a callable that cannot be captured is timed eagerly, the row says why
+(``timing_note``), and the worker process is replaced after the case (``Timing.restart``). The
+CPU time spent issuing the calls is compared with the events' time: a case whose GPU waited for
+the host is ``host_bound``.
 """
 
 from __future__ import annotations
@@ -142,6 +145,11 @@ class Timing:
     l2_flush: bool = False
     #: anything the reader of the row should know (e.g. a CUDA graph that could not be captured)
     note: str = ""
+    #: CUDA: CPU seconds spent issuing one call, and whether that covered the GPU time (None on CPU)
+    host_s: float = math.nan
+    host_bound: bool | None = None
+    #: why the process's CUDA state should not be trusted for the next case ("": it can)
+    restart: str = ""
     stats: dict[str, float] = field(init=False)
     ci_s: tuple[float, float] = field(init=False)
     precision: float = field(init=False)
@@ -170,6 +178,8 @@ class Timing:
             "input_sets": self.input_sets,
             "timing_method": self.method,
             "timing_note": self.note,
+            "host_ms": self.host_s * 1e3,
+            "host_bound": self.host_bound,
         }
 
 
@@ -226,20 +236,12 @@ def _cache_bytes(device: str, config: TimingConfig) -> int | None:
     if device.startswith("cuda"):
         if config.flush_l2:
             return None
-        return _cuda_l2_bytes(device)
+        from harness.measure.cudatime import l2_bytes
+
+        return l2_bytes(device)
     from harness.measure.environment import llc_bytes
 
     return llc_bytes()
-
-
-def _cuda_l2_bytes(device: str = "cuda") -> int | None:
-    try:
-        import torch
-
-        props = torch.cuda.get_device_properties(torch.device(device))
-        return int(getattr(props, "L2_cache_size", 0)) or None
-    except Exception:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +285,8 @@ def time_call(
     first = clock() - t0
 
     phase("warm-up")
+    if device.startswith("cuda"):
+        return _cuda_timing(fns, config, device, clock, first, phase)
     warm_start = clock()
     warm = 0
     for i in range(max(config.warmup - 1, 0)):
@@ -290,12 +294,7 @@ def time_call(
             break
         fns[(i + 1) % len(fns)]()
         warm += 1
-    sync()
-    warm_per_call = (clock() - warm_start) / warm if warm else first
     phase("timing")
-
-    if device.startswith("cuda"):
-        return _cuda_timing(fns, config, device, clock, first, warm, warm_per_call, 1 + warm)
 
     samples: list[float] = []
     start = clock()
@@ -319,82 +318,17 @@ def time_call(
 # CUDA
 
 
-class L2Flusher:
-    """Overwrites a buffer larger than the GPU's L2 cache (at least 256 MiB, as do_bench does)."""
+def _cuda_timing(fns, config: TimingConfig, device: str, clock, first: float, phase) -> Timing:
+    """Warm-up by GPU time, then CUDA-event samples (:mod:`harness.measure.cudatime`)."""
+    from harness.measure import cudatime
 
-    def __init__(self, device: str = "cuda"):
-        import torch
-
-        l2 = _cuda_l2_bytes(device) or 0
-        nbytes = max(256 * 2**20, 4 * l2)
-        self.buffer = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
-
-    def __call__(self) -> None:
-        self.buffer.zero_()
-
-
-def capture_graph(fn: Callable[[], Any], warmup: int = 2):
-    """A CUDA graph of ``fn`` (warmed up on a side stream first, as capture requires)."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
-
-
-def _cuda_timing(
-    fns, config: TimingConfig, device: str, clock, first: float, warm: int, per_call_s: float, i: int
-) -> Timing:
-    import torch
-
-    note = ""
-    method = "cuda_events"
-    runners: list[Callable[[], Any]] = list(fns)
-    graphs = []
-    if config.cuda_graph:
-        try:
-            graphs = [capture_graph(f) for f in fns]
-            runners = [g.replay for g in graphs]
-            method = "cuda_graph"
-        except Exception as exc:  # not capturable (host sync, dynamic shapes, CPU work...): time eagerly
-            torch.cuda.synchronize()
-            graphs = []
-            note = f"cuda_graph: capture failed ({type(exc).__name__}: {str(exc).strip()[:160]}); timed eagerly"
-    flush = L2Flusher(device) if config.flush_l2 else None
-
-    samples: list[float] = []
-    reason = None
-    start = clock()
-    while reason is None:
-        elapsed = clock() - start
-        budget_left = max(config.max_time_s, config.min_time_s) - elapsed
-        # a batch takes about 20 ms (and never more than the budget left), at most 50 calls
-        batch = int(min(50, max(1, 0.02 / max(per_call_s, 1e-7)), max(1, budget_left / max(per_call_s, 1e-7))))
-        batch = max(1, min(batch, config.max_reps - len(samples)))
-        if len(samples) < config.min_reps:
-            batch = max(batch, min(config.min_reps - len(samples), config.max_reps - len(samples)))
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(batch)]
-        for begin, end in events:
-            if flush is not None:
-                flush()
-            begin.record()
-            runners[i % len(runners)]()
-            end.record()
-            i += 1
-        torch.cuda.synchronize()
-        samples.extend(begin.elapsed_time(end) / 1e3 for begin, end in events)
-        reason = stop_reason(samples, clock() - start, config)
-    del graphs
+    warm, per_call_s = cudatime.warm_up(fns, 1, max(config.warmup - 1, 0), config.min_time_s,
+                                        max(config.max_time_s, config.min_time_s), clock)
+    phase("timing")
+    got = cudatime.sample(fns, config, device, clock, lambda samples, elapsed: stop_reason(samples, elapsed, config),
+                          1 + warm, per_call_s if warm else first)
     return Timing(
-        samples_s=samples, first_call_s=first, warmup_calls=warm, stop=reason, confidence=config.confidence,
-        input_sets=len(fns), method=method, l2_flush=flush is not None, note=note,
+        samples_s=got.samples_s, first_call_s=first, warmup_calls=warm, stop=got.stop, confidence=config.confidence,
+        input_sets=len(fns), method=got.method, l2_flush=got.l2_flush, note="; ".join(got.notes),
+        host_s=got.host_s, host_bound=got.host_bound, restart=got.restart,
     )

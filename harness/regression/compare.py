@@ -3,7 +3,9 @@
 Pairing. Cases are paired by ``case_id``, the stable hash of everything that
 defines a measurement (variant, its parameters, device, dtype, mode, shape,
 causal, inputs; :class:`harness.core.cases.Case`). A case in only one run is ``new``
-or ``missing``.
+or ``missing``. When either run spans several machines (rows' ``machine_fingerprint``: merged
+shards, the Ray executor), a case measured ok on two different machines is ``not compared``:
+timings are paired only on one machine.
 
 Time. For a case measured in both runs the point estimate is the ratio of the
 medians of the raw samples (``NEW / BASE``; > 1 is slower). Its confidence
@@ -114,6 +116,22 @@ def _pair(cid: str, b: dict[str, Any] | None, n: dict[str, Any] | None) -> dict[
     }
 
 
+def _spans_machines(rows: pd.DataFrame) -> bool:
+    """Whether a run's rows were measured on more than one machine (``machine_fingerprint``)."""
+    return "machine_fingerprint" in rows.columns and rows["machine_fingerprint"].nunique(dropna=True) > 1
+
+
+def _machines_apart(b: dict[str, Any], n: dict[str, Any]) -> str:
+    """Why a case's two rows are not compared when a run spans several machines: they were measured
+    on different ones (or one side's machine is unknown); ``""`` when on the same machine."""
+    fb, fn = b.get("machine_fingerprint"), n.get("machine_fingerprint")
+    if isinstance(fb, str) and fb == fn:
+        return ""
+    return (f"measured on different machines (BASE {b.get('host') or '?'} {fb or 'unknown'}, NEW "
+            f"{n.get('host') or '?'} {fn or 'unknown'}): a run spans several machines, and timings are only "
+            "compared on one machine")
+
+
 def compare_frames(
     base_rows: pd.DataFrame,
     base_samples: pd.DataFrame | None,
@@ -126,12 +144,14 @@ def compare_frames(
     base_by = {r["case_id"]: r for r in base_rows.to_dict("records")} if not base_rows.empty else {}
     new_by = {r["case_id"]: r for r in new_rows.to_dict("records")} if not new_rows.empty else {}
     sa, sb = _samples_by_case(base_samples), _samples_by_case(new_samples)
-    records, accuracy = [], []
+    records, accuracy, aparts = [], [], []
+    multi = _spans_machines(base_rows) or _spans_machines(new_rows)
     for cid in list(base_by) + [c for c in new_by if c not in base_by]:
         b, n = base_by.get(cid), new_by.get(cid)
         rec = _pair(cid, b, n)
         problems: list[str] = []
-        if b is not None and n is not None and rec["base_status"] == "ok" and rec["new_status"] == "ok":
+        apart = _machines_apart(b, n) if multi and b is not None and n is not None else ""
+        if not apart and b is not None and n is not None and rec["base_status"] == "ok" and rec["new_status"] == "ok":
             a_s = sa.get(cid)
             if a_s is None or len(a_s) == 0:
                 a_s = np.array([b.get("time_ms", math.nan)])
@@ -147,13 +167,16 @@ def compare_frames(
             problems = accuracy_problems(b, n, th.accuracy) if rec["exact"] else []
         records.append(rec)
         accuracy.append(problems)
+        aparts.append(apart)
 
     if not records:
         return _with_columns(pd.DataFrame())
     # verdicts on the records themselves: a DataFrame would turn a side's missing status (None) into NaN
-    for rec, q, problems in zip(records, bh_adjust([r["p_value"] for r in records]), accuracy):
+    for rec, q, problems, apart in zip(records, bh_adjust([r["p_value"] for r in records]), accuracy, aparts):
         rec["q_value"] = q
         rec.update(decide(rec, th, problems))
+        if apart and rec["base_status"] == "ok" and rec["new_status"] == "ok":
+            rec.update(verdict="not compared", time_verdict="", memory_verdict="", accuracy_verdict="", note=apart)
     return sort_by_severity(pd.DataFrame.from_records(records))
 
 

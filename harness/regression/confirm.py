@@ -21,7 +21,9 @@ commit its run was recorded at, extracted from git (``git archive``) into a
 temporary directory, so last month's baseline runs its own code beside
 tonight's, on the spot, under the same conditions; its recorded seed, timing
 rule (with at most ``ROUND_MIN_TIME_S`` of timing and ``ROUND_MIN_REPS`` samples
-a round: the rounds are the replicates) and thread count are reused; only the
+a round: the rounds are the replicates), thread count and allocator variable (set only where
+the run recorded one: ``[run] allocator = "thp"``, or a run from before that option, whose
+workers pinned it) are reused; only the
 time is measured (no memory, FLOP count or accuracy, which the stored runs
 already have; a worker of a commit older than this option measures them too,
 and ignores them). The unit of replication is the round: the test (Mann–Whitney,
@@ -44,7 +46,9 @@ here, so it answers "is NEW's code slower than BASE's on this machine", which is
 what a nightly job whose baseline was recorded elsewhere needs (the comparison
 still warns that the stored figures came from different machines). A plugin
 given as a file inside the recorded checkout is taken from the extracted tree;
-a plugin module is looked up there first. When a side is not runnable,
+a plugin module must be one of that tree; any other plugin (a file elsewhere, a
+symlink out of the tree, an installed module) is refused, one line, unless
+``--trust-plugins`` (:mod:`harness.engine.trust`). When a side is not runnable,
 confirmation declines, says why, and the verdicts stand as computed from the
 stored samples.
 """
@@ -53,6 +57,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -97,15 +103,16 @@ def has_commit(repo: Path, commit: str) -> bool:
 
 
 def recorded_repo(meta: dict[str, Any]) -> Path:
-    """The checkout a run was recorded in, when it still exists; else this one."""
-    root = ((meta.get("environment") or {}).get("git") or {}).get("root")
-    if root and Path(root).is_dir():
-        return Path(root)
+    """The repository a run's code is taken from: this checkout's, always. A run directory may come
+    from anyone, so the checkout its run.json names (``environment.git.root``) only places the
+    suite's plugin files (:meth:`Side.in_tree`), never gives code: the commit must be in this one."""
     return PROJECT_ROOT
 
 
 def extract_commit(repo: Path, commit: str, dest: Path) -> Path:
     """The project's tree at ``commit``, written under ``dest`` (``git archive``; the repository is not touched)."""
+    if not re.fullmatch(r"[0-9a-f]{7,64}", str(commit)):  # never an option or a ref name from a run.json
+        raise CompareError(f"not a commit id: {str(commit)[:60]!r}")
     proc = git(repo, "archive", "--format=tar", commit, binary=True)
     if proc.returncode != 0:
         raise CompareError(f"git archive {commit[:10]} failed: {proc.stderr.decode(errors='replace').strip()}")
@@ -154,14 +161,20 @@ class Side:
     suite_dir: Path = field(default_factory=Path.cwd)
     #: the checkout's path when the run was recorded (perhaps on another machine)
     recorded_root: Path | None = None
+    #: the allocator variable its workers had (``[run] allocator``; empty: unset, nothing is set)
+    env: dict[str, str] = field(default_factory=dict)
+    #: which run this side is, in messages
+    run: str = "the run"
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "Side":
+        from harness.measure.environment import recorded_allocator_env
+
         env = meta.get("environment") or {}
         timing = dict(meta.get("timing") or {})
         suite = meta.get("suite") or {}
         path = suite.get("resolved_path") or suite.get("path")
-        suite_dir = Path(path).resolve().parent if path else Path.cwd()
+        suite_dir = Path(os.path.abspath(path)).parent if path else Path.cwd()  # as recorded: no symlinks here
         return cls(
             commit=(env.get("git") or {}).get("commit"),
             repo=recorded_repo(meta),
@@ -171,25 +184,19 @@ class Side:
             plugins=list((suite.get("definition") or {}).get("plugins") or []),
             suite_dir=suite_dir,
             recorded_root=Path(root) if (root := (env.get("git") or {}).get("root")) else None,
+            env=recorded_allocator_env(env),
+            run=f"run {meta.get('run_id') or '?'}",
         )
 
-    def in_tree(self, tree: Path) -> tuple[Path, list[str]]:
-        """(base_dir, plugins) with paths inside the recorded checkout moved into ``tree``."""
-        from harness.engine.plugins import looks_like_path
+    def in_tree(self, tree: Path, trust: bool = False,
+                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> tuple[Path, list[str]]:
+        """(base_dir, plugins) to run this side from ``tree`` (its commit extracted): plugin files
+        inside the recorded checkout moved into ``tree``, modules from ``tree``; any other plugin is
+        refused unless ``trust`` (:func:`harness.engine.trust.plugins_for_tree`)."""
+        from harness.engine.trust import plugins_for_tree
 
-        roots = [r for r in (self.recorded_root, self.repo.resolve()) if r is not None]
-
-        def move(p: Path) -> Path:
-            for root in roots:
-                try:
-                    return tree / p.resolve().relative_to(root)
-                except ValueError:
-                    continue
-            return p  # outside the checkout: the same file for both sides
-
-        base_dir = move(self.suite_dir)
-        plugins = [str(move(self.suite_dir / spec)) if looks_like_path(spec) else spec for spec in self.plugins]
-        return base_dir, plugins
+        return plugins_for_tree(self.plugins, self.suite_dir, [self.recorded_root, self.repo], tree,
+                                source=self.run, trust=trust, log=log)
 
 
 #: A round's timing rule: the side's own, with at most this much timing and this many samples
@@ -214,12 +221,15 @@ class Workers:
     process (its memory layout, its thread placement): the rounds are then independent
     replicates of everything that differs from one process to the next."""
 
-    def __init__(self, sides: dict[str, Side], tmp: Path, log_dir: Path | None = None):
+    def __init__(self, sides: dict[str, Side], tmp: Path, log_dir: Path | None = None, trust: bool = False,
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
         self.sides, self.log_dir = sides, log_dir
         self.trees: dict[str, Path] = {}
         for side in sides.values():
             if side.commit not in self.trees:
                 self.trees[side.commit] = extract_commit(side.repo, side.commit, tmp / side.commit[:12])
+        # before any worker starts: each side's plugins, refused unless they are its commit's code
+        self.plans = {name: side.in_tree(self.trees[side.commit], trust, log) for name, side in sides.items()}
         self.pools: dict[str, Any] = {}
         self.rounds = 0
 
@@ -230,10 +240,11 @@ class Workers:
         self.rounds += 1
         for name, side in self.sides.items():
             tree = self.trees[side.commit]
-            base_dir, plugins = side.in_tree(tree)
+            base_dir, plugins = self.plans[name]
             log_dir = self.log_dir / f"round-{self.rounds}-{name}" if self.log_dir else None
             self.pools[name] = WorkerPool(round_timing(side.timing), seed=side.seed, plugins=plugins,
-                                          base_dir=base_dir, threads=side.threads, code_root=tree, log_dir=log_dir)
+                                          base_dir=base_dir, threads=side.threads, code_root=tree, log_dir=log_dir,
+                                          env=side.env)
 
     def run(self, name: str, case):
         return self.pools[name].run(case, time_only=True)
@@ -245,9 +256,10 @@ class Workers:
 
 
 @contextlib.contextmanager
-def worker_runners(sides: dict[str, Side], log_dir: Path | None = None) -> Iterator[Workers]:
+def worker_runners(sides: dict[str, Side], log_dir: Path | None = None, trust: bool = False,
+                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Iterator[Workers]:
     with tempfile.TemporaryDirectory(prefix="bench-confirm-") as tmp:
-        workers = Workers(sides, Path(tmp), log_dir)
+        workers = Workers(sides, Path(tmp), log_dir, trust, log)
         try:
             yield workers
         finally:
@@ -314,13 +326,15 @@ def confirm(
     here: dict[str, Any] | None = None,
     runners: Callable[[dict[str, Side]], contextlib.AbstractContextManager] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    trust_plugins: bool = False,
 ) -> dict[str, Any]:
     """Re-run the suspect cases (:func:`suspects_of`), interleaved, when both sides are runnable here;
     the re-run decides their time verdicts.
 
     Updates ``comparison.cases`` in place and sets and returns ``comparison.confirm``.
     ``runners(sides)`` is a context manager giving an object with ``new_round()`` and
-    ``run(side, case)`` (sides "A" = BASE, "B" = NEW); by default :func:`worker_runners`.
+    ``run(side, case)`` (sides "A" = BASE, "B" = NEW); by default :func:`worker_runners`, which refuses
+    plugins that are not the sides' commits' code unless ``trust_plugins`` (:mod:`harness.engine.trust`).
     """
     table = comparison.cases
     th = comparison.thresholds
@@ -348,7 +362,7 @@ def confirm(
     try:
         # the case each row measured (ValueError: its fields no longer give its case_id)
         cases = {i: Case.from_row(table.loc[i].to_dict()) for i in suspects}
-        with (runners or worker_runners)(sides) as workers:
+        with (runners or (lambda s: worker_runners(s, trust=trust_plugins, log=log)))(sides) as workers:
             measured = interleaved_rounds(cases, workers, rounds, log)
     except (CompareError, ValueError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
         comparison.confirm = {

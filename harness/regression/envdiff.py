@@ -29,7 +29,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
 
 def _settings(meta: dict[str, Any]) -> dict[str, str]:
     env = meta.get("environment") or {}
-    flat = _flatten({"machine": env.get("machine"), "versions": env.get("versions"), "git": env.get("git")})
+    flat = _flatten({"machine": env.get("machine"), "versions": env.get("versions"), "git": env.get("git"),
+                     "measurement": env.get("measurement")})
     flat["threads"] = str(env.get("threads"))
     flat.update(_flatten({"timing": meta.get("timing")}))
     flat["seed"] = str(meta.get("seed"))
@@ -37,6 +38,15 @@ def _settings(meta: dict[str, Any]) -> dict[str, str]:
     flat["started"] = str(meta.get("started"))
     flat["status"] = str(meta.get("status"))
     return flat
+
+
+def _allocator(env: dict[str, Any]) -> str:
+    """The workers' THP_MEM_ALLOC_ENABLE as run.json recorded it (``environment.measurement``, or
+    ``environment.allocator`` for runs from before it), e.g. ``THP_MEM_ALLOC_ENABLE=1`` or ``… unset``."""
+    from harness.measure.environment import ALLOCATOR_ENV, recorded_allocator_env
+
+    value = recorded_allocator_env(env).get(ALLOCATOR_ENV)
+    return f"{ALLOCATOR_ENV}={value}" if value is not None else f"{ALLOCATOR_ENV} unset"
 
 
 def environment_table(base_meta: dict[str, Any], new_meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -69,6 +79,9 @@ def comparison_warnings(base: RunInfo, new: RunInfo) -> list[str]:
     be, ne = base.meta.get("environment") or {}, new.meta.get("environment") or {}
     if be.get("threads") != ne.get("threads"):
         warnings.append(f"thread counts differ: BASE {be.get('threads')}, NEW {ne.get('threads')}")
+    ba, na = _allocator(be), _allocator(ne)
+    if ba != na:
+        warnings.append(f"allocator settings differ: BASE {ba}, NEW {na} (CPU timings depend on it)")
     for side, info in (("BASE", base), ("NEW", new)):
         if info.status != "complete":
             warnings.append(f"{side} run {info.run_id} is {info.status!r}: cases it did not finish count as missing/new")

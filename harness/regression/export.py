@@ -159,7 +159,9 @@ def run_to_pytest_benchmark(run_dir: str | Path) -> tuple[dict[str, Any], int]:
     meta = store.read_meta(run_dir)
     rows = store.read_results(run_dir)
     samples = store.read_samples(run_dir)
-    by_case = {cid: g.sort_values("rep")["time_ms"].to_numpy() / 1e3 for cid, g in samples.groupby("case_id")}
+    order = [c for c in ("process", "rep") if c in samples]  # samples of several worker processes, in turn
+    by_case = {cid: g.sort_values(order, kind="stable")["time_ms"].to_numpy() / 1e3
+               for cid, g in samples.groupby("case_id")}
     timing = meta.get("timing") or {}
     benchmarks = []
     left_out = 0
@@ -238,6 +240,6 @@ def export_pytest_benchmark(run_dir: str | Path, out: str | Path | None = None,
     else:
         path = Path(out) if out else Path(run_dir) / "pytest-benchmark.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n", encoding="utf-8")
+    store.write_text(path, text + "\n")  # never through a symlink the run directory holds
     return path, len(document["benchmarks"]), left_out
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.core import names
 from harness.engine import store
 from harness.engine.store import StoreError
 
@@ -101,13 +102,16 @@ def run_info(path: str | Path) -> RunInfo:
     """Read a run directory's ``run.json`` (StoreError if it is not a readable run)."""
     path = Path(path)
     meta = store.read_meta(path)
+    run_id = str(meta.get("run_id") or path.name)
+    if (problem := names.name_problem(run_id, names.MAX_RUN_ID)) is not None:  # path.name may be '..'
+        raise StoreError(f"{path}: run id: {problem}")
     env = meta.get("environment") or {}
     git = env.get("git") or {}
     machine = env.get("machine") or {}
     suite = meta.get("suite") or {}
     return RunInfo(
         path=path,
-        run_id=str(meta.get("run_id") or path.name),
+        run_id=run_id,
         suite=str(suite.get("name") or "?"),
         started=str(meta.get("started") or ""),
         finished=meta.get("finished"),
@@ -149,7 +153,19 @@ def list_runs(root: str | Path = DEFAULT_ROOT, suite: str | None = None) -> list
 
 
 def baseline_dir(root: str | Path, suite: str) -> Path:
-    return Path(root) / BASELINE / suite
+    """``ROOT/baseline/<suite>/``: the suite's name checked (:mod:`harness.core.names`) and the path
+    staying inside ``ROOT/baseline`` (HistoryError otherwise): a name read from a run.json."""
+    try:
+        return names.inside(Path(root) / BASELINE, suite)
+    except ValueError as exc:
+        raise HistoryError(f"baseline of suite {str(suite)[:60]!r}: {exc}") from None
+
+
+def _suite_name(spec: str, suite: str | None) -> str | None:
+    """The ``@SUITE`` of ``spec``, checked as a suite name (HistoryError if it is not one)."""
+    if suite is not None and (problem := names.name_problem(suite)) is not None:
+        raise HistoryError(f"{spec[:80]!r}: suite {problem}")
+    return suite
 
 
 def list_baselines(root: str | Path = DEFAULT_ROOT) -> list[RunInfo]:
@@ -170,14 +186,18 @@ def resolve_run(spec: str, root: str | Path = DEFAULT_ROOT, suite_hint: str | No
     """
     root = Path(root)
     path = Path(spec)
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # e.g. a name too long for a path
+        is_dir = False
+    if is_dir:
         if (path / store.RUN_META).exists():
             return path
         if spec not in ("latest", "baseline") and not _LATEST.match(spec) and not _BASELINE.match(spec):
             raise HistoryError(f"{spec}: not a run directory (no {store.RUN_META})")
 
     if m := _BASELINE.match(spec):
-        suite = m.group(1) or suite_hint
+        suite = _suite_name(spec, m.group(1)) or suite_hint
         baselines = list_baselines(root)
         if suite is not None:
             for b in baselines:
@@ -195,7 +215,7 @@ def resolve_run(spec: str, root: str | Path = DEFAULT_ROOT, suite_hint: str | No
 
     if m := _LATEST.match(spec):
         back = int(m.group(1) or 0)
-        suite = m.group(2)
+        suite = _suite_name(spec, m.group(2))
         runs = list_runs(root, suite)
         if not runs:
             where = f"suite {suite!r} under {root / RUNS}" if suite else f"{root / RUNS}"

@@ -28,7 +28,7 @@ from harness.regression.changepoint import case_trends
 from harness.regression.history import BASELINE, BASELINE_INFO, HistoryError, RunInfo, list_runs, load_history
 
 #: Statuses that mean a case did not run as it should (``skipped`` is a decision, not a failure).
-FAILING = ("error", "oom", "crash", "timeout")
+FAILING = ("error", "oom", "crash", "cuda_error", "timeout")
 
 
 @dataclass(frozen=True)

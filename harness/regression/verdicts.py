@@ -34,8 +34,8 @@ from harness.engine.store import StoreError
 #: Verdicts, most severe first (the order of the terminal table).
 VERDICTS = ("now failing", "regressed", "missing", "new", "now passing", "improved", "unchanged", "not compared")
 SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
-#: Statuses that mean the case was attempted and failed.
-FAILED = ("error", "crash", "timeout", "oom")
+#: Statuses that mean the case was attempted and failed (``incorrect``: it ran, and gave a wrong answer).
+FAILED = ("error", "crash", "cuda_error", "timeout", "oom", "incorrect")
 
 DEFAULT_TIME_THRESHOLD: float = COMPARE["time_threshold"].default
 DEFAULT_MEMORY_THRESHOLD: float = COMPARE["memory_threshold"].default

@@ -6,7 +6,8 @@ against all keys (``f·L/2`` for a causal case on a kernel that skips masked blo
 whose full call does about half the work), so the call does about ``f`` more
 attention work; the extra result is discarded, and the extra call's temporaries are
 freed before the real call allocates, so peak memory does not change. Its output is
-exactly ``sdpa``'s.
+exactly ``sdpa``'s. ``slow_naive`` does the same to the dense ``naive`` variant (which,
+like SDPA's math backend, computes the masked scores of a causal case too).
 
 ``f`` is the constant ``EXTRA_WORK`` below (a fraction; 0 makes it plain ``sdpa``). It is
 code, not configuration, on purpose: the detector slows the probe the way a real
@@ -21,6 +22,7 @@ from harness import attention_flops, get_variant, register_variant
 EXTRA_WORK = 0.0
 
 _sdpa = get_variant("sdpa")
+_naive = get_variant("naive")
 
 
 def extra_rows(length: int, causal: bool, backend: str, fraction: float) -> int:
@@ -48,3 +50,21 @@ def slow_sdpa(q, k, v, *, causal, backend="auto"):
         extra = _sdpa(q[:, :, :m], k, v, causal=False, backend=backend)
         del extra
     return _sdpa(q, k, v, causal=causal, backend=backend)
+
+
+@register_variant(
+    "slow_naive",
+    family="dense",
+    exact=True,
+    flops=attention_flops,
+    supports=_naive.supports,
+    check=_naive.check,
+    working_set=_naive.working_set,
+    description="test only: naive plus a fraction EXTRA_WORK of extra work",
+)
+def slow_naive(q, k, v, *, causal):
+    m = extra_rows(q.shape[2], causal, "math", EXTRA_WORK)  # naive computes every score, as math does
+    if m:
+        extra = _naive(q[:, :, :m], k, v, causal=False)
+        del extra
+    return _naive(q, k, v, causal=causal)

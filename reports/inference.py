@@ -1,0 +1,167 @@
+"""The report's inference sections: decoding against the cache length, and variable-length batches.
+
+Both are left out unless the run has such rows:
+
+* **Decode** (rows with ``q_len`` set: fewer queries than keys): per configuration and batch
+  size, the median time and the achieved K/V bandwidth against ``kv_len`` (the row's
+  ``seq_len``), one line per variant and cache layout; a table at the longest cache with the
+  bandwidth as a share of the measured copy bandwidth (``bench calibrate``) and tokens/s; and the
+  time of each paged case over the fastest contiguous one of the same shape.
+* **Variable-length batches** (rows whose ``lengths`` is not ``fixed``): time against the
+  padding fraction of the batch (1 − real tokens / (batch · longest)), one line per variant,
+  with the padded variant's useful-FLOP fraction and each variant's speed-up over ``padded``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from harness.core.lengths import case_lengths
+from harness.core.units import finite
+from reports.plots import _style, plt, to_svg
+
+#: What makes two decode rows one configuration (their lines share a chart).
+DECODE_KEYS = ["device", "dtype", "mode", "causal", "heads", "kv_heads", "head_dim", "inputs", "q_len", "lengths"]
+#: ... and two variable-length rows (x: the padding fraction of their lengths).
+VARLEN_KEYS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads", "head_dim", "inputs", "q_len",
+               "seq_len", "kv_layout", "page_size"]
+INFERENCE_COLUMNS = {"q_len": None, "kv_layout": "contiguous", "page_size": None, "lengths": "fixed"}
+
+
+def with_inference_columns(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with the inference identity columns (old runs lack them: their defaults)."""
+    for name, default in INFERENCE_COLUMNS.items():
+        if name not in rows.columns:
+            rows[name] = default
+    return rows
+
+
+def shape_labels(rows: pd.DataFrame) -> list[str]:
+    """Per row, its inference shape in words (``q=1 · paged/16 · zipf lengths``), or ``""``."""
+    rows = with_inference_columns(rows.copy())
+    out = []
+    for q, layout, page, lengths in zip(rows["q_len"], rows["kv_layout"], rows["page_size"], rows["lengths"]):
+        parts = [f"q={int(q)}"] if finite(q) else []
+        parts += [f"paged/{int(page)}"] if layout == "paged" and finite(page) else []
+        parts += [f"{lengths} lengths"] if isinstance(lengths, str) and lengths != "fixed" else []
+        out.append(" · ".join(parts))
+    return out
+
+
+def _series(row) -> str:
+    return row["label"] + (f" paged/{int(row['page_size'])}" if row["kv_layout"] == "paged" else "")
+
+
+def _title(keys: list[str], key: tuple, extra: str = "") -> str:
+    d = dict(zip(keys, key))
+    heads = f"H={d['heads']}" + (f"/{d['kv_heads']}" if d["kv_heads"] != d["heads"] else "")
+    q = f"q_len={int(d['q_len'])}" if finite(d.get("q_len")) else "q_len=kv_len"
+    return (f"{d['device']} · {d['dtype']} · {'causal' if d['causal'] else 'non-causal'} · {heads} "
+            f"D={d['head_dim']} · {q}{extra}")
+
+
+def _chart(group: pd.DataFrame, x: str, panels: list[tuple[str, str, float]], xlabel: str, title: str,
+           styles: dict, logx: bool) -> str:
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    fig.suptitle(title, fontsize=10, fontweight="bold")
+    handles = {}
+    for ax, (col, ylabel, scale) in zip(axes, panels):
+        for name, s in group.groupby("series", sort=True):
+            s = s.sort_values(x)
+            y = pd.to_numeric(s[col], errors="coerce") * scale
+            if not (y > 0).any():
+                continue
+            st = _style(name.split(" paged/")[0], styles)
+            st["linestyle"] = "--" if " paged/" in name else "-"
+            (handles[name],) = ax.plot(s[x], y, ms=4, lw=1.4, **st)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.02),
+                   ncol=min(3, len(handles)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return to_svg(fig, title)
+
+
+def _num(x) -> float | None:
+    return float(x) if finite(x) else None
+
+
+def decode_context(ok: pd.DataFrame, styles: dict) -> dict[str, Any] | None:
+    rows = ok[ok["q_len"].map(finite)].copy()
+    if rows.empty:
+        return None
+    rows["series"] = [_series(r) for r in rows.to_dict("records")]
+    panels = [("time_ms", "median time per call (ms)", 1.0), ("achieved_bandwidth", "K/V read (GB/s)", 1e-9)]
+    charts, table = [], []
+    for key, group in rows.groupby(DECODE_KEYS, sort=True, dropna=False):
+        for batch, g in group.groupby("batch", sort=True):
+            title = _title(DECODE_KEYS, key, f" · B={batch}")
+            charts.append({"title": title, "svg": _chart(g, "seq_len", panels, "kv_len (tokens)", title, styles,
+                                                          logx=True)})
+            longest = g[g["seq_len"] == g["seq_len"].max()]
+            for r in longest.sort_values("time_ms").to_dict("records"):
+                table.append({"group": title, "series": r["series"], "kv_len": int(r["seq_len"]),
+                              "time_ms": _num(r["time_ms"]), "gbs": _num(r.get("achieved_bandwidth", math.nan) / 1e9),
+                              "pct": _num(r.get("pct_of_bandwidth")), "tokens": _num(r.get("tokens_per_s"))})
+    return {"charts": charts, "table": table, "paged": _paged_ratios(rows)}
+
+
+def _paged_ratios(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each paged row's time over the fastest contiguous row of the same shape (any variant)."""
+    keys = DECODE_KEYS + ["batch", "seq_len"]
+    out = []
+    for key, g in rows.groupby(keys, sort=True, dropna=False):
+        flat = g[g["kv_layout"] != "paged"]
+        if flat.empty:
+            continue
+        best = flat.loc[flat["time_ms"].idxmin()]
+        for r in g[g["kv_layout"] == "paged"].sort_values("time_ms").to_dict("records"):
+            out.append({"group": _title(DECODE_KEYS, key[:-2], f" · B={key[-2]} · kv_len={key[-1]}"),
+                        "series": r["series"], "ratio": r["time_ms"] / best["time_ms"], "against": best["series"]})
+    return out
+
+
+def padding_fraction(row: dict) -> float:
+    """1 − real key tokens / (batch · longest): the share of a padded batch that is padding."""
+    _, kv = case_lengths(row)
+    return 1.0 - sum(kv) / (len(kv) * int(row["seq_len"]))
+
+
+def varlen_context(ok: pd.DataFrame, styles: dict) -> dict[str, Any] | None:
+    rows = ok[ok["lengths"].fillna("fixed") != "fixed"].copy()
+    if rows.empty:
+        return None
+    rows["series"] = [_series(r) for r in rows.to_dict("records")]
+    rows["padding"] = [padding_fraction(r) for r in rows.to_dict("records")]
+    charts, table = [], []
+    for key, group in rows.groupby(VARLEN_KEYS, sort=True, dropna=False):
+        title = _title(VARLEN_KEYS, key, f" · B={key[4]} · max {key[10]}")
+        charts.append({"title": title, "svg": _chart(group, "padding", [("time_ms", "median time per call (ms)", 1.0)],
+                                                      "padding fraction of the batch", title, styles, logx=False)})
+        for lengths, g in group.groupby("lengths", sort=True):
+            padded = g.loc[g["variant"] == "padded", "time_ms"]
+            base = float(padded.min()) if len(padded) else math.nan
+            for r in g.sort_values("time_ms").to_dict("records"):
+                table.append({"group": title, "lengths": lengths, "padding": r["padding"], "series": r["series"],
+                              "time_ms": _num(r["time_ms"]), "useful": _num(r.get("useful_fraction")),
+                              "speedup": _num(base / r["time_ms"]) if finite(base) else None})
+    return {"charts": charts, "table": table}
+
+
+def inference_context(rows: pd.DataFrame, styles: dict) -> dict[str, Any] | None:
+    """The decode and variable-length sections of a run's rows (None when it has neither)."""
+    ok = with_inference_columns(rows[rows["status"] == "ok"].copy())
+    if ok.empty:
+        return None
+    decode, varlen = decode_context(ok, styles), varlen_context(ok, styles)
+    if decode is None and varlen is None:
+        return None
+    return {"decode": decode, "varlen": varlen}
