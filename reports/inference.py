@@ -2,13 +2,14 @@
 
 Both are left out unless the run has such rows:
 
-* **Decode** (rows with ``q_len`` set: fewer queries than keys): per configuration and batch
+* **Decode** (fixed-length rows with ``q_len`` set: fewer queries than keys): per configuration and batch
   size, the median time and the achieved K/V bandwidth against ``kv_len`` (the row's
   ``seq_len``), one line per variant and cache layout; a table at the longest cache with the
   bandwidth as a share of the measured copy bandwidth (``bench calibrate``) and tokens/s; and the
   time of each paged case over the fastest contiguous one of the same shape.
-* **Variable-length batches** (rows whose ``lengths`` is not ``fixed``): time against the
-  padding fraction of the batch (1 − real tokens / (batch · longest)), one line per variant,
+* **Variable-length batches** (configurations with rows whose ``lengths`` is not ``fixed``; their
+  fixed rows are the no-padding points): time against the padding fraction of the batch
+  (1 − real tokens / (batch · longest)), one line per variant,
   with the padded variant's useful-FLOP fraction and each variant's speed-up over ``padded``.
 """
 
@@ -24,10 +25,10 @@ from harness.core.units import finite
 from reports.plots import _style, plt, to_svg
 
 #: What makes two decode rows one configuration (their lines share a chart).
-DECODE_KEYS = ["device", "dtype", "mode", "causal", "heads", "kv_heads", "head_dim", "inputs", "q_len", "lengths"]
+DECODE_KEYS = ["device", "dtype", "mode", "causal", "heads", "kv_heads", "head_dim", "inputs", "q_len"]
 #: ... and two variable-length rows (x: the padding fraction of their lengths).
 VARLEN_KEYS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads", "head_dim", "inputs", "q_len",
-               "seq_len", "kv_layout", "page_size"]
+               "seq_len"]
 INFERENCE_COLUMNS = {"q_len": None, "kv_layout": "contiguous", "page_size": None, "lengths": "fixed"}
 
 
@@ -95,7 +96,7 @@ def _num(x) -> float | None:
 
 
 def decode_context(ok: pd.DataFrame, styles: dict) -> dict[str, Any] | None:
-    rows = ok[ok["q_len"].map(finite)].copy()
+    rows = ok[ok["q_len"].map(finite) & (ok["lengths"].fillna("fixed") == "fixed")].copy()  # varlen: its own section
     if rows.empty:
         return None
     rows["series"] = [_series(r) for r in rows.to_dict("records")]
@@ -136,9 +137,12 @@ def padding_fraction(row: dict) -> float:
 
 
 def varlen_context(ok: pd.DataFrame, styles: dict) -> dict[str, Any] | None:
-    rows = ok[ok["lengths"].fillna("fixed") != "fixed"].copy()
-    if rows.empty:
+    """Configurations with variable-length rows, their fixed-length rows included (no padding)."""
+    varied = ok["lengths"].fillna("fixed") != "fixed"
+    if not varied.any():
         return None
+    keys = pd.Series([repr(tuple(r)) for r in ok[VARLEN_KEYS].itertuples(index=False)], index=ok.index)
+    rows = ok[keys.isin(set(keys[varied]))].copy()
     rows["series"] = [_series(r) for r in rows.to_dict("records")]
     rows["padding"] = [padding_fraction(r) for r in rows.to_dict("records")]
     charts, table = [], []
