@@ -216,7 +216,9 @@ def test_an_oom_after_timing_keeps_the_timing(monkeypatch, phase):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(runner, "peak_memory_bytes" if phase == "memory" else "_accuracy", oom)
+    from harness.engine import steps
+
+    monkeypatch.setattr(*(steps, "peak_memory_bytes") if phase == "memory" else (runner, "_accuracy"), oom)
     row = runner.run_case(Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=16),
                           TimingConfig(warmup=1, min_time_s=0.0, max_reps=3)).row
     assert row["status"] == "ok" and row["time_ms"] > 0 and row["reps"] == 3

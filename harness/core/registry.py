@@ -86,6 +86,10 @@ FAMILIES: dict[str, Family] = {
         Family("layer", "a whole attention layer, projections included"),
     )
 }
+#: What a variant's function is: an attention kernel on (q, k, v) (the default), a factory of a whole
+#: attention layer measured on hidden states (harness.engine.layerrun), or a kernel run across
+#: ``world_size`` ranks of a process group that the harness launches (harness.engine.ranks).
+LEVELS = ("kernel", "layer", "distributed")
 #: Families whose exact variants skip work by a pattern (see :attr:`Family.pattern`).
 PATTERN_FAMILIES: frozenset[str] = frozenset(f.name for f in FAMILIES.values() if f.pattern)
 
@@ -180,6 +184,8 @@ class Variant:
     #: the variant's own output tolerances by dtype, (max abs, rel), over the harness's defaults
     #: (harness.measure.reference.TOLERANCE); None: the defaults
     tolerance: dict[str, tuple[float, float]] | None = None
+    #: one of LEVELS: how the runner measures it
+    level: str = "kernel"
 
     def __call__(self, q, k, v, *, causal: bool = False, **params):
         return self.fn(q, k, v, causal=causal, **params)
@@ -234,6 +240,7 @@ class Variant:
             "family": self.family,
             "exact": self.exact,
             "baseline": self.baseline,
+            "level": self.level,
             "devices": sorted(s.devices),
             "dtypes": sorted(s.dtypes),
             "causal": s.causal,
@@ -305,6 +312,7 @@ def register_variant(
     columns: Callable[["Case"], dict[str, Any]] | None = None,
     baseline: bool = False,
     tolerance: dict[str, tuple[float, float]] | None = None,
+    level: str = "kernel",
 ):
     """Decorator: register ``fn`` as attention variant ``name``; returns the :class:`Variant`.
 
@@ -325,6 +333,8 @@ def register_variant(
         problem = "only an exact variant can be a baseline"
     if problem is None and tolerance is not None:
         problem = tolerance_problem(tolerance)
+    if problem is None and level not in LEVELS:
+        problem = f"unknown level {level!r}; one of {', '.join(LEVELS)}"
     if problem is not None:
         raise RegistryError(f"variant {name!r} from {_CURRENT_SOURCE[-1]}: {problem}")
 
@@ -351,6 +361,7 @@ def register_variant(
                 baseline=bool(baseline),
                 source=_CURRENT_SOURCE[-1],
                 tolerance={d: (float(a), float(r)) for d, (a, r) in tolerance.items()} if tolerance else None,
+                level=level,
             )
             _REGISTRY[name] = variant
             return variant

@@ -122,6 +122,18 @@ COLUMNS: tuple[Column, ...] = (
     _c("useful_fraction", "float64", "", "work", "useful_flops / flops", report_extra=True),
     _c("tokens_per_s", "float64", "tokens/s", "work", "query tokens (all sequences) per second, for "
        "inference-shaped cases (decode: batch·q_len / time)", report_extra=True),
+    # layers (level = "layer": a whole attention layer on hidden states, harness.engine.layerrun)
+    _c("d_model", "int64", "", "work", "layer width (heads · head_dim) of an attention layer", report_extra=True),
+    _c("param_count", "int64", "", "work", "parameters of the layer module (exact, from the module)",
+       report_extra=True),
+    _c("projection_flops", "float64", "FLOP", "work", "the layer's projection FLOPs (part of flops)",
+       report_extra=True),
+    # distributed (level = "distributed": ranks of a process group, harness.engine.ranks)
+    _c("world_size", "int64", "", "work", "ranks the case ran on (distributed variants)", report_extra=True),
+    _c("comm_ms", "float64", "ms", "time", "the variant's communication alone, timed separately (median, "
+       "slowest rank)", report_extra=True),
+    _c("comm_bytes", "float64", "bytes", "work", "bytes sent between ranks in one call, all ranks together",
+       report_extra=True),
     # roofline
     _c("min_bytes", "float64", "bytes", "roofline", "least traffic of a call: inputs read once, outputs written once"),
     _c("arith_intensity", "float64", "FLOP/byte", "roofline", "flops / min_bytes"),
@@ -158,6 +170,10 @@ COLUMNS: tuple[Column, ...] = (
     # memory
     _c("peak_mem_bytes", "float64", "bytes", "memory", "peak memory of one call beyond what existed before it"),
     _c("working_set_bytes", "float64", "bytes", "memory", "the variant's own estimate of its working set"),
+    _c("kv_cache_bytes_per_token", "float64", "bytes", "memory", "KV-cache bytes one token adds to one layer "
+       "(attention layers), in the cache dtype", report_extra=True),
+    _c("peak_mem_bytes_rank_min", "float64", "bytes", "memory", "distributed: the smallest rank's peak memory "
+       "(peak_mem_bytes is the largest rank's)", report_extra=True),
     # accuracy
     _c("max_abs_err", "float64", "", "accuracy", "largest absolute error against the float64 reference"),
     _c("rel_err", "float64", "", "accuracy", "‖out − ref‖_F / ‖ref‖_F"),

@@ -22,26 +22,23 @@ not the host's. The row's columns are declared in :mod:`harness.core.schema`.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import gc
 from typing import Any, Callable
 
 import torch
 
-from harness.measure import calibrate
-from harness.measure import flopcount
 from harness.measure import profile as profiling
 from harness.measure import roofline
-from harness.measure import telemetry
 from harness.core import flops as flop_rules
 from harness.core import schema
 from harness.core.cases import Case
 from harness.measure.inputs import aligned_copy, dense_kv, layout_inputs, make_grad, make_qkv
-from harness.measure.memory import peak_memory_bytes
 from harness.measure.reference import MAX_GRAD_CHECK_LEN, check_rows, errors, reference_attention, reference_grads
 from harness.core.registry import Variant, get_variant
 from harness.core.schema import CaseResult
-from harness.measure.timing import TimingConfig, input_set_count, time_call
+from harness.measure.timing import TimingConfig, input_set_count
+from harness.engine.steps import after_timing as _after_timing, cost_columns as _cost_columns, error_text as _error_text
+from harness.engine.steps import is_cuda_error as _is_cuda_error, is_oom as _is_oom, release as _release
+from harness.engine.steps import timed as _timed
 
 def base_row(case: Case, variant: Variant | None) -> dict[str, Any]:
     """The row of ``case`` before it runs: its identity, and what ``variant`` says of it without
@@ -162,73 +159,6 @@ def _accuracy(variant: Variant, case: Case, q, k, v, extra: dict | None = None) 
     return result
 
 
-def _is_oom(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, cuBLAS failing to allocate its workspace, or the CPU allocator's
-    "can't allocate memory"."""
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    if oom_type and isinstance(exc, oom_type):
-        return True
-    text = str(exc)
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
-        or "CUBLAS_STATUS_ALLOC_FAILED" in text
-    )
-
-
-#: Texts of errors that leave a process's CUDA context unusable (with torch's without AcceleratorError).
-CUDA_ERROR_TEXT = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure",
-                   "CUDNN_STATUS_EXECUTION_FAILED", "CUBLAS_STATUS_EXECUTION_FAILED", "cuDNN error")
-
-
-def _is_cuda_error(exc: BaseException) -> bool:
-    """An error of the CUDA runtime or cuDNN (``torch.AcceleratorError`` where torch has it), not an OOM."""
-    if _is_oom(exc):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in CUDA_ERROR_TEXT)
-
-
-def _release(case: Case) -> str:
-    """Free what a case left behind (garbage, the CUDA cache); the error when CUDA itself fails
-    there (a sticky error from an asynchronous kernel surfaces at the next CUDA call), else ''."""
-    gc.collect()
-    if case.device == "cuda" and torch.cuda.is_available():
-        try:
-            torch.cuda.empty_cache()
-        except Exception as exc:
-            return _error_text(exc)
-    return ""
-
-
-def _add_note(row: dict[str, Any], column: str, note: str) -> None:
-    row[column] = "; ".join(x for x in (row.get(column), note) if x)
-
-
-def _after_timing(row: dict[str, Any], case: Case, step: str, fn: Callable[[], dict[str, Any]]) -> None:
-    """One step after timing (memory, flops, accuracy), in its own guard: a CUDA error propagates
-    (the process is unusable); an OOM, or a failure of the harness's own measuring, leaves the step's
-    columns empty with a note in ``phase_note``; the variant failing its accuracy call is an error
-    row that keeps its timing."""
-    try:
-        row.update(fn())
-    except Exception as exc:
-        if _is_cuda_error(exc):
-            raise
-        if step == "accuracy" and not _is_oom(exc):
-            row.update(status="error", reason=f"accuracy check: {_error_text(exc)}")
-        else:
-            _add_note(row, "phase_note", f"{step}: {'oom' if _is_oom(exc) else 'error'}: {_error_text(exc)}")
-        _release(case)
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}"[:500]
-
-
 def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int | None = None,
              on_phase: Callable[[str], None] | None = None, time_only: bool = False,
              memory_budget_explicit: bool = False, profile: dict[str, Any] | None = None) -> CaseResult:
@@ -255,7 +185,7 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
         row.update(status="skipped", reason="; ".join(reasons))
         return CaseResult(row, [])
     try:
-        samples, restart = _measure(case, variant, timing, seed, row, phase, time_only, profile)
+        samples, restart = _measurer(variant.level)(case, variant, timing, seed, row, phase, time_only, profile)
     except Exception as exc:
         samples, restart = [], ""
         status = "cuda_error" if _is_cuda_error(exc) else "oom" if _is_oom(exc) else "error"
@@ -270,8 +200,19 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
     return CaseResult(row, samples, restart=restart)
 
 
-def _memory_columns(call: Callable[[], Any], device: str) -> dict[str, float]:
-    return {"peak_mem_bytes": float(peak_memory_bytes(call, device))}
+def _measurer(level: str) -> Callable[..., tuple[list[float], str]]:
+    """How a variant of ``level`` (harness.core.registry.LEVELS) is measured; each has :func:`_measure`'s
+    signature: a kernel here, a layer on hidden states (harness.engine.layerrun), a kernel across a
+    process group of ranks (harness.engine.ranks)."""
+    if level == "layer":
+        from harness.engine.layerrun import measure_layer
+
+        return measure_layer
+    if level == "distributed":
+        from harness.engine.ranks import measure_distributed
+
+        return measure_distributed
+    return _measure
 
 
 def _measure(case: Case, variant: Variant, timing: TimingConfig, seed: int, row: dict[str, Any], phase,
@@ -288,21 +229,11 @@ def _measure(case: Case, variant: Variant, timing: TimingConfig, seed: int, row:
     sets = input_set_count(touched, case.device, timing)
     calls = [call] + [_call_for_mode(variant, case, *(aligned_copy(x) for x in (q, k, v))) for _ in range(sets - 1)]
     config, note = timing_for(case, timing)
-    with telemetry.Sampler(case.device) as tel:
-        with tel.window("timing"):
-            measured = time_call(calls, config, device=case.device, on_phase=phase)
-        tel.measure_energy(call, tokens=case.batch * case.query_len)
+    measured = _timed(row, case, calls, config, phase, note)
     del calls
-    row.update(measured.row_columns())
-    _add_note(row, "timing_note", note)
-    row["tflops_per_s"] = row["flops"] / measured.median_s / 1e12
-    row.update(tel.columns)
     if time_only:
         return measured.samples_s, measured.restart
-    phase("memory")
-    _after_timing(row, case, "memory", functools.partial(_memory_columns, call, case.device))
-    _after_timing(row, case, "flops", functools.partial(flopcount.flop_columns, call, row["flops"], causal=case.causal))
-    row.update(roofline.row_roofline(row, calibrate.cached()))
+    _cost_columns(row, case, call, phase)  # memory, counted FLOPs, roofline
     del call
     phase("accuracy")
     _after_timing(row, case, "accuracy", lambda: _accuracy(variant, case, q, k, v, extra))
