@@ -44,6 +44,7 @@ from reports.fidelity import emulated, measurement_items, speed_rows, stability_
 from reports.plots import palette, roofline_chart, scaling_chart, speed_accuracy_chart
 from reports.profile import profile_context
 from reports.inference import inference_context
+from reports.layers import layers_context
 
 STATUS_ORDER = ["ok", "incorrect", "skipped", "error", "crash", "cuda_error", "timeout", "oom"]
 #: Problems are listed failures first (the ones that need a look), skips last; ``incorrect`` rows have
@@ -217,6 +218,7 @@ def _speed_accuracy(ok: pd.DataFrame, styles: dict) -> list[dict]:
         if approx.empty and accuracy_only.empty:
             continue
         base, why = baseline_label(group) if not group.empty else (None, "")
+        base_err = dict(zip(group.loc[group["label"] == base, "seq_len"], group.loc[group["label"] == base, "rel_err"]))
         pts = approx
         if base is not None and not approx.empty:
             b = group[(group["label"] == base) & (pd.to_numeric(group["rel_err"], errors="coerce") > 0)]
@@ -235,7 +237,8 @@ def _speed_accuracy(ok: pd.DataFrame, styles: dict) -> list[dict]:
             {"title": title, "svg": speed_accuracy_chart(pts, title, front, styles) if not pts.empty else "",
              "baseline": base, "baseline_reason": why, "rows": rows, "group": group_title(key),
              "accuracy_only": [{"length": int(r["seq_len"]), "label": r["label"], "rel_err": float(r["rel_err"]),
-                                "max_abs_err": r.get("max_abs_err")} for r in accuracy_only.to_dict("records")]}
+                                "max_abs_err": r.get("max_abs_err"), "baseline_rel_err": base_err.get(r["seq_len"])}
+                               for r in accuracy_only.to_dict("records")]}
         )
     return charts
 
@@ -308,7 +311,8 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "show": {c: rows[c].nunique(dropna=False) > 1 for c in AXIS_COLUMNS},
         "table_has": table_has,
         "profile": profile_context(run_dir, rows),  # None unless the run was made with --profile
-        "inference": inference_context(rows, styles),  # None unless the run has decode or varlen rows
+        "inference": inference_context(rows[~rows["is_emulated"]], styles),  # None unless decode or varlen rows
+        "layers": layers_context(rows),  # None unless the run has attention-layer rows (family "layer")
     }
 
 

@@ -41,6 +41,11 @@ def load_plugin(spec: str, base_dir: Path | str = ".") -> None:
     _LOADED[key] = spec
 
 
+def loaded() -> list[str]:
+    """The plugins imported in this process, as :func:`load_plugin` takes them (files as absolute paths)."""
+    return list(_LOADED)
+
+
 def _import_file(module_name: str, path: Path):
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
