@@ -152,6 +152,8 @@ def tally(table, slowed: bool) -> dict:
         "unchanged_flagged": int((flagged & unchanged).sum()),
         "probe_cases": int(len(probes)) if slowed else 0,
         "probe_detected": int((probes["time_verdict"] == "regressed").sum()) if slowed else 0,
+        # the worst miss: a slowed probe called faster (goal: never)
+        "probe_improved": int((probes["time_verdict"] == "improved").sum()) if slowed else 0,
         "probe_ratios": probes["time_ratio"].dropna().tolist(),
         "flagged": table.loc[flagged, ["label", "verdict", "time_ratio"]].to_dict("records"),
     }
@@ -171,6 +173,7 @@ def summarise(results: list[dict], stage: str) -> dict:
         "unchanged_cases_in_slow_runs_flagged": sum(t["unchanged_flagged"] for t in slow),
         "slow_probe_cases": sum(t["probe_cases"] for t in slow),
         "slow_probe_cases_detected": sum(t["probe_detected"] for t in slow),
+        "slow_probe_cases_called_improved": sum(t["probe_improved"] for t in slow),
     }
     out["aa_false_alarm_rate"] = out["aa_comparisons_with_a_regression"] / len(aa) if aa else None
     out["detection_rate"] = out["slow_probe_cases_detected"] / out["slow_probe_cases"] if out["slow_probe_cases"] else None
@@ -185,7 +188,8 @@ def describe(name: str, s: dict) -> str:
                      f"{s['aa_case_comparisons']} case comparisons flagged regressed/improved")
     if s["slow_comparisons"]:
         lines.append(f"  slowdown: {s['slow_probe_cases_detected']} of {s['slow_probe_cases']} slowed probe cases "
-                     f"detected (detection rate {s['detection_rate']:.0%}); "
+                     f"detected (detection rate {s['detection_rate']:.0%}), "
+                     f"{s['slow_probe_cases_called_improved']} called improved; "
                      f"{s['slow_comparisons_with_a_false_regression']} of {s['slow_comparisons']} comparisons also "
                      f"called an unchanged case regressed; {s['unchanged_cases_in_slow_runs_flagged']} of "
                      f"{s['unchanged_cases_in_slow_runs']} unchanged cases flagged")

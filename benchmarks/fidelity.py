@@ -1,6 +1,6 @@
 """Fidelity: does `bench` report the time a user would measure, and does it repeat?
 
-    python benchmarks/fidelity.py [--rounds 3] [--min-run-time 2] [--spread-suite suites/quick.toml --spread-runs 3]
+    python benchmarks/fidelity.py [--rounds 3] [--min-run-time 2] [--threads N] [--spread-suite suites/quick.toml --spread-runs 3]
 
 Part 1, against the reference timer. For each case below, every round runs, in fresh processes
 and in alternating order, (a) ``bench run`` on a one-case suite (the harness as a user runs it,
@@ -44,7 +44,8 @@ TIMER_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     import torch.utils.benchmark as tb
     from harness import get_variant
-    name, params, L, H, causal, min_run_time = json.loads(sys.argv[1])
+    name, params, L, H, causal, min_run_time, threads = json.loads(sys.argv[1])
+    threads = threads or torch.get_num_threads()  # the process's default unless asked
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, L, 64, generator=g) for _ in range(3))
     fn = get_variant(name)
@@ -52,14 +53,15 @@ TIMER_SCRIPT = textwrap.dedent("""
         with torch.no_grad():
             return fn(q, k, v, causal=causal, **params)
     call()  # first call (lazy initialisation) kept out, as the harness does
-    m = tb.Timer(stmt="call()", globals={"call": call}).blocked_autorange(min_run_time=min_run_time)
-    print(json.dumps({"median_ms": m.median * 1e3, "threads": torch.get_num_threads()}))
+    m = tb.Timer(stmt="call()", globals={"call": call}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    print(json.dumps({"median_ms": m.median * 1e3, "threads": threads}))
 """)
 
 
-def suite_text(variant: str, params: dict, seq_len: int, heads: int, causal: bool) -> str:
+def suite_text(variant: str, params: dict, seq_len: int, heads: int, causal: bool, threads: int | None = None) -> str:
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in params.items())
-    return (f'name = "fidelity"\n[sweep]\nseq_len = [{seq_len}]\nheads = [{heads}]\nhead_dim = [64]\n'
+    timing = f"[timing]\nthreads = {threads}\n" if threads else ""
+    return (f'name = "fidelity"\n{timing}[sweep]\nseq_len = [{seq_len}]\nheads = [{heads}]\nhead_dim = [64]\n'
             f"causal = [{str(causal).lower()}]\n[[variant]]\nname = \"{variant}\"\n{extra}")
 
 
@@ -75,25 +77,25 @@ def harness_run(suite: Path, out: Path) -> "pandas.DataFrame":  # noqa: F821
     return pd.read_parquet(out / "results.parquet")
 
 
-def timer_run(variant, params, seq_len, heads, causal, min_run_time) -> float:
-    arg = json.dumps([variant, params, seq_len, heads, causal, min_run_time])
+def timer_run(variant, params, seq_len, heads, causal, min_run_time, threads=None) -> dict:
+    arg = json.dumps([variant, params, seq_len, heads, causal, min_run_time, threads])
     proc = subprocess.run([sys.executable, "-c", TIMER_SCRIPT, arg], cwd=ROOT, check=True,
                           capture_output=True, text=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])["median_ms"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values) if values else float("nan")
 
 
-def against_timer(rounds: int, min_run_time: float, tmp: Path) -> None:
+def against_timer(rounds: int, min_run_time: float, tmp: Path, threads: int | None = None) -> None:
     print(f"Part 1: harness vs torch.utils.benchmark, {rounds} fresh processes each, alternating "
-          f"(threads: {os.cpu_count()} cores, PyTorch's default)")
+          f"(threads: {threads or 'PyTorch default'}; {os.cpu_count()} cores)")
     print(f"{'case':36s} {'harness ms':>11s} {'Timer ms':>10s} {'ratio':>7s} {'h spread':>9s} {'T spread':>9s}  stable")
     for index, (label, variant, params, L, H, causal) in enumerate(CASES):
         suite = tmp / f"case{index}.toml"
-        suite.write_text(suite_text(variant, params, L, H, causal))
-        ours, ref, stable = [], [], []
+        suite.write_text(suite_text(variant, params, L, H, causal, threads))
+        ours, ref, stable, used = [], [], [], set()
         for r in range(rounds):
             order = ("h", "t") if r % 2 == 0 else ("t", "h")
             for who in order:
@@ -101,11 +103,16 @@ def against_timer(rounds: int, min_run_time: float, tmp: Path) -> None:
                     row = harness_run(suite, tmp / f"run-case{index}-{r}").iloc[0]
                     ours.append(float(row["time_ms"]))
                     stable.append(row.get("stable", None))
+                    used.add(("bench", int(row["threads"])))
                 else:
-                    ref.append(timer_run(variant, params, L, H, causal, min_run_time))
+                    got = timer_run(variant, params, L, H, causal, min_run_time, threads)
+                    ref.append(got["median_ms"])
+                    used.add(("Timer", int(got["threads"])))
         mo, mr = statistics.median(ours), statistics.median(ref)
-        print(f"{label:36s} {mo:11.2f} {mr:10.2f} {mo / mr:7.3f} {spread(ours):9.1%} {spread(ref):9.1%}  {stable}")
-        print(f"{'':36s} harness {['%.2f' % x for x in ours]}  Timer {['%.2f' % x for x in ref]}")
+        print(f"{label:36s} {mo:11.2f} {mr:10.2f} {mo / mr:7.3f} {spread(ours):9.1%} {spread(ref):9.1%}  "
+              f"{[bool(x) if x is not None else None for x in stable]}")
+        print(f"{'':36s} harness {['%.2f' % x for x in ours]}  Timer {['%.2f' % x for x in ref]}  "
+              f"threads {sorted(used)}")
 
 
 def run_to_run(suite: Path, runs: int, tmp: Path) -> None:
@@ -146,10 +153,11 @@ def main() -> int:
     p.add_argument("--spread-suite", type=Path, help="a suite to run several times (e.g. suites/quick.toml)")
     p.add_argument("--spread-runs", type=int, default=3)
     p.add_argument("--skip-timer", action="store_true", help="only part 2")
+    p.add_argument("--threads", type=int, help="intra-op threads for both sides (default: PyTorch's default)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="fidelity-") as d:
         if not args.skip_timer:
-            against_timer(args.rounds, args.min_run_time, Path(d))
+            against_timer(args.rounds, args.min_run_time, Path(d), args.threads)
         if args.spread_suite:
             run_to_run(args.spread_suite.resolve(), args.spread_runs, Path(d))
     return 0
