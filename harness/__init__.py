@@ -29,6 +29,7 @@ _PUBLIC = {
     "list_variants": ("harness.core.registry", "list_variants"),
     "attention_flops": ("harness.core.flops", "attention_flops"),
     "pair_flops": ("harness.core.flops", "pair_flops"),
+    "pair_count": ("harness.core.flops", "pair_count"),
     "Case": ("harness.core.cases", "Case"),
     "masks": ("harness.core.masks", None),
 }

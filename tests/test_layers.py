@@ -80,9 +80,12 @@ def test_kv_cache_bytes_per_token_is_the_closed_form(name, params, kv_heads, ele
 
 
 def test_pairs_follow_the_harness_convention():
-    for q_len, seq_len, causal in [(None, 37, False), (None, 37, True), (5, 37, True), (1, 37, True), (5, 37, False)]:
-        case = case_of("mha", q_len=q_len, seq_len=seq_len, causal=causal)
-        assert layers._pairs(case.query_len, case.seq_len, causal) == case_pairs(case)
+    # square causal counts L²/2 (the dense convention); non-square causal the real bottom-right pairs
+    expected = {(None, False): 37 * 37, (None, True): 37 * 37 / 2, (5, True): 5 * 32 + 15, (1, True): 37,
+                (5, False): 5 * 37}
+    for (q_len, causal), want in expected.items():
+        case = case_of("mha", q_len=q_len, seq_len=37, causal=causal)
+        assert layers.pair_count(case.query_len, case.seq_len, causal) == case_pairs(case) == want
 
 
 # ---------------------------------------------------------------------------------------------

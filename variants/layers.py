@@ -45,17 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import Param, RegistryError, Supports, attention_flops, get_variant, register_variant
+from harness import Param, RegistryError, Supports, attention_flops, get_variant, pair_count, register_variant
 from variants import kvcache
-
-
-def _pairs(q_len: int, kv_len: int, causal: bool) -> float:
-    """Attended (query, key) pairs of one head of one sequence, by harness.core.flops' convention."""
-    if not causal:
-        return float(q_len * kv_len)
-    if q_len == kv_len:
-        return q_len * q_len / 2
-    return q_len * (kv_len - q_len) + q_len * (q_len + 1) / 2
 
 
 def _attend(q, k, v, *, causal: bool, scale: float, dense: bool, fold: int = 1):
@@ -175,7 +166,7 @@ class MLADims:
         qk = self.nope + dr
         q = 2 * T * d * H * qk if not self.q_rank else 2 * T * self.q_rank * (d + H * qk)
         proj = q + 2 * T * d * (r + dr) + 2 * T * H * self.v * d  # q, KV down-projection, output
-        pairs = batch * H * _pairs(q_len, kv_len, causal)
+        pairs = batch * H * pair_count(q_len, kv_len, causal)
         if absorbed:  # q_nope·W_uk and o_latent·W_uv per new token; scores and P·c_kv in the latent space
             return proj + 2 * T * H * r * (self.nope + self.v), pairs * (2 * (r + dr) + 2 * r)
         return proj + 2 * batch * kv_len * r * H * (self.nope + self.v), pairs * (2 * qk + 2 * self.v)
@@ -322,7 +313,7 @@ def _gqa_parts(case) -> tuple[float, float]:
 
 def _textbook_parts(case) -> tuple[float, float]:
     T, d = case.batch * case.query_len, _d(case)
-    return 6 * T * d * d, 4 * case.batch * d * _pairs(case.query_len, case.seq_len, case.causal)
+    return 6 * T * d * d, 4 * case.batch * d * pair_count(case.query_len, case.seq_len, case.causal)
 
 
 def _mla_parts(case) -> tuple[float, float]:

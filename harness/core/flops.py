@@ -35,11 +35,21 @@ def pair_flops(case: "Case", pairs: float) -> float:
     return 4.0 * case.batch * case.heads * case.head_dim * pairs
 
 
+def pair_count(q_len: int, kv_len: int, causal: bool) -> float:
+    """Attended (query, key) pairs of one head of one sequence: the dense convention when queries
+    and keys are equally long, else the real pairs (causal aligned to the bottom right)."""
+    if q_len == kv_len:
+        return dense_pairs(kv_len, causal)
+    from harness.core.lengths import pairs
+
+    return float(pairs(q_len, kv_len, causal))
+
+
 def case_pairs(case: "Case") -> float:
     """Attended (query, key) pairs per head, averaged over the batch's sequences: the dense
     convention for a square fixed-length case, else the real pairs (see the module doc)."""
-    if case.q_len is None and case.lengths == "fixed":
-        return dense_pairs(case.seq_len, case.causal)
+    if case.lengths == "fixed":
+        return pair_count(case.query_len, case.seq_len, case.causal)
     from harness.core.lengths import case_lengths, pairs
 
     q_lens, kv_lens = case_lengths(case)

@@ -28,13 +28,12 @@ import torch
 
 from harness.core.cases import Case
 from harness.core.registry import Variant
-from harness.engine.steps import after_timing, cost_columns, timed
+from harness.engine.steps import accuracy_columns, after_timing, cost_columns, timed
 from harness.measure import profile as profiling
-from harness.measure.inputs import aligned_copy
+from harness.measure.inputs import TORCH_DTYPES as DTYPES, aligned_copy
 from harness.measure.reference import correctness_problems, errors
 from harness.measure.timing import TimingConfig, input_set_count
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def build_layer(case: Case, variant: Variant, seed: int = 0) -> torch.nn.Module:
@@ -106,10 +105,7 @@ def layer_accuracy(module: torch.nn.Module, case: Case, variant: Variant, x: tor
     rows = torch.arange(out.shape[2])
     problems = correctness_problems(out, ref, rows, dtype=case.dtype, exact=variant.exact,
                                     tolerance=variant.tolerance, baseline=baseline)
-    result: dict[str, Any] = {"max_abs_err": max_abs, "rel_err": rel}
-    if problems:
-        result.update(status="incorrect", reason="; ".join(problems))
-    return result
+    return accuracy_columns(max_abs, rel, problems)
 
 
 def measure_layer(case: Case, variant: Variant, timing: TimingConfig, seed: int, row: dict[str, Any], phase,

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from harness.core.cases import Case
 from harness.core.registry import Variant, get_variant
-from harness.engine.steps import add_note, after_timing, error_text
+from harness.engine.steps import accuracy_columns, add_note, after_timing, error_text
 from harness.measure.memory import peak_memory_bytes
 from harness.measure.reference import check_rows, correctness_problems, errors, reference_attention
 from harness.measure.timing import STOP_REASONS, Timing, TimingConfig, stop_reason, synchronizer
@@ -279,7 +279,4 @@ def _accuracy(case: Case, variant: Variant, seed: int, out: torch.Tensor) -> dic
     max_abs, rel = errors(out[:, :, rows], ref)
     problems = correctness_problems(out, ref, rows, dtype=case.dtype, exact=variant.exact, tolerance=variant.tolerance,
                                     baseline=lambda: reference_attention(q, k, v, mask, rows, dtype=q.dtype))
-    result: dict[str, Any] = {"max_abs_err": max_abs, "rel_err": rel}
-    if problems:
-        result.update(status="incorrect", reason="; ".join(problems))
-    return result
+    return accuracy_columns(max_abs, rel, problems)

@@ -38,7 +38,7 @@ from harness.core.schema import CaseResult
 from harness.measure.timing import TimingConfig, input_set_count
 from harness.engine.steps import after_timing as _after_timing, cost_columns as _cost_columns, error_text as _error_text
 from harness.engine.steps import is_cuda_error as _is_cuda_error, is_oom as _is_oom, release as _release
-from harness.engine.steps import timed as _timed
+from harness.engine.steps import accuracy_columns as _accuracy_columns, timed as _timed
 
 def base_row(case: Case, variant: Variant | None) -> dict[str, Any]:
     """The row of ``case`` before it runs: its identity, and what ``variant`` says of it without
@@ -139,7 +139,7 @@ def _accuracy(variant: Variant, case: Case, q, k, v, extra: dict | None = None) 
         out = variant(q, k, v, causal=case.causal, **case.params)
         ref = reference_attention(q, *dense_kv(case, k, v, extra or {}), mask, rows)  # a paged cache, gathered
         max_abs, rel = errors(out[:, :, rows.to(out.device)], ref)
-    result: dict[str, Any] = {"max_abs_err": max_abs, "rel_err": rel}
+    grad_columns: dict[str, float] = {}
     got = want = ()
     if case.mode != "fwd" and case.seq_len <= MAX_GRAD_CHECK_LEN:
         leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
@@ -148,15 +148,13 @@ def _accuracy(variant: Variant, case: Case, q, k, v, extra: dict | None = None) 
         got = torch.autograd.grad(grad_out, leaves, grad)
         want = reference_grads(q, k, v, mask, grad)
         rels = [errors(g, w)[1] for g, w in zip(got, want)]
-        result["grad_rel_err"] = float("nan") if any(r != r for r in rels) else max(rels)
+        grad_columns["grad_rel_err"] = float("nan") if any(r != r for r in rels) else max(rels)
     low = q.dtype  # dense attention computed in the case's own dtype: how far its rounding alone goes
     problems = correctness_problems(
         out, ref, rows, dtype=case.dtype, exact=variant.exact, tolerance=variant.tolerance, grads=got,
         grads_ref=want, grads_baseline=lambda: reference_grads(q, k, v, mask, grad, dtype=low),
         baseline=lambda: reference_attention(q, *dense_kv(case, k, v, extra or {}), mask, rows, dtype=low))
-    if problems:
-        result.update(status="incorrect", reason="; ".join(problems))
-    return result
+    return _accuracy_columns(max_abs, rel, problems, **grad_columns)
 
 
 def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int | None = None,

@@ -78,6 +78,15 @@ def after_timing(row: dict[str, Any], case: Case, step: str, fn: Callable[[], di
         release(case)
 
 
+def accuracy_columns(max_abs: float, rel: float, problems: Sequence[str], **extra: Any) -> dict[str, Any]:
+    """The accuracy columns of a row, and ``status = "incorrect"`` with the reasons when the answer
+    has ``problems`` (harness.measure.reference.correctness_problems): a wrong answer is never ok."""
+    result: dict[str, Any] = {"max_abs_err": max_abs, "rel_err": rel, **extra}
+    if problems:
+        result.update(status="incorrect", reason="; ".join(problems))
+    return result
+
+
 def error_text(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
