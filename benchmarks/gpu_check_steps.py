@@ -177,8 +177,8 @@ def step_memory(check, args) -> dict:
     import torch
 
     from harness import get_variant
+    from harness.core.config import RunSettings, TimingConfig
     from harness.engine.runner import cuda_memory_budget, estimated_bytes, run_case
-    from harness.measure.timing import TimingConfig
 
     free, total = torch.cuda.mem_get_info()
     budget = cuda_memory_budget("cuda")
@@ -190,7 +190,7 @@ def step_memory(check, args) -> dict:
               ("sdpa", {"backend": "flash"}, "fwd_bwd", 16384)]
     for variant, params, mode, n in shapes:
         case = _case(variant, params, batch=2, heads=16, kv_heads=16, seq_len=n, mode=mode)
-        row = run_case(case, timing, memory_budget=int(budget)).row
+        row = run_case(case, RunSettings(timing, memory_budget=int(budget))).row
         estimate = estimated_bytes(case, get_variant(variant)) or 0.0
         peak = row.get("peak_mem_bytes")
         ratio = peak / estimate if peak and estimate else math.nan
@@ -210,6 +210,7 @@ def _label(row) -> str:
 
 def validation_summary(run_dir: Path, steps: list[dict]) -> tuple[str, list[str], str]:
     """(one line, the one-screen table, status) of the validation run in ``run_dir``."""
+    from harness.core.cases import axis_names
     from harness.engine.store import read_results
 
     try:
@@ -222,7 +223,7 @@ def validation_summary(run_dir: Path, steps: list[dict]) -> tuple[str, list[str]
     lines = [f"{len(rows)} cases: " + ", ".join(f"{n} {s}" for s, n in rows["status"].value_counts().items())]
     lines.append(f"{'variant':18} {'mode':7} {'dtype':8} {'D':>3} {'causal':6} {'L':>6} {'TFLOP/s':>8} "
                  f"{'%peak':>6} {'mJ/token':>8} {'throttled':>9} {'host-bound':>10}")
-    for key, group in ok.groupby(["label", "mode", "dtype", "head_dim", "causal"]):
+    for key, group in ok.groupby(["label", *axis_names(exclude=("seq_len", "batch"))], dropna=False):
         best = group.sort_values("seq_len").iloc[-1]
         pct = best.get("pct_of_peak")
         tpj = best.get("tokens_per_joule")

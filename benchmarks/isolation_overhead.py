@@ -19,18 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.engine.suite import expand_cases  # noqa: E402
 from harness.engine.executors import InProcess, WorkerPool  # noqa: E402
-from harness.engine.lifecycle import default_memory_budget  # noqa: E402
+from harness.engine.lifecycle import default_memory_budget, run_settings  # noqa: E402
 from harness.engine.suite import load_suite  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     suite = load_suite(argv[0] if argv else "suites/quick.toml")
     cases = expand_cases(suite)
-    common = dict(seed=suite.seed, memory_budget=default_memory_budget())
-    local = InProcess(suite.timing, **common)
+    settings = run_settings(suite, memory_budget_gib=default_memory_budget() / 2**30)
+    local = InProcess(settings)
     t0 = time.perf_counter()
-    pool = WorkerPool(suite.timing, **common, plugins=suite.plugins, base_dir=suite.base_dir,
-                      threads=suite.timing.threads, case_timeout_s=suite.run.case_timeout_s)
+    pool = WorkerPool(settings)
     pool._start()
     startup = time.perf_counter() - t0
     inproc, isolated = [], []

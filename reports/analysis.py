@@ -7,21 +7,22 @@ import json
 import numpy as np
 import pandas as pd
 
-from harness.core.registry import PATTERN_FAMILIES, declared_baselines
+from harness.core.cases import axis_names, decode_params
+from harness.core.registry import PATTERN_FAMILIES
 from reports.fidelity import unstable
-from reports.inference import shape_labels
+from reports.inference import shape_text, with_inference_columns
 
-#: A configuration: everything but the variant and the sequence length; and the machine, when the
-#: run spans several (``machine``, from :func:`with_labels`: empty for a run on one machine).
-GROUP_KEYS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads", "head_dim", "inputs", "machine",
-              "shape"]
+#: A configuration: every case field but the variant, its parameters and the sequence length (a field
+#: added to harness.core.cases joins it by itself); and the machine, when the run spans several
+#: (``machine``, from :func:`with_labels`: empty for a run on one machine).
+GROUP_KEYS = [*axis_names(exclude=("seq_len",)), "machine"]
 #: Exponents are fitted over at most this many of the largest lengths.
 FIT_POINTS = 3
 
 
 def series_label(variant: str, params_json: str, keys=None) -> str:
     """``variant(k=v,...)`` over the parameters named in ``keys`` (all of them when None)."""
-    params = json.loads(params_json) if params_json else {}
+    params = decode_params(params_json)
     inner = ",".join(f"{k}={v}" for k, v in sorted(params.items()) if keys is None or k in keys)
     return f"{variant}({inner})" if inner else variant
 
@@ -34,7 +35,7 @@ def label_keys(rows: pd.DataFrame, suite_definition: dict | None = None) -> dict
         if isinstance(entry, dict) and "name" in entry:
             keys.setdefault(entry["name"], set()).update(k for k in entry if k != "name")
     for variant, g in rows.groupby("variant"):
-        decoded = [json.loads(p) if p else {} for p in g["params"].unique()]
+        decoded = [decode_params(p) for p in g["params"].unique()]
         names = set().union(*decoded) if decoded else set()
         varying = {k for k in names if len({json.dumps(d.get(k), sort_keys=True) for d in decoded}) > 1}
         keys.setdefault(variant, set()).update(varying)
@@ -53,8 +54,7 @@ def with_labels(rows: pd.DataFrame, suite_definition: dict | None = None) -> pd.
     if suite_definition is not None and rows.groupby("label")["params"].nunique().gt(1).any():
         rows["label"] = [series_label(v, p) for v, p in zip(rows["variant"], rows["params"])]  # keep them apart
     rows["machine"] = machine_labels(rows)
-    rows["shape"] = shape_labels(rows)  # inference shapes (q_len, paged, lengths): "" for the others
-    return rows
+    return with_inference_columns(rows)  # older runs lack the later case fields: their defaults
 
 
 def machine_labels(rows: pd.DataFrame) -> list[str]:
@@ -73,10 +73,11 @@ def machine_labels(rows: pd.DataFrame) -> list[str]:
 def group_title(key: tuple) -> str:
     d = dict(zip(GROUP_KEYS, key))
     heads = f"H={d['heads']}" + (f" kv={d['kv_heads']}" if d["kv_heads"] != d["heads"] else "")
+    shape = shape_text(d)
     return (
         f"{d['device']} · {d['dtype']} · {d['mode']} · {'causal' if d['causal'] else 'non-causal'} · "
         f"B={d['batch']} {heads} D={d['head_dim']} · {d['inputs']} inputs"
-        + (f" · on {d['machine']}" if d.get("machine") else "") + (f" · {d['shape']}" if d.get("shape") else "")
+        + (f" · on {d['machine']}" if d.get("machine") else "") + (f" · {shape}" if shape else "")
     )
 
 
@@ -142,10 +143,7 @@ SDPA_PREFERENCE = ("flash", "auto", "efficient", "cudnn", "math")
 
 
 def _params(params_json) -> dict:
-    try:
-        return json.loads(params_json) if params_json else {}
-    except (TypeError, ValueError):
-        return {}
+    return decode_params(params_json)
 
 
 def _is_exact(value) -> bool:
@@ -165,18 +163,18 @@ def is_approximate(exact) -> bool:
 def baseline_label(group: pd.DataFrame) -> tuple[str | None, str]:
     """The exact dense baseline among a configuration's ``ok`` rows, and why it was chosen.
 
-    Variants that declared themselves baselines (``register_variant(..., baseline=True)``: a
-    ``baseline`` column of the rows where they record it, else the variants registered in this
-    process, plugins included) come first; only when none of them ran do the name rules choose
-    among all rows. Either way the preference is sdpa's flash backend, else another sdpa
+    Variants that declared themselves baselines (``register_variant(..., baseline=True)``, as the
+    rows' ``baseline`` column records it: the report of a run reads the same whichever plugins the
+    process that renders it has loaded) come first; only when none of them ran (or the rows are
+    from before the column) do the name rules choose among all rows. Either way the preference is sdpa's flash backend, else another sdpa
     backend (auto, efficient, cudnn, math in that order), else naive; among declared baselines
     that are none of these, the first by label. Returns ``(None, reason)`` when none ran.
     """
     labels = group.drop_duplicates("label").set_index("label")
-    declared = labels["variant"].isin(declared_baselines())
-    if "baseline" in labels.columns:
-        declared |= labels["baseline"].map(_is_exact).astype(bool)
-    declared = labels[declared]
+    if "baseline" in labels.columns:  # as the rows record it: never this process's registry
+        declared = labels[labels["baseline"].map(_is_exact).astype(bool)]
+    else:
+        declared = labels.iloc[0:0]
     if not declared.empty:
         chosen, why = _by_name(declared)
         if chosen is None:

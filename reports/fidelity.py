@@ -22,23 +22,22 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from harness.core.cases import is_missing
+from harness.core.config import ALLOCATOR_ENV
+
 #: PyTorch's switch for page-aligned (transparent-huge-page) CPU allocations.
-THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+THP_VARIABLE = ALLOCATOR_ENV
 _VARIABLE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 #: Header entries, in order, and the words in a ``measurement`` key that put a value under each.
 _KINDS = (("allocator", ("alloc",)), ("threads", ("thread",)), ("CPU affinity", ("affinity",)),
           ("CPU governor", ("governor",)))
 
 
-def _missing(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
-
-
 def flag(rows: pd.DataFrame, column: str, value: bool) -> pd.Series:
     """Which rows hold ``value`` in the boolean ``column`` (missing values and an absent column: none)."""
     if column not in rows.columns:
         return pd.Series(False, index=rows.index, dtype=bool)
-    return rows[column].map(lambda v: not _missing(v) and bool(v) is value).astype(bool)
+    return rows[column].map(lambda v: not is_missing(v) and bool(v) is value).astype(bool)
 
 
 def unstable(rows: pd.DataFrame) -> pd.Series:

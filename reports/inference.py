@@ -20,36 +20,44 @@ from typing import Any
 
 import pandas as pd
 
+from harness.core.cases import DEFAULTS, axis_names, is_missing
 from harness.core.lengths import case_lengths
 from harness.core.units import finite
 from reports.plots import _style, plt, to_svg
 
-#: What makes two decode rows one configuration (their lines share a chart).
-DECODE_KEYS = ["device", "dtype", "mode", "causal", "heads", "kv_heads", "head_dim", "inputs", "q_len"]
+#: What makes two decode rows one configuration (their lines share a chart): every case field but
+#: these (a new field of harness.core.cases joins it by itself).
+DECODE_KEYS = list(axis_names(exclude=("batch", "seq_len", "kv_layout", "page_size", "lengths")))
 #: ... and two variable-length rows (x: the padding fraction of their lengths).
-VARLEN_KEYS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads", "head_dim", "inputs", "q_len",
-               "seq_len"]
-INFERENCE_COLUMNS = {"q_len": None, "kv_layout": "contiguous", "page_size": None, "lengths": "fixed"}
+VARLEN_KEYS = list(axis_names(exclude=("kv_layout", "page_size", "lengths")))
 
 
 def with_inference_columns(rows: pd.DataFrame) -> pd.DataFrame:
-    """The rows with the inference identity columns (old runs lack them: their defaults)."""
-    for name, default in INFERENCE_COLUMNS.items():
+    """The rows with every case field declared ``later`` (old runs lack them: their defaults)."""
+    for name in axis_names(later=True):
         if name not in rows.columns:
-            rows[name] = default
+            rows[name] = DEFAULTS[name]
     return rows
 
 
-def shape_labels(rows: pd.DataFrame) -> list[str]:
-    """Per row, its inference shape in words (``q=1 · paged/16 · zipf lengths``), or ``""``."""
-    rows = with_inference_columns(rows.copy())
-    out = []
-    for q, layout, page, lengths in zip(rows["q_len"], rows["kv_layout"], rows["page_size"], rows["lengths"]):
-        parts = [f"q={int(q)}"] if finite(q) else []
-        parts += [f"paged/{int(page)}"] if layout == "paged" and finite(page) else []
-        parts += [f"{lengths} lengths"] if isinstance(lengths, str) and lengths != "fixed" else []
-        out.append(" · ".join(parts))
-    return out
+def shape_text(values: dict) -> str:
+    """A row's (or a configuration's) case fields declared ``later`` in words, those not at their
+    defaults (``q=1 · paged/16 · zipf lengths``), or ``""``."""
+    parts = []
+    for name in axis_names(later=True):
+        v = values.get(name)
+        if is_missing(v) or v == DEFAULTS[name] or name == "page_size":
+            continue
+        if name == "q_len":
+            parts.append(f"q={int(v)}")
+        elif name == "kv_layout":
+            page = values.get("page_size")
+            parts.append(f"{v}/{int(page)}" if finite(page) else str(v))
+        elif name == "lengths":
+            parts.append(f"{v} lengths")
+        else:
+            parts.append(f"{name}={v}")
+    return " · ".join(parts)
 
 
 def _series(row) -> str:
@@ -147,7 +155,8 @@ def varlen_context(ok: pd.DataFrame, styles: dict) -> dict[str, Any] | None:
     rows["padding"] = [padding_fraction(r) for r in rows.to_dict("records")]
     charts, table = [], []
     for key, group in rows.groupby(VARLEN_KEYS, sort=True, dropna=False):
-        title = _title(VARLEN_KEYS, key, f" · B={key[4]} · max {key[10]}")
+        d = dict(zip(VARLEN_KEYS, key))
+        title = _title(VARLEN_KEYS, key, f" · B={d['batch']} · max {d['seq_len']}")
         charts.append({"title": title, "svg": _chart(group, "padding", [("time_ms", "median time per call (ms)", 1.0)],
                                                       "padding fraction of the batch", title, styles, logx=False)})
         for lengths, g in group.groupby("lengths", sort=True):

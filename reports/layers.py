@@ -22,13 +22,13 @@ tokens of context fit in the budget for one layer and for the whole model
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import pandas as pd
 from matplotlib.ticker import FuncFormatter
 
+from harness.core.cases import HEAD_GEOMETRY, axis_names, decode_params
 from harness.core.units import finite
 from reports.fidelity import emulated, stability_note, unstable
 from reports.plots import log_tick, palette, plt, to_svg
@@ -38,10 +38,11 @@ LAYER_FAMILY = "layer"
 MODEL_DEPTH = 32
 #: The memory budget line of the chart, and of the "tokens that fit" table.
 MEMORY_BUDGET_BYTES = 16 * 2**30
-#: One table (and one chart) per value of these; the title names those that vary.
-TABLE_KEYS = ["device", "dtype", "d_model", "mode", "causal", "inputs", "machine"]
 #: One table row per value of these (``label``: the variant and its parameters, as elsewhere in the report).
-CONFIG_KEYS = ["label", "heads", "kv_heads", "head_dim"]
+CONFIG_KEYS = ["label", *HEAD_GEOMETRY]
+#: One table (and one chart) per value of these (every case field but the geometry, batch and length);
+#: the title names those that vary.
+TABLE_KEYS = [*axis_names(exclude=("batch", "seq_len", *HEAD_GEOMETRY), later=False), "d_model", "machine"]
 #: Status words in the order a configuration's status lists them (its worst first).
 STATUS_RANK = ["incorrect", "crash", "cuda_error", "timeout", "oom", "error", "skipped", "ok"]
 
@@ -65,10 +66,7 @@ def tokens_that_fit(bytes_per_token, depth: int = 1, budget: float = MEMORY_BUDG
 
 
 def _params(row: dict) -> dict:
-    try:
-        return json.loads(row.get("params") or "{}")
-    except (TypeError, ValueError):
-        return {}
+    return decode_params(row.get("params"))
 
 
 def heads_used(row: dict) -> tuple[int, int, str]:

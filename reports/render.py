@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from harness.core import schema
+from harness.core.cases import axis_names
 from harness.core import units as fmt
 from harness.engine import store
 from reports.templating import environment
@@ -77,7 +78,7 @@ def _sort_key(x) -> str:
 
 #: Columns of a configuration that may be constant in a run: shown in the header when they are,
 #: and then left out of the results table.
-AXIS_COLUMNS = ["device", "dtype", "mode", "causal", "batch", "heads", "kv_heads", "head_dim", "inputs"]
+AXIS_COLUMNS = list(axis_names(exclude=("seq_len",), later=False))
 AXIS_NAMES = {"kv_heads": "kv heads", "head_dim": "head dim"}
 
 
@@ -265,8 +266,8 @@ def _problems(rows: pd.DataFrame) -> list[dict]:
 
 
 def _table_rows(rows: pd.DataFrame) -> list[dict[str, Any]]:
-    cols = ["label", "device", "dtype", "mode", "causal", "seq_len"]
-    return rows.sort_values(cols, kind="stable").to_dict("records")
+    cols = ["label", *axis_names(exclude=("seq_len",)), "seq_len"]
+    return rows.sort_values([c for c in cols if c in rows.columns], kind="stable").to_dict("records")
 
 
 def build_context(run_dir: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from harness.core.errors import UserError
 from harness.core import units as fmt  # noqa: E402
 from harness.engine import store  # noqa: E402
 from reports.plots import to_svg  # noqa: E402
@@ -45,7 +46,7 @@ MANAGED = ("index.html", "regressions.html", "feed.xml", SUMMARY, "runs")
 UP, DOWN, BASE = "#d93025", "#1f9d55", "#8a6d00"
 
 
-class SiteError(Exception):
+class SiteError(UserError):
     """The site cannot be written where asked (one line)."""
 
 

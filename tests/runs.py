@@ -55,3 +55,23 @@ def bench_run_process(tmp: Path, suite_text: str, *extra) -> tuple[subprocess.Co
     suite.write_text(suite_text)
     out = tmp / "run"
     return bench("run", suite, "-o", out, "--quiet", *extra, check=True), out
+
+
+def record_case(writer, row: dict, samples_s: list) -> None:
+    """Plant a finished case in a run directory as a run records it: its one round (samples and row),
+    then its final row, under one attempt id."""
+    import uuid
+
+    attempt = uuid.uuid4().hex[:12]
+    writer.append_round(row, samples_s, process=0, attempt_id=attempt)
+    writer.append_final(row, attempt_id=attempt)
+
+
+def measured(case, timing=None, *, time_only: bool = False, **settings) -> dict:
+    """``case`` measured in this process with ``timing`` and the other run ``settings`` (seed, memory
+    budget …), as the final row a run would record for it (derived columns included)."""
+    from harness.core.config import RunSettings, TimingConfig
+    from harness.engine.runner import final_row, run_case
+
+    run = RunSettings(timing=timing or TimingConfig(), **settings)
+    return final_row(run_case(case, run, time_only=time_only), run.timing.confidence)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness.measure import calibrate, roofline
+from harness.measure.derive import derive
 from harness.core.cases import Case
 from harness.core.flops import attention_flops
 
@@ -83,10 +84,11 @@ def test_roofline_needs_no_torch_and_fills_the_schema_group():
     assert out.strip() == "False"
     from harness.core import schema
 
-    cols = roofline.row_roofline({"device": "cpu", "dtype": "float32", "threads": 2}, None)
-    # every roofline column, plus tokens_per_s (declared with the work columns)
-    assert set(cols) | set(roofline.ANALYTIC_COLUMNS) == set(schema.names("roofline")) | {"tokens_per_s"}
-    assert schema.group_of("tokens_per_s") == "work"
+    cols = roofline.machine_columns("cpu", "float32", 2, None)
+    # every roofline column: the machine's figures, the case's bytes, and the derived rates
+    derived = {c for c in schema.DERIVED if schema.group_of(c) == "roofline"}
+    assert set(cols) | set(roofline.fact_columns(Case("sdpa").key)) | derived == set(schema.names("roofline"))
+    assert math.isnan(cols["peak_tflops_per_s"]) and "bench calibrate" in cols["roofline_note"]
     assert math.isnan(roofline.pct_of_peak(1.0, 0.0)) and math.isnan(roofline.pct_of_peak(None, 2.0))
     assert roofline.pct_of_peak(0.5, 2.0) == 25.0
     assert math.isnan(roofline.attainable_tflops(math.nan, 2.0, 100.0))
@@ -96,22 +98,27 @@ def test_roofline_needs_no_torch_and_fills_the_schema_group():
 
 def test_roofline_columns():
     case = Case("sdpa", {}, heads=8, kv_heads=8, seq_len=1024, head_dim=64, dtype="float32")
-    row = {**case.key, "threads": 2, "flops": attention_flops(case), "tflops_per_s": 0.5}
-    row.update(roofline.analytic_columns(row))
-    assert row["arith_intensity"] == pytest.approx(row["flops"] / (4 * 8 * 1024 * 64 * 4))
+    flops = attention_flops(case)
+    row = {**case.key, "threads": 2, "flops": flops, "time_ms": flops / 0.5e12 * 1e3}  # 0.5 TFLOP/s
+    row.update(roofline.fact_columns(row))
     cal = {"entries": {"cpu/threads=2": fake_measure([])("cpu", ["float32"])}}
-    cols = roofline.row_roofline(row, cal)
+
+    def rates(r):
+        return derive({**r, **roofline.machine_columns(r["device"], r["dtype"], r["threads"], cal)})
+
+    cols = {**roofline.machine_columns("cpu", "float32", 2, cal), **rates(row)}
+    assert cols["arith_intensity"] == pytest.approx(row["flops"] / (4 * 8 * 1024 * 64 * 4))
     # the ceilings are the calibration's best samples: 2.5 TFLOP/s, 120 GB/s
     assert cols["pct_of_peak"] == pytest.approx(20.0)  # 0.5 of 2.5 TFLOP/s
     assert cols["peak_gb_per_s"] == 120.0 and cols["peak_tflops_per_s"] == 2.5
-    assert cols["attainable_tflops_per_s"] == pytest.approx(min(2.5, row["arith_intensity"] * 120.0 / 1e3))
+    assert cols["attainable_tflops_per_s"] == pytest.approx(min(2.5, cols["arith_intensity"] * 120.0 / 1e3))
     low = dict(row, seq_len=16, flops=attention_flops(Case("sdpa", {}, seq_len=16, heads=8, kv_heads=8)))
-    low.update(roofline.analytic_columns(low))
-    assert roofline.row_roofline(low, cal)["attainable_tflops_per_s"] < 2.5  # memory-bound side of the roof
-    missing = roofline.row_roofline(dict(row, dtype="bfloat16"), cal)
-    assert math.isnan(missing["pct_of_peak"]) and "bfloat16" in missing["roofline_note"]
-    none = roofline.row_roofline(row, None)
-    assert math.isnan(none["pct_of_peak"]) and "bench calibrate" in none["roofline_note"]
+    low.update(roofline.fact_columns(low))
+    assert rates(low)["attainable_tflops_per_s"] < 2.5  # memory-bound side of the roof
+    missing = roofline.machine_columns("cpu", "bfloat16", 2, cal)
+    assert math.isnan(rates(dict(row, dtype="bfloat16"))["pct_of_peak"]) and "bfloat16" in missing["roofline_note"]
+    none = roofline.machine_columns("cpu", "float32", 2, None)
+    assert math.isnan(derive({**row, **none})["pct_of_peak"]) and "bench calibrate" in none["roofline_note"]
 
 
 def test_real_measurement_is_positive_and_consistent():

@@ -118,4 +118,4 @@ def test_case_trends_over_a_history_table():
     assert len(a["steps"]) == 1 and a["steps"][0]["run_id"] == "r7" and a["steps"][0]["commit"] == "c07c07c07c"
     assert a["steps"][0]["ratio"] == pytest.approx(1.3, rel=0.03)
     assert b["steps"] == [] and len(b["points"]) == 11  # the failed run is not a point
-    assert a["label"].startswith("naive cpu f32 fwd")
+    assert a["label"].startswith("naive cpu float32 fwd")

@@ -318,7 +318,7 @@ def test_compare_two_real_runs_end_to_end(real, bench, tmp_path):
     status, out, _ = bench("compare", "latest~1", "latest", "--root", real, "--format", "markdown", "--no-html")
     assert status == 0 and out.startswith("### Attention Bench:")
     status, out, _ = bench("compare", "latest~1", "latest", "--root", real, "--all", "--no-html")
-    assert status == 0 and "naive cpu f32 fwd B1 H2 L32 D16" in out
+    assert status == 0 and "naive cpu float32 fwd B1 H2 L32 D16" in out
 
 
 def _doctored(real, tmp_path, name, factor):
@@ -371,7 +371,7 @@ def test_history_show_baseline_and_trend_commands(real, bench, tmp_path):
     status, out, _ = bench("history", "--root", root, "--json")
     assert [r["suite"] for r in json.loads(out)] == ["tiny-regress"] * 2
     status, out, _ = bench("show", "latest", "--root", root)
-    assert status == 0 and "sdpa(backend=flash) cpu f32 fwd B1 H2 L64 D16" in out
+    assert status == 0 and "sdpa(backend=flash) cpu float32 fwd B1 H2 L64 D16" in out
     status, _, err = bench("baseline", "set", "latest~1", "--root", root)
     assert status == 0 and (root / "baseline" / "tiny-regress" / "run.json").exists()
     status, out, _ = bench("compare", "baseline", "latest", "--root", root, "--format", "json", "--no-html")

@@ -374,7 +374,9 @@ def test_time_only_rounds_skip_memory_flops_and_accuracy():
 
     case = Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=16)
     timing = TimingConfig(warmup=1, min_time_s=0.0, min_reps=3, max_reps=3)
-    full, quick = run_case(case, timing), run_case(case, timing, time_only=True)
+    from harness.core.config import RunSettings
+
+    full, quick = run_case(case, RunSettings(timing)), run_case(case, RunSettings(timing), time_only=True)
     assert full.row["status"] == quick.row["status"] == "ok" and len(quick.samples_s) == 3
     assert quick.row["time_ms"] > 0 and full.row["peak_mem_bytes"] > 0 and full.row["rel_err"] < 1e-5
     assert "rel_err" not in quick.row or not np.isfinite(quick.row["rel_err"])

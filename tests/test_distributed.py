@@ -17,8 +17,8 @@ import torch.distributed as dist
 from harness.core.cases import Case
 from harness.core.registry import get_variant
 from harness.engine.ranks import run_ranks
-from harness.engine.runner import run_case
 from harness.measure.timing import TimingConfig
+from tests.runs import measured
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "tests" / "plugins" / "distributed_faults.py"
@@ -110,7 +110,7 @@ def test_comm_bytes_closed_form(launched):
 
 def test_run_case_ring_row():
     case = _case("ring", 2, seq_len=256, causal=True, kv_heads=2, zigzag=True)
-    row = run_case(case, TIMING).row
+    row = measured(case, TIMING)
     assert row["status"] == "ok", row["reason"]
     assert row["world_size"] == 2 and row["reps"] == 3 and row["time_ms"] > 0 and row["comm_ms"] > 0
     assert row["comm_bytes"] == sum(_ring_bytes(2, 256, 2))
@@ -122,9 +122,9 @@ def test_world_size_above_cores_skips():
     import os
 
     world = len(os.sched_getaffinity(0)) + 1
-    row = run_case(_case("ring", world, seq_len=256, causal=False), TIMING).row
+    row = measured(_case("ring", world, seq_len=256, causal=False), TIMING)
     assert row["status"] == "skipped" and f"world_size {world} exceeds" in row["reason"]
-    row = run_case(_case("ulysses", 2, seq_len=256, causal=False, heads=6, kv_heads=3), TIMING).row
+    row = measured(_case("ulysses", 2, seq_len=256, causal=False, heads=6, kv_heads=3), TIMING)
     assert row["status"] == "skipped" and "kv_heads = 3 is not divisible by world_size 2" in row["reason"]
 
 
@@ -136,12 +136,12 @@ def faults():
 
 
 def test_wrong_rank_is_incorrect(faults):
-    row = run_case(_case("ring_wrong_rank1", 2, seq_len=128, causal=False), TIMING).row
+    row = measured(_case("ring_wrong_rank1", 2, seq_len=128, causal=False), TIMING)
     assert row["status"] == "incorrect" and "output differs from the float64 reference" in row["reason"]
     assert row["time_ms"] > 0
 
 
 def test_raising_rank_is_an_error_naming_it(faults):
-    row = run_case(_case("ring_raises_rank1", 2, seq_len=128, causal=False), TIMING).row
+    row = measured(_case("ring_raises_rank1", 2, seq_len=128, causal=False), TIMING)
     assert row["status"] == "error"
     assert row["reason"] == "rank 1: ValueError: sabotaged on rank 1"

@@ -8,7 +8,6 @@ run of the same suite through ``tests/benchmarks`` pairs with it case by case
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -29,7 +28,6 @@ from pytest_benchmark.storage.file import FileStorage  # noqa: E402
 from pytest_benchmark.table import TableResults  # noqa: E402
 from pytest_benchmark.utils import NAME_FORMATTERS, get_machine_id, report_noprogress  # noqa: E402
 
-from harness.cli import export as cli_export  # noqa: E402
 from harness.core.cases import Case  # noqa: E402
 from harness.regression.export import benchmark_group, benchmark_id  # noqa: E402
 from tests.runs import TINY_SUITE  # noqa: E402
@@ -38,11 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def export(*argv: str) -> int:
-    """``bench export ...`` through the subcommand's own ``register`` on a fresh parser."""
-    parser = argparse.ArgumentParser(prog="bench")
-    cli_export.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", *argv])
-    return args.handler(args)
+    """``bench export ...`` as the command line runs it (its errors caught once, in main)."""
+    from harness.cli.main import main
+
+    return main(["export", *argv])
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ from harness.core import schema
 from harness.core.cases import Case
 from harness.core.schema import CaseResult
 from harness.engine import lifecycle, store
-from harness.measure.stability import FLOOR, combine, stability, process_time
-from tests.runs import bench
+from harness.measure.derive import final_row
+from harness.measure.stability import FLOOR, combine, process_time, stability
+from tests.runs import bench, measured
 
 PLUGINS = Path(__file__).parent / "plugins"
 WRONG = PLUGINS / "wrong.py"
@@ -53,7 +54,8 @@ def test_processes_that_agree_are_stable():
     pooled = np.concatenate(samples)
     assert cols["time_ms_p10"] == pytest.approx(np.percentile(pooled, 10))
     assert cols["time_ms_ci_low"] <= cols["time_ms"] <= cols["time_ms_ci_high"]
-    assert cols["tflops_per_s"] == pytest.approx(1e9 / (cols["time_ms"] * 1e-3) / 1e12)
+    row = final_row(_rows(samples), samples)  # the row a run records: the rates from the combined time
+    assert row["tflops_per_s"] == pytest.approx(1e9 / (row["time_ms"] * 1e-3) / 1e12)
     assert schema.row_problems({**schema.empty_row(), **cols}) == []
 
 
@@ -116,6 +118,11 @@ class FakeExecutor:
 
     def new_process(self):
         self.process += 1
+
+    def run_cases(self, cases, rounds, progress=None, stop=lambda: False):
+        from harness.engine.rounds import run_sequential
+
+        return run_sequential(self, cases, rounds, progress=progress, stop=stop)
 
     def run(self, case, on_phase=None, time_only=False):
         self.calls.append((self.process, case.seq_len, time_only))
@@ -232,7 +239,7 @@ def _run(variant, mode="fwd", dtype="float32", **axes):
 
     axes = {"heads": 2, "kv_heads": 2, "seq_len": 16, "head_dim": 8, **axes}
     case = Case(variant, {}, mode=mode, dtype=dtype, **axes)
-    return run_case(case, TimingConfig(warmup=1, min_time_s=0.0, min_reps=2, max_reps=2)).row
+    return measured(case, TimingConfig(warmup=1, min_time_s=0.0, min_reps=2, max_reps=2))
 
 
 def test_a_nan_in_the_output_is_incorrect_and_says_where(wrong_variants):
@@ -403,13 +410,14 @@ def test_a_case_reaches_a_worker_of_an_older_commit_without_fields_it_never_knew
     default, so that --confirm can re-run a baseline's own (older) worker on the cases it could run."""
     import dataclasses
 
-    from harness.engine.executors import PROTOCOL_FIELDS, case_message
+    from harness.core.cases import AXES, axis_names
 
+    # the fields the protocol has carried from the start: exactly the worker of 0f41bb4's
+    first = ("variant", "params", "device", "mode", "batch", "heads", "kv_heads", "seq_len", "head_dim", "dtype",
+             "causal", "inputs")
     case = Case("naive", {"x": 1}, heads=2, kv_heads=1, seq_len=16, head_dim=8)
-    message = case_message(case)
-    assert set(message) == set(PROTOCOL_FIELDS) and Case(**message) == case
-    later = [f for f in dataclasses.fields(Case) if f.name not in PROTOCOL_FIELDS and f.default is not None
-             and f.default is not dataclasses.MISSING]
-    for f in later:  # a later field set to something else than its default is sent
-        changed = dataclasses.replace(case, **{f.name: None})
-        assert case_message(changed)[f.name] is None
+    message = case.message()
+    assert set(message) == set(first) == {n for n, ax in AXES.items() if not ax.later} and Case(**message) == case
+    for name in axis_names(later=True):  # a later field set to something else than its default is sent
+        changed = dataclasses.replace(case, **{name: "x"})
+        assert changed.message()[name] == "x" and name not in message

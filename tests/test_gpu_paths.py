@@ -21,6 +21,7 @@ from harness.core.cases import Case
 from harness.engine import runner
 from harness.engine.executors import CircuitBreaker
 from harness.measure import cudatime
+from harness.core.config import RunSettings
 from harness.measure.timing import TimingConfig, time_call
 from tests.fake_cuda import FakeCuda
 
@@ -124,7 +125,7 @@ def _run(variant, **axes):
     load_plugin(str(PLUGIN), ROOT)  # registers the fault variants
 
     case = Case(variant, {}, heads=2, kv_heads=2, seq_len=32, head_dim=16, **axes)
-    return runner.run_case(case, TimingConfig(warmup=1, min_time_s=0.0, max_reps=3))
+    return runner.run_case(case, RunSettings(TimingConfig(warmup=1, min_time_s=0.0, max_reps=3)))
 
 
 @pytest.mark.parametrize("variant, text", [
@@ -220,7 +221,7 @@ def test_an_oom_after_timing_keeps_the_timing(monkeypatch, phase):
 
     monkeypatch.setattr(*(steps, "peak_memory_bytes") if phase == "memory" else (runner, "_accuracy"), oom)
     row = runner.run_case(Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=16),
-                          TimingConfig(warmup=1, min_time_s=0.0, max_reps=3)).row
+                          RunSettings(TimingConfig(warmup=1, min_time_s=0.0, max_reps=3))).row
     assert row["status"] == "ok" and row["time_ms"] > 0 and row["reps"] == 3
     assert f"{phase}: oom" in row["phase_note"] and "20.00 GiB" in row["phase_note"]
     if phase == "memory":

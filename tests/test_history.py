@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from harness.engine import store
+from tests.runs import record_case
 from harness.regression.history import (
     HistoryError,
     list_baselines,
@@ -40,7 +41,7 @@ def fake_run(root, run_id, suite="s", started="2026-01-01T00:00:00+00:00", statu
     writer = store.RunWriter(Path(root) / "runs" / run_id, meta)
     for i, t in enumerate(times):
         row = dict(ROW, case_id=f"case{i}", seq_len=64 + i, time_ms=t, run_id=run_id, suite=suite)
-        writer.append(row, [t * 1e-3 * f for f in (0.98, 1.0, 1.02)])
+        record_case(writer, row, [t * 1e-3 * f for f in (0.98, 1.0, 1.02)])
     if finalize:
         writer.finalize(status=status, finished=started)
     return writer.dir

@@ -14,6 +14,8 @@ from harness.core.cases import Case
 from harness.core.flops import attention_flops
 from harness.engine.suite import SuiteError, expand_cases, parse_suite
 from harness.measure import roofline
+from harness.measure.derive import derive
+from tests.runs import measured
 
 BASELINE = Path(__file__).resolve().parents[1] / "results" / "baseline" / "nightly-cpu" / "results.parquet"
 
@@ -149,12 +151,12 @@ def test_bytes_bandwidth_and_tokens_columns():
            "time_ms": 2.0}
     assert roofline.kv_bytes(row) == 2 * 1500 * 2 * 64 * 4
     assert roofline.min_bytes(row) == (2 * 8 * 4 * 64 * 2 + 1500 * 2 * 64 * 2) * 4
-    rates = roofline.rate_columns(row, bandwidth_gb_per_s=100.0)
+    rates = derive(dict(row, peak_gb_per_s=100.0))
     assert rates["achieved_bandwidth"] == pytest.approx(roofline.kv_bytes(row) / 2e-3)
     assert rates["pct_of_bandwidth"] == pytest.approx(100 * rates["achieved_bandwidth"] / 1e11)
     assert rates["tokens_per_s"] == pytest.approx(8 / 2e-3)
     plain = dict(row, q_len=None, lengths="fixed", kv_layout="contiguous", page_size=None, seq_len=64)
-    assert math.isnan(roofline.rate_columns(plain)["tokens_per_s"])
+    assert math.isnan(derive(plain)["tokens_per_s"])
     assert roofline.min_bytes(plain) == (2 * 8 * 64 * 64 * 2 + 2 * 2 * 64 * 64 * 2) * 4  # as before
 
 
@@ -174,11 +176,10 @@ def test_a_variants_own_parameter_may_mix_auto_and_integers():
 
 
 def _run_in_process(case: Case):
-    from harness.engine.runner import run_case
     from harness.measure.timing import TimingConfig
 
     timing = TimingConfig(warmup=0, min_time_s=0.0, min_reps=1, max_reps=2, max_time_s=0.1, processes=1)
-    return run_case(case, timing, seed=3).row
+    return measured(case, timing, seed=3)
 
 
 @pytest.mark.parametrize("case", [
@@ -228,16 +229,17 @@ def _inference_rows() -> list[dict]:
                         q_len=1, causal=True, kv_layout=layout, page_size=page)
             row = base_row(case, "dense" if variant == "sdpa" else "inference", True, 2)
             row.update(time_ms=seconds * kv * 1e3, time_ms_p10=seconds * kv * 1e3, time_ms_p90=seconds * kv * 1e3,
-                       reps=3, flops=attention_flops(case), tflops_per_s=1.0, peak_mem_bytes=1e6, rel_err=1e-7,
-                       **roofline.analytic_columns({**row, "flops": attention_flops(case)}))
-            row.update(roofline.rate_columns(row, 10.0))
+                       reps=3, flops=attention_flops(case), peak_mem_bytes=1e6, rel_err=1e-7, peak_gb_per_s=10.0,
+                       **roofline.fact_columns(row))
+            row.update(derive(row))
             rows.append(row)
     for lengths_kind in ("uniform", "zipf"):
         for variant, t in (("padded", 10.0), ("packed", 6.0)):
             case = Case(variant=variant, batch=8, heads=8, kv_heads=2, head_dim=64, seq_len=1024, lengths=lengths_kind)
             row = base_row(case, "inference", True, 2)
-            row.update(time_ms=t, time_ms_p10=t, time_ms_p90=t, reps=3, flops=1e9, tflops_per_s=0.1, rel_err=1e-7,
-                       peak_mem_bytes=1e6, useful_fraction=0.5 if variant == "padded" else math.nan)
+            row.update(time_ms=t, time_ms_p10=t, time_ms_p90=t, reps=3, flops=1e9, rel_err=1e-7, peak_mem_bytes=1e6,
+                       useful_flops=0.5e9 if variant == "padded" else math.nan)
+            row.update(derive(row))
             rows.append(row)
     return rows
 

@@ -13,10 +13,10 @@ from harness import get_variant
 from harness.core.cases import Case
 from harness.core.flops import case_pairs
 from harness.engine.layerrun import build_layer
-from harness.engine.runner import run_case
 from harness.measure.reference import reference_attention
 from harness.measure.timing import TimingConfig
 from variants import layers
+from tests.runs import measured
 
 FAST = TimingConfig(warmup=1, min_time_s=0.0, min_reps=2, max_reps=2)
 H, D = 4, 16
@@ -75,7 +75,7 @@ def test_textbook_param_count_is_the_closed_form(fixed):
 def test_kv_cache_bytes_per_token_is_the_closed_form(name, params, kv_heads, elements, dtype, e):
     case = case_of(name, params, kv_heads=kv_heads, dtype=dtype)
     assert module_of(case).kv_cache_bytes_per_token(e) == elements * e
-    row = run_case(case, FAST, time_only=True).row  # the column, from the variant's analytic side
+    row = measured(case, FAST, time_only=True)  # the column, from the variant's analytic side
     assert row["kv_cache_bytes_per_token"] == elements * e and row["d_model"] == d
 
 
@@ -157,7 +157,7 @@ LAYERS = [("mha", {}, H), ("gqa", {}, 2), ("mqa", {}, 1), ("mla", MLA_SMALL, H),
 @pytest.mark.parametrize("name,params,kv_heads", LAYERS)
 def test_layer_is_correct_through_run_case(name, params, kv_heads, causal, q_len):
     case = case_of(name, params, kv_heads=kv_heads, causal=causal, q_len=q_len)
-    row = run_case(case, FAST, seed=2).row
+    row = measured(case, FAST, seed=2)
     assert row["status"] == "ok", row["reason"]
     assert row["rel_err"] < 1e-5 and row["max_abs_err"] > 0  # float32 against float64: small, not zero
     assert row["param_count"] == numel(module_of(case))
@@ -166,7 +166,7 @@ def test_layer_is_correct_through_run_case(name, params, kv_heads, causal, q_len
 
 
 def test_bfloat16_layer_is_checked_against_float64():
-    row = run_case(case_of("gqa", kv_heads=2, dtype="bfloat16", causal=True, q_len=3), FAST).row
+    row = measured(case_of("gqa", kv_heads=2, dtype="bfloat16", causal=True, q_len=3), FAST)
     assert row["status"] == "ok", row["reason"]
     assert 1e-5 < row["rel_err"] < 2e-2
 
@@ -178,7 +178,7 @@ def test_a_wrong_layer_is_incorrect(monkeypatch):
         return forward(self, x, **kw) * (1.0 if self.dense else 1.5)
 
     monkeypatch.setattr(layers.GroupedQueryAttention, "forward", wrong)
-    row = run_case(case_of("gqa", kv_heads=2, causal=True, q_len=5), FAST).row
+    row = measured(case_of("gqa", kv_heads=2, causal=True, q_len=5), FAST)
     assert row["status"] == "incorrect"
     assert "output differs from the float64 reference" in row["reason"]
     assert row["rel_err"] == pytest.approx(0.5, rel=1e-3)
@@ -188,12 +188,12 @@ def test_a_wrong_layer_is_incorrect(monkeypatch):
     ("nosuch", "unknown variant 'nosuch'"), ("linear", "is approximate"), ("sliding_window", "sparsity pattern"),
     ("gqa", "layer-level variant"), ("triton", "kernel triton: triton runs on cuda")])
 def test_a_bad_kernel_skips_with_its_reason(kernel, why):
-    row = run_case(case_of("gqa", {"kernel": kernel}, kv_heads=2), FAST).row
+    row = measured(case_of("gqa", {"kernel": kernel}, kv_heads=2), FAST)
     assert row["status"] == "skipped" and why in row["reason"]
 
 
 def test_shape_limits_skip_with_reasons():
-    reasons = {name: run_case(case, FAST).row for name, case in [
+    reasons = {name: measured(case, FAST) for name, case in [
         ("mqa", case_of("mqa", kv_heads=2)), ("mha", case_of("mha", kv_heads=2)),
         ("mla", case_of("mla", MLA_SMALL | {"kernel": "naive"})), ("bwd", case_of("mha", mode="fwd_bwd"))]}
     assert all(r["status"] == "skipped" for r in reasons.values())
@@ -205,7 +205,7 @@ def test_shape_limits_skip_with_reasons():
 
 @pytest.mark.parametrize("name,params,kv_heads", LAYERS)
 def test_analytic_flops_match_flop_counter_on_prefill(name, params, kv_heads):
-    row = run_case(case_of(name, params, kv_heads=kv_heads), FAST).row
+    row = measured(case_of(name, params, kv_heads=kv_heads), FAST)
     assert row["flops_counted_ratio"] == pytest.approx(1.0, rel=1e-9), row["flops_counted_note"]
 
 

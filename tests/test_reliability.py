@@ -209,7 +209,10 @@ def test_worker_is_reused_while_healthy(tmp_path):
 
     load_plugin(str(PLUGIN))
     timing = TimingConfig(warmup=1, min_time_s=0.0, max_reps=2, min_reps=1)
-    with WorkerPool(timing, plugins=[str(PLUGIN)], case_timeout_s=30, log_dir=tmp_path) as pool:
+    from harness.core.config import RunSettings
+
+    settings = RunSettings(timing, plugins=(str(PLUGIN),), case_timeout_s=30)
+    with WorkerPool(settings, log_dir=tmp_path) as pool:
         a = pool.run(Case("naive", {}, heads=2, kv_heads=2, seq_len=16, head_dim=8))
         b = pool.run(Case("naive", {}, heads=2, kv_heads=2, seq_len=32, head_dim=8))
         assert pool.started == 1 and a.row["status"] == b.row["status"] == "ok"
@@ -238,9 +241,11 @@ def test_a_crash_row_is_written_without_torch_in_the_parent(tmp_path):
 import sys
 from harness.core import schema
 from harness.core.cases import Case
+from harness.core.config import RunSettings, TimingConfig
 from harness.engine.executors import WorkerPool
-with WorkerPool({{"warmup": 1, "min_time_s": 0.0, "max_reps": 2}}, plugins=[{str(PLUGIN)!r}], threads=1,
-                case_timeout_s=60, log_dir={str(tmp_path)!r}) as pool:
+settings = RunSettings(TimingConfig(warmup=1, min_time_s=0.0, max_reps=2), plugins=({str(PLUGIN)!r},), threads=1,
+                       case_timeout_s=60)
+with WorkerPool(settings, log_dir={str(tmp_path)!r}) as pool:
     result = pool.run(Case("fault_segfault", {{}}, heads=2, kv_heads=2, seq_len=16, head_dim=8))
 row = result.row
 assert row["status"] == "crash" and "SIGSEGV" in row["reason"], row["reason"]
@@ -260,7 +265,7 @@ def test_the_executor_and_memory_budget_come_from_the_suite_unless_overridden(tm
 
     suite = parse_suite('[run]\nisolation = "none"\nmemory_budget_gib = 2\n[[variant]]\nname = "naive"\n')
     executor = lifecycle.make_executor(suite, tmp_path)
-    assert isinstance(executor, InProcess) and executor.memory_budget == 2 * 2**30
+    assert isinstance(executor, InProcess) and executor.settings.memory_budget == 2 * 2**30
     executor = lifecycle.make_executor(suite, tmp_path, isolation="process", case_timeout_s=7, memory_budget_gib=0.5)
     assert isinstance(executor, WorkerPool) and executor.proc is None  # no worker until a case runs
     assert executor.case_timeout_s == 7 and executor.config["memory_budget"] == 2**29

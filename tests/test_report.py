@@ -12,6 +12,7 @@ import pytest
 
 from harness.core import schema
 from harness.engine.store import RunWriter
+from tests.runs import record_case
 from harness.core import units as fmt
 from reports.analysis import (
     baseline_label,
@@ -94,9 +95,9 @@ def synthetic_rows(calibrated: bool = False) -> list[dict]:
     rows.append(_row("lowrank", 8192, math.nan, math.nan, params={"rank": 16}, family="low_rank", exact=False,
                      status="error", reason="RuntimeError: boom"))
     if calibrated:
-        for r in rows:
-            r["pct_of_peak"] = r["tflops_per_s"] / 0.5 * 100  # peak 0.5 TFLOP/s
-            r["arith_intensity"] = r["flops"] / (4 * 4 * 4 * 64 * r["seq_len"])
+        for r in rows:  # what a worker records of the machine (the rates are derived from them on reading)
+            r["peak_tflops_per_s"] = 0.5
+            r["min_bytes"] = 4 * 4 * 4 * 64 * r["seq_len"]
             r["peak_gb_per_s"] = 20.0  # the calibration's copy bandwidth
     return rows
 
@@ -111,7 +112,7 @@ def write_run(run_dir: Path, rows: list[dict], **meta) -> Path:
     base.update(meta)
     writer = RunWriter(run_dir, base)
     for r in rows:
-        writer.append(r, [r["time_ms"] / 1e3] * 3 if r["status"] == "ok" else [])
+        record_case(writer, r, [r["time_ms"] / 1e3] * 3 if r["status"] == "ok" else [])
     writer.finalize()
     return run_dir
 

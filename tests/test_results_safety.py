@@ -29,6 +29,7 @@ from harness.engine.trust import UntrustedPlugin
 from harness.measure.environment import PROJECT_ROOT
 from harness.regression.confirm import Side
 from harness.regression.history import HistoryError, baseline_dir, resolve_run
+from tests.runs import record_case
 
 SUITE = """
 name = "crafted"
@@ -81,7 +82,7 @@ def write_run(run_dir: Path, suite_path: Path, plugins: list[str], env: dict, *,
         ms = [factor * (1.0 + 0.001 * k + 0.01 * i) for k in range(8)]
         row.update(run_id=run_id, suite="crafted", status="ok", time_ms=sorted(ms)[4], reps=8,
                    peak_mem_bytes=1000.0, rel_err=1e-7)
-        writer.append(row, [m / 1e3 for m in ms])
+        record_case(writer, row, [m / 1e3 for m in ms])
     writer.finalize(finished="2026-01-01T00:01:00+00:00", status=status, wall_s=60.0)
     return run_dir
 

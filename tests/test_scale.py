@@ -212,7 +212,7 @@ def fake(monkeypatch):
         if step == "crashed":
             raise fake_ray.WorkerCrashedError("the worker died unexpectedly")
         identity = {"host": node["NodeManagerHostname"], "machine_fingerprint": "fp-" + node["NodeID"][:4]}
-        row = dict(schema.base_row(c, threads=pool["threads"]), **identity, time_ms=1.0, flops=1e6)
+        row = dict(schema.base_row(c, threads=pool["settings"]["threads"]), **identity, time_ms=1.0, flops=1e6)
         return {"rounds": [{"row": dict(row), "samples_s": [1e-3, 1.05e-3, 0.95e-3]} for _ in range(processes)],
                 "node": identity}
 

@@ -6,6 +6,7 @@ import pytest
 
 from harness.engine.suite import expand_cases
 from harness.engine.suite import SuiteError, load_suite, parse_suite
+from tests.runs import measured
 
 GOOD = """
 name = "t"
@@ -70,15 +71,13 @@ def test_case_ids_are_stable_and_distinct():
 
 
 def test_unsupported_cases_are_skipped_with_reasons(tmp_path):
-    from harness.engine.runner import run_case
-
     suite = load_suite(write(tmp_path, GOOD))
     eff = [c for c in expand_cases(suite) if c.params.get("backend") == "efficient"]
-    result = run_case(eff[0], suite.timing)
-    assert result.row["status"] == "skipped"
-    assert "efficient" in result.row["reason"] and "CUDA" in result.row["reason"]
+    row = measured(eff[0], suite.timing)
+    assert row["status"] == "skipped"
+    assert "efficient" in row["reason"] and "CUDA" in row["reason"]
     cuda = eff[0].__class__(**{**eff[0].__dict__, "device": "cuda", "params": {"backend": "math"}})
-    row = run_case(cuda, suite.timing).row
+    row = measured(cuda, suite.timing)
     assert row["status"] == "skipped" and "CUDA is not available" in row["reason"]
 
 
@@ -186,14 +185,18 @@ def test_a_timing_default_gives_way_to_the_setting_it_would_contradict(tmp_path)
 
 
 def test_a_key_is_one_declaration():
-    """A key declared in a table is validated, has its default, and is a field of the table's dataclass."""
-    from dataclasses import fields
+    """A key declared as a field of a settings dataclass is validated, has its default, and is a key of its table."""
+    from dataclasses import dataclass, fields
 
-    from harness.core.config import RUN, Key, Table
+    from harness.core.config import RunConfig, Table, setting
 
-    table = Table("run", RUN.keys + (Key("placement", str, "default", "test key", choices=("default", "pinned")),))
-    Config = table.dataclass("Config", __name__, "test")
+    @dataclass(frozen=True)
+    class Config(RunConfig):
+        placement: str = setting("default", "test key", choices=("default", "pinned"))
+
+    table = Table.of("run", Config)
     assert Config().placement == "default" and [f.name for f in fields(Config)] == list(table.names)
+    assert table["placement"].help == "test key" and table["ray_address"].type is str
     assert table.check({"placement": "pinned"}) == ({"placement": "pinned"}, [])
     settings, problems = table.check({"placement": "pined", "isolation": "none"})
     assert settings == {"isolation": "none"}
@@ -203,13 +206,13 @@ def test_a_key_is_one_declaration():
 def test_declarations_match_what_uses_them():
     from dataclasses import asdict
 
-    from harness.core.cases import AXES
+    from harness.core.cases import sweep_defaults
     from harness.core.config import COMPARE, SWEEP, TIMING
-    from harness.measure.timing import SETTINGS, TimingConfig
+    from harness.measure.timing import TimingConfig
     from harness.regression import compare
 
-    assert asdict(TimingConfig()) == TIMING.defaults() and set(SETTINGS) == set(TIMING.names)
-    assert {k: SWEEP[k].default for k in SWEEP.names} == AXES
+    assert asdict(TimingConfig()) == TIMING.defaults()
+    assert {k: SWEEP[k].default for k in SWEEP.names} == sweep_defaults()
     th = compare.Thresholds()
     assert COMPARE.defaults() == {"time_threshold": th.time, "memory_threshold": th.memory, "alpha": th.alpha,
                                   "accuracy_tolerance": th.accuracy}

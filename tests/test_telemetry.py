@@ -6,6 +6,7 @@ import types
 import pytest
 
 from harness.measure import telemetry
+from harness.measure.derive import derive
 
 
 class FakeNVMLError(Exception):
@@ -119,7 +120,7 @@ def test_mocked_nvml_gives_power_clocks_and_energy_from_the_counter():
     cols = s.columns
     assert energy == pytest.approx(1.0)  # 1000 mJ per call
     assert cols["energy_j"] == pytest.approx(1.0) and cols["energy_source"] == "counter"
-    assert cols["tokens_per_joule"] == pytest.approx(4096.0)
+    assert derive({"batch": 1, "seq_len": 4096, **cols})["tokens_per_joule"] == pytest.approx(4096.0)
     assert cols["power_w"] == 250.0 and cols["power_w_max"] == 250.0
     assert cols["sm_clock_mhz"] == 1980 and cols["sm_clock_mhz_min"] == 1980 and cols["mem_clock_mhz"] == 2619
     assert cols["temp_c_max"] == 61 and cols["gpu_util_pct"] == 97 and cols["mem_util_pct"] == 40
@@ -142,7 +143,8 @@ def test_energy_falls_back_to_integrated_power_without_a_counter():
     cols = s.columns
     # 2 calls of 0.5 s at 300 W -> 150 J each
     assert cols["energy_source"] == "power_integral"
-    assert cols["energy_j"] == pytest.approx(150.0) and cols["tokens_per_joule"] == pytest.approx(100 / 150)
+    assert cols["energy_j"] == pytest.approx(150.0)
+    assert derive({"batch": 1, "seq_len": 100, **cols})["tokens_per_joule"] == pytest.approx(100 / 150)
     assert "energy" in cols["telemetry_note"]  # the unsupported counter is stated
 
 

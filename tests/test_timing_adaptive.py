@@ -7,15 +7,11 @@ import pytest
 import torch
 from scipy import stats
 
+from harness.core.config import TIMING, RunSettings
+from harness.core.stats import median_ci, median_ci_ranks
 from harness.measure.timing import (
-    SETTINGS,
     TimingConfig,
-    check_setting,
-    config_from_dict,
-    config_problems,
     input_set_count,
-    median_ci,
-    median_ci_ranks,
     relative_precision,
     stop_reason,
     time_call,
@@ -177,6 +173,10 @@ def test_input_set_count():
 # Settings and results
 
 
+def check_setting(key, value):
+    return TIMING[key].check(value) if key in TIMING else (value, TIMING.unknown(key))
+
+
 def test_settings_checks():
     assert check_setting("target_precision", 0) == (0.0, None)
     assert "expected int" in check_setting("max_reps", "many")[1]
@@ -187,16 +187,19 @@ def test_settings_checks():
     assert "expected bool" in check_setting("flush_l2", 1)[1]
     assert "expected int" in check_setting("threads", True)[1]
     assert "unknown key" in check_setting("warmups", 1)[1]
-    assert set(SETTINGS) >= {"warmup", "min_time_s", "min_reps", "max_reps", "threads"}
-    problems = dict(config_problems(TimingConfig(min_reps=5, max_reps=3, min_time_s=2.0, max_time_s=1.0)))
+    assert set(TIMING.names) >= {"warmup", "min_time_s", "min_reps", "max_reps", "threads"}
+    from dataclasses import asdict
+
+    problems = dict(TIMING.order_problems(asdict(TimingConfig(min_reps=5, max_reps=3, min_time_s=2.0, max_time_s=1.0))))
     assert set(problems) == {"min_reps", "max_time_s"}
 
 
 def test_config_round_trips_through_a_dict_with_old_or_unknown_keys():
     old = {"warmup": 2, "min_time_s": 0.1, "max_reps": 7, "min_reps": 2, "threads": None}
-    config = config_from_dict({**old, "something_new": 1})
-    assert config.max_reps == 7 and config.target_precision == 0.01
-    assert config_from_dict(config.__dict__) == config
+    settings = RunSettings.from_json({"timing": {**old, "something_new": 1}, "seed": 4, "unknown": True})
+    config = settings.timing
+    assert config.max_reps == 7 and config.target_precision == 0.01 and settings.seed == 4
+    assert RunSettings.from_json(settings.to_json()) == settings
 
 
 def test_row_columns():

@@ -339,8 +339,7 @@ class LayerSpec:
         kv = float(case.batch * case.seq_len * self.kv_elements(case) * e)
         nbytes = float(self.params(case) * e + 2 * case.batch * case.query_len * _d(case) * e) + kv
         return {"d_model": _d(case), "kv_cache_bytes_per_token": float(self.kv_elements(case) * e),
-                "projection_flops": float(self.parts(case)[0]), "kv_bytes": kv, "min_bytes": nbytes,
-                "arith_intensity": self.flops(case) / nbytes}
+                "projection_flops": float(self.parts(case)[0]), "kv_bytes": kv, "min_bytes": nbytes}
 
     def working_set(self, case) -> float:
         """Weights, the cache (twice: a plain tuple cache is copied on append), activations, a score matrix."""

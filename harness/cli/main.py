@@ -1,7 +1,8 @@
 """The ``bench`` command line: the parser, dispatch to a command's handler, and exit codes.
 
 Each command group is a module with ``register(subparsers)``, which adds its parsers and sets
-``handler=function(args) -> exit status`` on them (:data:`COMMAND_MODULES`). Registering
+``handler=function(args) -> exit status`` on them (:data:`COMMAND_MODULES`). A handler lets a
+:class:`harness.core.errors.UserError` propagate: :func:`main` prints its lines and exits 2. Registering
 imports nothing heavy: torch, pandas, scipy and rich are imported by the handlers that need
 them, so ``bench --help`` is quick. Exit codes: :mod:`harness.cli.common`.
 """
@@ -34,21 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from harness.core.registry import RegistryError
-    from harness.engine.lifecycle import ResumeError
-    from harness.engine.merge import MergeError
-    from harness.engine.shard import ShardError
-    from harness.engine.store import StoreError
-    from harness.engine.suite import SuiteError
+    from harness.core.errors import UserError
 
     try:
         return args.handler(args)
-    except SuiteError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
-        return EXIT_USAGE
-    except (RegistryError, StoreError, ResumeError, FileExistsError, MergeError, ShardError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+    except UserError as exc:  # the user's to fix: one line per problem, status 2, no traceback
+        from harness.engine.suite import SuiteError
+
+        prefix = "" if isinstance(exc, SuiteError) else f"bench {args.command}: "  # a suite's lines name their file
+        for line in exc.lines():
+            print(prefix + line, file=sys.stderr)
         return EXIT_USAGE
 
 

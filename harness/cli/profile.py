@@ -40,8 +40,6 @@ def _usage(message: str) -> int:
 
 
 def cmd_profile(args) -> int:
-    from harness.engine.store import StoreError
-
     target = Path(args.target)
     if target.suffix == ".toml" or target.is_file():
         if not args.case:
@@ -50,15 +48,9 @@ def cmd_profile(args) -> int:
     else:
         from harness.regression.history import resolve_run
 
-        try:
-            run_dir = resolve_run(args.target, args.root)
-        except StoreError as exc:
-            return _usage(str(exc))
+        run_dir = resolve_run(args.target, args.root)
         status = EXIT_OK
-    try:
-        shown = print_profile(run_dir, args.case, args.top)
-    except StoreError as exc:
-        return _usage(str(exc))
+    shown = print_profile(run_dir, args.case, args.top)
     return status if shown else EXIT_USAGE
 
 
@@ -81,14 +73,14 @@ def _labels(run_dir: Path) -> dict[str, str]:
     """case_id → the case's label (what PATTERN is matched against)."""
     from harness.core.cases import Case
     from harness.engine.store import read_results
-    from harness.regression.labels import row_label
+    from harness.core.cases import label as case_label
 
     labels = {}
     for row in read_results(run_dir).to_dict("records"):
         try:
             labels[row["case_id"]] = Case.from_row(row).label()
         except (ValueError, KeyError, TypeError):
-            labels[row["case_id"]] = row_label(row)
+            labels[row["case_id"]] = case_label(row)
     return labels
 
 

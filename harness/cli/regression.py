@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from harness.cli.common import EXIT_OK, EXIT_REGRESSED, EXIT_USAGE
-from harness.engine.store import StoreError
 
 
 def fraction(text: str) -> float:
@@ -128,11 +127,8 @@ def cmd_compare(args) -> int:
     from harness.regression.compare import compare_runs
     from harness.regression.confirm import confirm
 
-    try:
-        base_dir, new_dir = _resolve_pair(args.base, args.new, args.root)
-        comparison = compare_runs(base_dir, new_dir, args.time_threshold, args.memory_threshold, args.alpha)
-    except StoreError as exc:
-        return _usage(f"bench compare: {exc}")
+    base_dir, new_dir = _resolve_pair(args.base, args.new, args.root)
+    comparison = compare_runs(base_dir, new_dir, args.time_threshold, args.memory_threshold, args.alpha)
     for w in comparison.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if args.confirm:
@@ -219,13 +215,10 @@ def cmd_show(args) -> int:
     from harness.core import units as fmt
     from harness.engine import store
     from harness.regression.history import resolve_run, run_info
-    from harness.regression.labels import row_label
+    from harness.core.cases import label as case_label
 
-    try:
-        info = run_info(resolve_run(args.run, args.root))
-        rows = store.read_results(info.path)
-    except StoreError as exc:
-        return _usage(f"bench show: {exc}")
+    info = run_info(resolve_run(args.run, args.root))
+    rows = store.read_results(info.path)
     if args.json:
         records = json.loads(rows.to_json(orient="records"))
         print(json.dumps({"meta": info.meta, "rows": records}, indent=2, default=str))
@@ -249,7 +242,7 @@ def cmd_show(args) -> int:
     for r in rows.to_dict("records"):
         ok = r.get("status") == "ok"
         table.add_row(
-            row_label(r), str(r.get("status")), fmt.duration_ms(r.get("time_ms")) if ok else "",
+            case_label(r), str(r.get("status")), fmt.duration_ms(r.get("time_ms")) if ok else "",
             f"{fmt.duration_ms(r.get('time_ms_p10'))} – {fmt.duration_ms(r.get('time_ms_p90'))}" if ok else "",
             str(int(r.get("reps") or 0)) if ok else "", fmt.rate_tflops(r.get("tflops_per_s")) if ok else "",
             fmt.size_bytes(r.get("peak_mem_bytes")) if ok else "", fmt.error(r.get("rel_err")) if ok else "",
@@ -318,10 +311,7 @@ def cmd_trend(args) -> int:
 def cmd_baseline_set(args) -> int:
     from harness.regression.history import run_info, set_baseline
 
-    try:
-        dest = set_baseline(args.run, args.root, force=args.force)
-    except StoreError as exc:
-        return _usage(f"bench baseline set: {exc}")
+    dest = set_baseline(args.run, args.root, force=args.force)
     info = run_info(dest)
     print(f"baseline of suite {info.suite}: {info.run_id} (commit {info.short_commit}) → {dest}")
     if info.dirty is not False or not info.commit:

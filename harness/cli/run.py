@@ -194,11 +194,11 @@ MAX_INCORRECT_LINES = 10
 
 def _incorrect(rows) -> list[tuple[str, str]]:
     """(label, reason) of every row whose answer was wrong (status ``incorrect``)."""
-    from harness.regression.labels import row_label
+    from harness.core.cases import label as case_label
 
     if rows.empty or "status" not in rows:
         return []
-    return [(row_label(r), str(r.get("reason") or "")) for r in rows[rows["status"] == "incorrect"].to_dict("records")]
+    return [(case_label(r), str(r.get("reason") or "")) for r in rows[rows["status"] == "incorrect"].to_dict("records")]
 
 
 def cmd_list(args) -> int:

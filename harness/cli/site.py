@@ -51,17 +51,13 @@ def cmd_site(args) -> int:
     from pathlib import Path
 
     from harness.regression.timeline import collect
-    from reports.site import SiteError, build_site
+    from reports.site import build_site
 
     t0 = time.perf_counter()
     roots = [args.root] if Path(args.root).is_dir() else []
     groups = collect(roots + args.history, args.root, last=args.last, recent=args.recent, min_step=args.min_step)
-    try:
-        summary = build_site(groups, args.output, title=args.title, base_url=args.base_url, recent=args.recent,
-                             min_step=args.min_step)
-    except SiteError as exc:
-        print(f"bench site: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    summary = build_site(groups, args.output, title=args.title, base_url=args.base_url, recent=args.recent,
+                         min_step=args.min_step)
     if not groups:
         print(f"warning: no runs under {', '.join(str(Path(r) / 'runs') for r in [args.root, *args.history])}: "
               "the site is empty", file=sys.stderr)

@@ -5,8 +5,10 @@ A suite's ``[timing]``, ``[run]`` and ``[compare]`` tables and its sweep keys (`
 name, type, default, range or choices, and a one-line help. :meth:`Table.check` validates a
 table against them and returns the values to use with ``(key, message)`` problems, all at
 once; :mod:`harness.engine.suite` turns those into ``FILE:LINE: TABLE.KEY: message`` lines.
-:data:`TIMING` and :data:`RUN` also make the ``TimingConfig`` and ``RunConfig`` dataclasses
-(:meth:`Table.dataclass`), so adding a key to one of these tables is one declaration here.
+:class:`TimingConfig` and :class:`RunConfig` are plain frozen dataclasses whose fields are declared
+with :func:`setting`, and :data:`TIMING` and :data:`RUN` are made from them (:meth:`Table.of`); the
+sweep keys are generated from the case fields' declarations (:mod:`harness.core.cases`). Adding a
+key is one declaration. :class:`RunSettings` is what every executor and worker receives.
 
 This module imports nothing of the harness but :mod:`harness.core.cases` (no torch, numpy or
 pandas), so the measurement layer (``harness.measure.timing``) and the command line can read it.
@@ -17,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from harness.core import lengths
-from harness.core.cases import AXES, DEVICES, DTYPES, INPUT_KINDS, KV_LAYOUTS, MODES
+from harness.core.cases import sweep_axis, sweep_defaults
+
+#: The variable ``[run] allocator = "thp"`` sets in the worker processes (harness.measure.environment).
+ALLOCATOR_ENV = "THP_MEM_ALLOC_ENABLE"
 
 #: How a value's type is named in messages (TOML's names).
 _TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
@@ -144,6 +149,18 @@ class Table:
     keys: tuple[Key, ...]
     orders: tuple[Order, ...] = ()
 
+    @classmethod
+    def of(cls, name: str, settings: type, orders: tuple[Order, ...] = ()) -> "Table":
+        """The table of a settings dataclass whose fields were declared with :func:`setting`."""
+        hints = typing.get_type_hints(settings)
+        keys = []
+        for f in dataclasses.fields(settings):
+            spec = dict(f.metadata["key"])
+            kind = spec.pop("type", None) or next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],)
+                                                  if t is not type(None))
+            keys.append(Key(f.name, kind, f.default, **spec))
+        return cls(name, tuple(keys), orders)
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(k.name for k in self.keys)
@@ -190,58 +207,72 @@ class Table:
         """(key, message) for each order constraint ``values`` (every key of the table) break."""
         return [(o.key, p) for o in self.orders if (p := o.problem(values)) is not None]
 
-    def dataclass(self, cls_name: str, module: str, doc: str) -> type:
-        """A frozen dataclass with one field per key (its default), for the table's settings."""
-        fields = [(k.name, k.annotation, field(default=k.default)) for k in self.keys]
-        cls = dataclasses.make_dataclass(cls_name, fields, frozen=True)
-        cls.__module__, cls.__doc__ = module, doc
-        return cls
+
+def setting(default: Any, help: str, **spec: Any) -> Any:
+    """A field of a settings dataclass, declared as a suite key (:class:`Key`'s range, choices,
+    ``parse`` …; ``type`` when the annotation does not say it)."""
+    return dataclasses.field(default=default, metadata={"key": dict(spec, help=help)})
 
 
 #: ``[timing] processes`` by default: see harness.engine.lifecycle.run_cases and the README.
 DEFAULT_PROCESSES = 2
 
-#: ``[timing]``: how each case is timed (harness.measure.timing).
-TIMING = Table("timing", (
-    Key("warmup", int, 3, "warm-up calls (the first call is timed separately)", ge=0),
-    Key("min_time_s", float, 0.2, "keep sampling until the samples add up to this many seconds", ge=0),
-    Key("max_reps", int, 100, "stop after this many samples", ge=1),
-    Key("min_reps", int, 3, "take at least this many samples", ge=1),
-    Key("threads", int, None, "torch intra-op threads (default: PyTorch's choice, all cores)", ge=1),
-    Key("target_precision", float, 0.01,
-        "stop once the confidence interval of the median is within ± this fraction of it (0: off)", ge=0, le=1),
-    Key("confidence", float, 0.95, "confidence level of that interval", gt=0, lt=1),
-    Key("max_time_s", float, 5.0, "per-case sampling budget in seconds; never cuts below min_reps", ge=0),
-    Key("rotate_inputs", bool, True, "rotate copies of the inputs when one set fits in the last-level cache"),
-    Key("cuda_graph", bool, False, "CUDA: time a captured CUDA graph's replay"),
-    Key("flush_l2", bool, True, "CUDA: overwrite a buffer larger than L2 before every sample"),
-    Key("processes", int, DEFAULT_PROCESSES,
-        "fresh worker processes that time each case, one round each; the time is the median of their "
-        "medians, and the row says whether they agree (stable)", ge=1),
-), orders=(Order("min_reps", "<=", "max_reps"), Order("max_time_s", ">=", "min_time_s")))
+@dataclass(frozen=True)
+class TimingConfig:
+    """How one case is timed: the ``[timing]`` table (harness.measure.timing)."""
 
-#: ``[run]``: how cases are executed (harness.engine.lifecycle, harness.engine.executors).
-RUN = Table("run", (
-    Key("isolation", str, "process",
-        "process: each case in a reusable worker process, which survives crashes | none: in the bench process",
-        choices=("process", "none")),
-    Key("executor", str, "process",
-        "process: cases one after another on this machine | ray: each case a Ray task on any node of a Ray "
-        "cluster (or a local Ray), in its own worker process there (harness.engine.rayexec)",
-        choices=("process", "ray")),
-    Key("ray_address", str, None, "the Ray cluster to send cases to (default: RAY_ADDRESS, else a local Ray "
-        "started for the run)"),
-    Key("case_timeout_s", float, 900.0, "a case with no result by then is killed: status timeout", gt=0),
-    Key("memory_budget_gib", float, None,
-        "skip cases whose estimated working set exceeds this (default: 60% of available memory)", gt=0),
-    Key("allocator", str, "default",
-        "default: the workers measure in your environment as it is | thp: THP_MEM_ALLOC_ENABLE=1 in the worker "
-        "processes (page-aligned, huge-page CPU allocations; needs isolation = process)", choices=("default", "thp")),
-    Key("profile", object, False, "profile every case (true) or those of these variants (an array of names) after "
-        "timing them: one call under torch.profiler (harness.measure.profile)", parse=lambda v: (v, None if isinstance(
-            v, bool) or (isinstance(v, list) and all(isinstance(x, str) for x in v)) else "expected true, false or an "
-            f"array of variant names, got {type_name(v)} {v!r}")),
-))
+    warmup: int = setting(3, "warm-up calls (the first call is timed separately)", ge=0)
+    min_time_s: float = setting(0.2, "keep sampling until the samples add up to this many seconds", ge=0)
+    max_reps: int = setting(100, "stop after this many samples", ge=1)
+    min_reps: int = setting(3, "take at least this many samples", ge=1)
+    threads: int | None = setting(None, "torch intra-op threads (default: PyTorch's choice, all cores)", ge=1)
+    target_precision: float = setting(
+        0.01, "stop once the confidence interval of the median is within ± this fraction of it (0: off)", ge=0, le=1)
+    confidence: float = setting(0.95, "confidence level of that interval", gt=0, lt=1)
+    max_time_s: float = setting(5.0, "per-case sampling budget in seconds; never cuts below min_reps", ge=0)
+    rotate_inputs: bool = setting(True, "rotate copies of the inputs when one set fits in the last-level cache")
+    cuda_graph: bool = setting(False, "CUDA: time a captured CUDA graph's replay")
+    flush_l2: bool = setting(True, "CUDA: overwrite a buffer larger than L2 before every sample")
+    processes: int = setting(
+        DEFAULT_PROCESSES, "fresh worker processes that time each case, one round each; the time is the median of "
+        "their medians, and the row says whether they agree (stable)", ge=1)
+
+
+TIMING = Table.of("timing", TimingConfig,
+                  orders=(Order("min_reps", "<=", "max_reps"), Order("max_time_s", ">=", "min_time_s")))
+
+
+def _profile_setting(v: Any) -> tuple[Any, str | None]:
+    ok = isinstance(v, bool) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+    return v, None if ok else f"expected true, false or an array of variant names, got {type_name(v)} {v!r}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How cases are executed: the ``[run]`` table (harness.engine.lifecycle, harness.engine.executors)."""
+
+    isolation: str = setting(
+        "process", "process: each case in a reusable worker process, which survives crashes | none: in the bench "
+        "process", choices=("process", "none"))
+    executor: str = setting(
+        "process", "process: cases one after another on this machine | ray: each case a Ray task on any node of a "
+        "Ray cluster (or a local Ray), in its own worker process there (harness.engine.rayexec)",
+        choices=("process", "ray"))
+    ray_address: str | None = setting(
+        None, "the Ray cluster to send cases to (default: RAY_ADDRESS, else a local Ray started for the run)")
+    case_timeout_s: float = setting(900.0, "a case with no result by then is killed: status timeout", gt=0)
+    memory_budget_gib: float | None = setting(
+        None, "skip cases whose estimated working set exceeds this (default: 60% of available memory)", gt=0)
+    allocator: str = setting(
+        "default", f"default: the workers measure in your environment as it is | thp: {ALLOCATOR_ENV}=1 in the "
+        "worker processes (page-aligned, huge-page CPU allocations; needs isolation = process)",
+        choices=("default", "thp"))
+    profile: bool | list[str] = setting(
+        False, "profile every case (true) or those of these variants (an array of names) after timing them: one "
+        "call under torch.profiler (harness.measure.profile)", type=object, parse=_profile_setting)
+
+
+RUN = Table.of("run", RunConfig)
 
 #: Tolerances of an exact variant's error growth, by dtype (about one unit roundoff; 8 for float32).
 ACCURACY_TOLERANCE = MappingProxyType({"float32": 1e-6, "float16": 5e-4, "bfloat16": 4e-3, "float64": 1e-12})
@@ -256,27 +287,50 @@ COMPARE = Table("compare", (
         choices=tuple(ACCURACY_TOLERANCE), names="dtype"),
 ))
 
-#: The sweep keys: one value each in ``[defaults]``, lists in ``[sweep]`` and ``[[variant]]``.
-SWEEP = Table("sweep", (
-    Key("device", str, AXES["device"], "where the case runs", choices=DEVICES),
-    Key("mode", str, AXES["mode"], "forward, backward alone, or both", choices=MODES),
-    Key("batch", int, AXES["batch"], "batch size B", ge=1),
-    Key("heads", int, AXES["heads"], "query heads H", ge=1),
-    Key("kv_heads", int, AXES["kv_heads"], "key/value heads; default: heads (fewer: grouped-query)", ge=1),
-    Key("seq_len", int, AXES["seq_len"], "sequence length L", ge=1),
-    Key("head_dim", int, AXES["head_dim"], "head dimension D", ge=1),
-    Key("dtype", str, AXES["dtype"], "element type of q, k, v", choices=DTYPES),
-    Key("causal", bool, AXES["causal"], "causal masking"),
-    Key("inputs", str, AXES["inputs"], "input distribution (see the README's Inputs)", choices=INPUT_KINDS),
-    Key("q_len", int, AXES["q_len"], "query length (1: decode); with kv_len, instead of seq_len", ge=1),
-    Key("kv_len", int, AXES["kv_len"], "key/value (cache) length; with q_len, instead of seq_len", ge=1),
-    Key("kv_layout", str, AXES["kv_layout"], "KV cache layout: contiguous, or paged (a pool of pages and a "
-        "block table)", choices=KV_LAYOUTS),
-    Key("page_size", int, AXES["page_size"], "tokens per page of a paged KV cache", ge=1),
-    Key("lengths", str, AXES["lengths"], "per-sequence lengths: fixed, uniform, zipf, or a list (the maximum: "
-        "seq_len or kv_len)", parse=lengths.parse, list_value=True),
+#: The sweep keys: one value each in ``[defaults]``, lists in ``[sweep]`` and ``[[variant]]``; generated
+#: from the declaration of every case field (:data:`harness.core.cases.AXES`) and its aliases.
+SWEEP = Table("sweep", tuple(
+    Key(name, ax.type, default, ax.help, ge=ax.ge, choices=ax.choices, parse=ax.parse, list_value=ax.list_value)
+    for name, default in sweep_defaults().items()
+    for ax in (sweep_axis(name),)
 ))
 
 TABLES: dict[str, Table] = {t.name: t for t in (TIMING, RUN, COMPARE, SWEEP)}
 
-RunConfig = RUN.dataclass("RunConfig", __name__, "The ``[run]`` table: how cases are executed.")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything an executor and its workers need to measure cases, beside the case itself: one
+    frozen, JSON-serialisable value (the worker protocol's first message) instead of loose keyword
+    arguments. ``memory_budget``: bytes a case may be estimated to use (None: no check);
+    ``memory_budget_explicit``: the user gave it (a CUDA case is otherwise budgeted against the GPU's
+    free memory); ``profile``: :func:`harness.measure.profile.request`'s dict, or None."""
+
+    timing: TimingConfig = dataclasses.field(default_factory=TimingConfig)
+    seed: int = 0
+    memory_budget: int | None = None
+    memory_budget_explicit: bool = False
+    plugins: tuple[str, ...] = ()
+    base_dir: str = "."
+    threads: int | None = None
+    case_timeout_s: float = 900.0
+    profile: Mapping[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["plugins"] = list(self.plugins)
+        d["profile"] = dict(self.profile) if self.profile else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "RunSettings":
+        """The settings a ``to_json`` dict describes (keys it does not know are ignored, so that a worker
+        of another commit reads what it can)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        timing = values.get("timing") or {}
+        tk = {f.name for f in dataclasses.fields(TimingConfig)}
+        values["timing"] = TimingConfig(**{k: v for k, v in timing.items() if k in tk})
+        values["plugins"] = tuple(values.get("plugins") or ())
+        return cls(**values)

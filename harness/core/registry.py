@@ -46,6 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from harness.core.errors import UserError
 from harness.core.cases import DEVICES, DTYPES, MODES
 from harness.core.flops import attention_flops
 
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
     from harness.core.cases import Case
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """A variant could not be registered or found (a user-facing, one-line message)."""
 
 
@@ -405,16 +406,6 @@ def list_variants() -> list[Variant]:
     """All registered variants, sorted by family then name."""
     load_builtins()
     return sorted(_REGISTRY.values(), key=lambda v: (v.family, v.name))
-
-
-def declared_baselines() -> frozenset[str]:
-    """Names of the variants registered in this process so far that declared ``baseline=True``.
-
-    Does not load the built-ins (the report asks without importing torch): a process that has
-    not loaded them does not know ``sdpa`` is one, and the report's name rules pick it anyway.
-    """
-    with _LOCK:
-        return frozenset(name for name, v in _REGISTRY.items() if v.baseline)
 
 
 def variant_names() -> list[str]:

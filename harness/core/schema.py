@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from harness.core.cases import AXES, is_missing
+
 if TYPE_CHECKING:
     from harness.core.cases import Case
 
@@ -44,6 +46,9 @@ class Column:
     #: True: the report's results table has no cell of its own for it and shows it after the others
     #: (with its unit) when it holds numbers
     report_extra: bool = False
+    #: computed from the row's measured columns by harness.measure.derive (the one place), once, after
+    #: the processes are combined, and again whenever a stored run is read; never by a worker
+    derived: bool = False
 
     @property
     def missing(self) -> Any:
@@ -59,27 +64,14 @@ _TELEMETRY = "NVML, NVIDIA GPUs only; empty elsewhere"
 
 #: Every declared column, in the order a row holds them.
 COLUMNS: tuple[Column, ...] = (
-    # identity
+    # identity: the case's fields (declared in harness.core.cases) and the variant's declared facts
     _c("case_id", "string", "", "identity", "stable hash of the Case: variant, params and every axis below"),
-    _c("variant", "string", "", "identity", "registered variant name"),
+    *(_c(name, ax.dtype, ax.unit, "identity", ax.help) for name, ax in AXES.items() if name == "variant"),
     _c("family", "string", "", "identity", "the variant's family (dense, local, sparse, linear …)"),
     _c("exact", "bool", "", "identity", "whether the variant computes exact softmax attention"),
-    _c("params", "string", "", "identity", "JSON of the variant's own parameters (sorted keys)"),
-    _c("device", "string", "", "identity", "cpu or cuda"),
-    _c("dtype", "string", "", "identity", "float32, bfloat16 or float16"),
-    _c("mode", "string", "", "identity", "fwd, bwd or fwd_bwd"),
-    _c("batch", "int64", "", "identity", "batch size B"),
-    _c("heads", "int64", "", "identity", "query heads H"),
-    _c("kv_heads", "int64", "", "identity", "key/value heads (fewer than heads: grouped-query)"),
-    _c("seq_len", "int64", "tokens", "identity", "sequence length L"),
-    _c("head_dim", "int64", "", "identity", "head dimension D"),
-    _c("causal", "bool", "", "identity", "causal masking"),
-    _c("inputs", "string", "", "identity", "input distribution: gaussian or structured"),
-    _c("q_len", "int64", "tokens", "identity", "query length when it differs from seq_len (then the key/value "
-       "length; 1: decode); empty: the same"),
-    _c("kv_layout", "string", "", "identity", "KV cache layout: contiguous or paged"),
-    _c("page_size", "int64", "tokens", "identity", "tokens per page of a paged KV cache (empty: contiguous)"),
-    _c("lengths", "string", "", "identity", "per-sequence lengths: fixed, uniform, zipf or a list (max: seq_len)"),
+    _c("baseline", "bool", "", "identity", "whether the variant declared itself a baseline the report compares "
+       "others with (register_variant(..., baseline=True))"),
+    *(_c(name, ax.dtype, ax.unit, "identity", ax.help) for name, ax in AXES.items() if name != "variant"),
     # outcome
     _c("status", "string", "", "outcome",
        "ok, incorrect (a wrong answer; its time is kept), skipped, error, oom, cuda_error, crash or timeout"),
@@ -113,15 +105,15 @@ COLUMNS: tuple[Column, ...] = (
        "and 41.4 ms (1 process)"),
     # work
     _c("flops", "float64", "FLOP", "work", "analytic FLOPs of one call (FlashAttention's convention)"),
-    _c("tflops_per_s", "float64", "TFLOP/s", "work", "flops over the median time"),
+    _c("tflops_per_s", "float64", "TFLOP/s", "work", "flops over the median time", derived=True),
     _c("flops_counted", "float64", "FLOP", "work", "FLOPs counted by FlopCounterMode (empty when it cannot)"),
-    _c("flops_counted_ratio", "float64", "", "work", "flops_counted / flops", report_extra=True),
+    _c("flops_counted_ratio", "float64", "", "work", "flops_counted / flops", report_extra=True, derived=True),
     _c("flops_counted_note", "string", "", "work", "why flops_counted is empty or differs from the convention"),
     _c("useful_flops", "float64", "FLOP", "work", "FLOPs of the real (query, key) pairs, where flops counts "
        "padding (padded variable-length variants)", report_extra=True),
-    _c("useful_fraction", "float64", "", "work", "useful_flops / flops", report_extra=True),
+    _c("useful_fraction", "float64", "", "work", "useful_flops / flops", report_extra=True, derived=True),
     _c("tokens_per_s", "float64", "tokens/s", "work", "query tokens (all sequences) per second, for "
-       "inference-shaped cases (decode: batch·q_len / time)", report_extra=True),
+       "inference-shaped cases (decode: batch·q_len / time)", report_extra=True, derived=True),
     # layers (level = "layer": a whole attention layer on hidden states, harness.engine.layerrun)
     _c("d_model", "int64", "", "work", "layer width (heads · head_dim) of an attention layer", report_extra=True),
     _c("param_count", "int64", "", "work", "parameters of the layer module (exact, from the module)",
@@ -136,18 +128,18 @@ COLUMNS: tuple[Column, ...] = (
        report_extra=True),
     # roofline
     _c("min_bytes", "float64", "bytes", "roofline", "least traffic of a call: inputs read once, outputs written once"),
-    _c("arith_intensity", "float64", "FLOP/byte", "roofline", "flops / min_bytes"),
+    _c("arith_intensity", "float64", "FLOP/byte", "roofline", "flops / min_bytes", derived=True),
     _c("peak_tflops_per_s", "float64", "TFLOP/s", "roofline", "measured matmul peak of its device and dtype"),
     _c("peak_gb_per_s", "float64", "GB/s", "roofline", "measured copy bandwidth of its device"),
-    _c("pct_of_peak", "float64", "%", "roofline", "tflops_per_s as a percentage of peak_tflops_per_s"),
-    _c("attainable_tflops_per_s", "float64", "TFLOP/s", "roofline", "min(peak, intensity · bandwidth)"),
+    _c("pct_of_peak", "float64", "%", "roofline", "tflops_per_s as a percentage of peak_tflops_per_s", derived=True),
+    _c("attainable_tflops_per_s", "float64", "TFLOP/s", "roofline", "min(peak, intensity · bandwidth)", derived=True),
     _c("roofline_note", "string", "", "roofline", "why the roofline columns are empty or approximate"),
     _c("kv_bytes", "float64", "bytes", "roofline", "bytes of the K/V cache a call must read (real tokens)",
        report_extra=True),
     _c("achieved_bandwidth", "float64", "bytes/s", "roofline", "kv_bytes over the median time",
-       report_extra=True),
+       report_extra=True, derived=True),
     _c("pct_of_bandwidth", "float64", "%", "roofline", "achieved_bandwidth as a percentage of the measured "
-       "copy bandwidth (peak_gb_per_s)", report_extra=True),
+       "copy bandwidth (peak_gb_per_s)", report_extra=True, derived=True),
     # telemetry
     _c("power_w", "float64", "W", "telemetry", f"mean board power during the case ({_TELEMETRY})", report_extra=True),
     _c("power_w_max", "float64", "W", "telemetry", "highest sampled board power", report_extra=True),
@@ -161,7 +153,7 @@ COLUMNS: tuple[Column, ...] = (
     _c("throttled", "bool", "", "telemetry", "a reason that makes the timing suspect was seen (samples or counters)"),
     _c("throttle_time_ms", "float64", "ms", "telemetry", "time NVML's violation counters grew during the timing", report_extra=True),
     _c("energy_j", "float64", "J", "telemetry", "energy of one call", report_extra=True),
-    _c("tokens_per_joule", "float64", "tokens/J", "telemetry", "B·L / energy_j", report_extra=True),
+    _c("tokens_per_joule", "float64", "tokens/J", "telemetry", "B·L / energy_j", report_extra=True, derived=True),
     _c("energy_source", "string", "", "telemetry", "energy_counter or power_integral"),
     _c("energy_power_w", "float64", "W", "telemetry", "mean board power during the energy loop", report_extra=True),
     _c("energy_throttled", "bool", "", "telemetry", "the energy loop (not the timing) was throttled"),
@@ -192,6 +184,8 @@ COLUMNS: tuple[Column, ...] = (
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 #: The columns that say which case a row is (``Case`` fields, ``case_id``, the variant's description).
 IDENTITY: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.group == "identity" and c.per_case)
+#: The columns harness.measure.derive computes from the others (:attr:`Column.derived`).
+DERIVED: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.derived)
 
 #: Values a row starts with that are not its column's missing value.
 _START = {"status": "ok", "reason": "", "reps": 0}
@@ -234,22 +228,13 @@ def empty_row() -> dict[str, Any]:
     return {c.name: _START.get(c.name, c.missing) for c in COLUMNS if c.per_case}
 
 
-def base_row(case: "Case", family: str | None = None, exact: bool | None = None,
-             threads: int | None = None) -> dict[str, Any]:
+def base_row(case: "Case", family: str | None = None, exact: bool | None = None, threads: int | None = None, *,
+             baseline: bool | None = None) -> dict[str, Any]:
     """The row of ``case`` before anything is measured: its identity filled in, the rest empty."""
     row = empty_row()
-    row.update(
-        case_id=case.case_id, variant=case.variant, family=family, exact=exact, params=case.params_json,
-        device=case.device, dtype=case.dtype, mode=case.mode, batch=case.batch, heads=case.heads,
-        kv_heads=case.kv_heads, seq_len=case.seq_len, head_dim=case.head_dim, causal=case.causal,
-        inputs=case.inputs, q_len=case.q_len, kv_layout=case.kv_layout, page_size=case.page_size,
-        lengths=case.lengths, threads=threads,
-    )
+    row.update(case.values(), case_id=case.case_id, params=case.params_json, family=family, exact=exact,
+               baseline=baseline, threads=threads)
     return row
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def row_problems(row: dict[str, Any]) -> list[str]:
@@ -258,7 +243,7 @@ def row_problems(row: dict[str, Any]) -> list[str]:
     problems = [f"{c.name}: missing" for c in COLUMNS if c.per_case and c.name not in row]
     for name, value in row.items():
         col = BY_NAME.get(name)
-        if col is None or _is_missing(value):
+        if col is None or is_missing(value):
             continue
         ok = isinstance(value, _PY_TYPES[col.dtype]) and not (col.dtype in ("int64", "float64")
                                                              and isinstance(value, bool))

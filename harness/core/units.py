@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 
-
-def _missing(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
+from harness.core.cases import is_missing as _missing
 
 
 def duration_ms(ms) -> str:

@@ -30,7 +30,6 @@ new round of :func:`harness.engine.lifecycle.run_cases`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import select
@@ -38,16 +37,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from harness.core import schema
 from harness.core.cases import Case
+from harness.core.config import RunSettings
 from harness.core.schema import CaseResult
 
 if TYPE_CHECKING:
-    from harness.measure.timing import TimingConfig
+    from harness.engine.rounds import Rounds
 
 STDERR_TAIL_CHARS = 1500
 START_TIMEOUT_S = 300.0
@@ -84,25 +83,24 @@ class CircuitBreaker:
         self.tripped = self.tripped or message
 
 
-#: The Case fields the worker protocol has carried from the start; later fields travel only when
-#: they differ from their defaults, so that a worker of an older commit (``bench compare --confirm``
-#: re-running a baseline) still reads every case it could have run.
-PROTOCOL_FIELDS = ("variant", "params", "device", "mode", "batch", "heads", "kv_heads", "seq_len", "head_dim",
-                   "dtype", "causal", "inputs")
-
-
 def case_message(case: Case) -> dict[str, Any]:
-    """``case`` as the worker protocol sends it (see :data:`PROTOCOL_FIELDS`)."""
-    out = {}
-    for f in dataclasses.fields(case):
-        value = getattr(case, f.name)
-        if f.name not in PROTOCOL_FIELDS:
-            if f.default is not dataclasses.MISSING and value == f.default:
-                continue
-            if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
-                continue
-        out[f.name] = value
-    return out
+    """``case`` as the worker protocol sends it (:meth:`harness.core.cases.Case.message`)."""
+    return case.message()
+
+
+class Executor(Protocol):
+    """What :func:`harness.engine.lifecycle.execute` needs of an executor: run the cases' rounds into a
+    :class:`harness.engine.rounds.Rounds` (one at a time or in parallel, as the executor does it), and
+    a circuit breaker the run loop watches. Executors are context managers."""
+
+    breaker: CircuitBreaker
+
+    def run_cases(self, cases: list[Case], rounds: "Rounds", progress: Any = None,
+                  stop: Callable[[], bool] = ...) -> int: ...
+
+    def __enter__(self) -> "Executor": ...
+
+    def __exit__(self, *exc: Any) -> bool: ...
 
 
 def worker_module(code_root: Path) -> str:
@@ -137,33 +135,16 @@ def describe_exit(returncode: int) -> str:
 class WorkerPool:
     """Runs cases one at a time in a reusable worker process."""
 
-    def __init__(
-        self,
-        timing: TimingConfig | dict[str, Any],
-        *,
-        seed: int = 0,
-        memory_budget: int | None = None,
-        memory_budget_explicit: bool = False,
-        plugins: list[str] | None = None,
-        base_dir: Path | str = ".",
-        threads: int | None = None,
-        case_timeout_s: float = 900.0,
-        log_dir: Path | None = None,
-        code_root: Path | str | None = None,
-        env: dict[str, str] | None = None,
-        profile: dict[str, Any] | None = None,
-    ):
-        self.config = {
-            **({"profile": profile} if profile else {}),  # harness.measure.profile.request
-            "timing": timing if isinstance(timing, dict) else dataclasses.asdict(timing),
-            "seed": seed,
-            "memory_budget": memory_budget,
-            "memory_budget_explicit": memory_budget_explicit,
-            "plugins": list(plugins or []),
-            "base_dir": str(Path(base_dir).resolve()),
-            "threads": threads,
-        }
-        self.case_timeout_s = case_timeout_s
+    def __init__(self, settings: RunSettings, *, log_dir: Path | None = None, code_root: Path | str | None = None,
+                 env: dict[str, str] | None = None, recorded_timing: dict[str, Any] | None = None):
+        self.settings = settings
+        #: the worker's first message: the settings (plugins resolved against the suite's directory);
+        #: ``recorded_timing``: the ``[timing]`` table as another commit's run recorded it, sent as it is
+        #: to that commit's worker (``code_root``), whose settings may have other keys than ours
+        self.config = dict(settings.to_json(), base_dir=str(Path(settings.base_dir).resolve()))
+        if recorded_timing is not None:
+            self.config["timing"] = dict(recorded_timing)
+        self.case_timeout_s = settings.case_timeout_s
         #: variables set in the workers' environment on top of this process's (none by default)
         self.env = dict(env or {})
         #: the project tree the worker imports harness and variants from (default: this one; another
@@ -276,6 +257,13 @@ class WorkerPool:
         self.close()
 
     # -- cases --------------------------------------------------------------------------------
+    def run_cases(self, cases: list[Case], rounds: "Rounds", progress: Any = None,
+                  stop: Callable[[], bool] = lambda: False) -> int:
+        """The cases one at a time, round after round (:func:`harness.engine.rounds.run_sequential`)."""
+        from harness.engine.rounds import run_sequential
+
+        return run_sequential(self, cases, rounds, progress=progress, stop=stop)
+
     def run(self, case: Case, on_phase=None, time_only: bool = False) -> CaseResult:
         if self.proc is None or self.proc.poll() is not None:
             self.kill()
@@ -316,7 +304,7 @@ class WorkerPool:
     def _failed(self, case: Case, status: str, reason: str) -> CaseResult:
         """The row of a case the worker gave none for: its identity and what happened (no torch here:
         the variant's description, FLOPs and estimates come only from a worker)."""
-        row = schema.base_row(case, threads=self.config["threads"])
+        row = schema.base_row(case, threads=self.settings.threads)
         row.update(status=status, reason=reason)
         return CaseResult(row, [])
 
@@ -331,20 +319,21 @@ class WorkerPool:
 class InProcess:
     """Runs cases in this process (``isolation = "none"``): no protection, no overhead."""
 
-    def __init__(self, timing: TimingConfig, *, seed: int = 0, memory_budget: int | None = None,
-                 memory_budget_explicit: bool = False, profile: dict[str, Any] | None = None, **_: Any):
-        self.timing, self.seed, self.memory_budget, self.profile = timing, seed, memory_budget, profile
-        self.memory_budget_explicit = memory_budget_explicit
+    def __init__(self, settings: RunSettings):
+        self.settings = settings
         self.breaker = CircuitBreaker()
+
+    def run_cases(self, cases: list[Case], rounds: "Rounds", progress: Any = None,
+                  stop: Callable[[], bool] = lambda: False) -> int:
+        from harness.engine.rounds import run_sequential
+
+        return run_sequential(self, cases, rounds, progress=progress, stop=stop)
 
     def run(self, case: Case, on_phase=None, time_only: bool = False) -> CaseResult:
         from harness.engine.runner import run_case
-
-        result = run_case(case, self.timing, seed=self.seed, memory_budget=self.memory_budget, on_phase=on_phase,
-                          time_only=time_only, memory_budget_explicit=self.memory_budget_explicit,
-                          profile=self.profile)
         from harness.measure.environment import host_identity
 
+        result = run_case(case, self.settings, on_phase=on_phase, time_only=time_only)
         result.row.update(host_identity())
         self.breaker.record(result.row)
         if result.restart:  # this process's CUDA context cannot be replaced: end the run cleanly

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 
 from harness.core.cases import Case
+from harness.core.config import RunSettings
 from harness.core.registry import Variant
 from harness.engine.steps import accuracy_columns, after_timing, cost_columns, timed
 from harness.measure import profile as profiling
 from harness.measure.inputs import TORCH_DTYPES as DTYPES, aligned_copy
 from harness.measure.reference import correctness_problems, errors
-from harness.measure.timing import TimingConfig, input_set_count
+from harness.measure.timing import input_set_count
 
 
 
@@ -108,10 +109,12 @@ def layer_accuracy(module: torch.nn.Module, case: Case, variant: Variant, x: tor
     return accuracy_columns(max_abs, rel, problems)
 
 
-def measure_layer(case: Case, variant: Variant, timing: TimingConfig, seed: int, row: dict[str, Any], phase,
-                  time_only: bool, profile: dict[str, Any] | None = None) -> tuple[list[float], str]:
-    """Time the layer's forward call, then (unless ``time_only``) memory, FLOPs and accuracy, into
-    ``row``; returns (samples, why the worker should be replaced or '')."""
+def measure_layer(case: Case, variant: Variant, settings: RunSettings, row: dict[str, Any], phase,
+                  time_only: bool) -> tuple[list[float], str]:
+    """A layer-level variant (harness.engine.runner.Measurer): time the layer's forward call, then
+    (unless ``time_only``) memory, FLOPs and accuracy, into ``row``; returns (samples, why the worker
+    should be replaced or '')."""
+    timing, seed = settings.timing, settings.seed
     if case.mode != "fwd":
         raise ValueError(f"attention layers are measured forward only, not mode {case.mode}")
     phase("inputs")
@@ -130,5 +133,5 @@ def measure_layer(case: Case, variant: Variant, timing: TimingConfig, seed: int,
     cost_columns(row, case, call, phase)
     phase("accuracy")
     after_timing(row, case, "accuracy", lambda: layer_accuracy(module, case, variant, x, cache))
-    profiling.maybe_profile(profile, case, lambda: _forward(module, case, x, cache), phase)
+    profiling.maybe_profile(settings.profile, case, lambda: _forward(module, case, x, cache), phase)
     return measured.samples_s, measured.restart

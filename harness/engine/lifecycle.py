@@ -27,20 +27,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from harness.core.errors import RunExistsError, UserError
+
 if TYPE_CHECKING:
     import pandas as pd
 
     from harness.core.cases import Case
+    from harness.core.config import RunSettings
+    from harness.engine.executors import Executor
     from harness.engine.store import RunWriter
     from harness.engine.suite import Suite
 
-from harness.measure.stability import combine
 
 #: Default share of the machine's available memory one case may be estimated to use.
 MEMORY_BUDGET_FRACTION = 0.6
 
 
-class ResumeError(Exception):
+class ResumeError(UserError):
     """A run cannot be resumed with this suite (one line)."""
 
 
@@ -81,7 +84,7 @@ def start_run(suite: "Suite", out_dir: Path | None, cases: list["Case"],
     run_id = new_run_id(suite.name)
     run_dir = Path(out_dir) if out_dir else results_root / "runs" / run_id
     if (run_dir / "run.json").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; choose another -o directory")
+        raise RunExistsError(f"{run_dir} already holds a run; choose another -o directory")
     if suite.timing.threads:
         torch.set_num_threads(suite.timing.threads)
     meta = {
@@ -207,34 +210,42 @@ def memory_budget(suite: "Suite", gib: float | None = None) -> int:
     return int(gib * 2**30) if gib else default_memory_budget()
 
 
+def run_settings(suite: "Suite", *, case_timeout_s: float | None = None, memory_budget_gib: float | None = None,
+                 profile: bool | list[str] | None = None, run_dir: Path | None = None) -> "RunSettings":
+    """What every executor and worker of ``suite``'s run receives (:class:`harness.core.config.RunSettings`):
+    the suite's settings, with the arguments given (the command line's) overriding its ``[run]`` table."""
+    from harness.core.config import RunSettings
+    from harness.measure.profile import request as profile_request
+
+    return RunSettings(
+        timing=suite.timing, seed=suite.seed, memory_budget=memory_budget(suite, memory_budget_gib),
+        memory_budget_explicit=bool(memory_budget_gib or suite.run.memory_budget_gib),
+        plugins=tuple(suite.plugins), base_dir=str(suite.base_dir), threads=suite.timing.threads,
+        case_timeout_s=case_timeout_s or suite.run.case_timeout_s,
+        profile=profile_request(suite.run.profile if profile is None else profile, run_dir))
+
+
 def make_executor(suite: "Suite", log_dir: Path | None = None, *, isolation: str | None = None,
                   case_timeout_s: float | None = None, memory_budget_gib: float | None = None,
-                  profile: bool | list[str] | None = None, run_dir: Path | None = None):
+                  profile: bool | list[str] | None = None, run_dir: Path | None = None) -> "Executor":
     """The executor for ``suite``'s cases (:mod:`harness.engine.executors`): the arguments given
     override the suite's ``[run]`` table. Worker logs go to ``log_dir``. The workers get the
     environment of this process as it is, plus what ``[run] allocator`` asks for (default: nothing)."""
     from harness.engine.executors import InProcess, WorkerPool
-    from harness.measure.environment import allocator_env
-    from harness.measure.profile import request as profile_request
+    from harness.measure.environment import allocator_env, host_identity
 
-    common = dict(seed=suite.seed, memory_budget=memory_budget(suite, memory_budget_gib),
-                  memory_budget_explicit=bool(memory_budget_gib or suite.run.memory_budget_gib),
-                  profile=profile_request(suite.run.profile if profile is None else profile, run_dir))
+    settings = run_settings(suite, case_timeout_s=case_timeout_s, memory_budget_gib=memory_budget_gib,
+                            profile=profile, run_dir=run_dir)
     if suite.run.executor == "ray":  # harness.engine.rayexec: each case a Ray task on a node of a cluster
         from harness.engine.rayexec import RayExecutor
 
-        return RayExecutor(suite, seed=suite.seed, memory_budget_gib=memory_budget_gib or suite.run.memory_budget_gib,
-                           case_timeout_s=case_timeout_s, address=suite.run.ray_address, profile=common["profile"],
+        given = memory_budget_gib or suite.run.memory_budget_gib  # else each node's own budget
+        return RayExecutor(dataclasses.replace(settings, memory_budget=int(given * 2**30) if given else None),
+                           address=suite.run.ray_address, env=allocator_env(suite.run.allocator),
                            budget_fraction=MEMORY_BUDGET_FRACTION)
     if (isolation or suite.run.isolation) == "none":
-        return InProcess(suite.timing, **common)
-    pool = WorkerPool(
-        suite.timing, **common, plugins=suite.plugins, base_dir=suite.base_dir, threads=suite.timing.threads,
-        case_timeout_s=case_timeout_s or suite.run.case_timeout_s, log_dir=log_dir,
-        env=allocator_env(suite.run.allocator),
-    )
-    from harness.measure.environment import host_identity
-
+        return InProcess(settings)
+    pool = WorkerPool(settings, log_dir=log_dir, env=allocator_env(suite.run.allocator))
     pool.identity = host_identity()  # the rows' host and machine_fingerprint: this machine
     return pool
 
@@ -270,112 +281,14 @@ class _Signals:
         return False
 
 
-class _Shown:
-    """A case as the progress display shows it during round ``index`` of ``total``."""
-
-    def __init__(self, case: "Case", index: int, total: int):
-        self.case, self.index, self.total = case, index, total
-
-    def label(self) -> str:
-        return f"{self.case.label()} [process {self.index + 1} of {self.total}]"
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.case, name)
-
-
-class _Rounds:
-    """Each case's per-process results so far, until its final row is composed.
-
-    Round 0 ran it fully; rounds 1.. only timed it. :meth:`record` logs each round's result
-    durably (its samples with the process index, a line in the rounds log) and gives the case's
-    final row once its last round has finished, or as soon as a round did not end ``ok``."""
-
-    def __init__(self, writer: "RunWriter", processes: int):
-        self.writer, self.processes = writer, processes
-        self.attempts: dict[str, str] = {}
-        self.rows: dict[str, list[dict[str, Any]]] = {}
-        self.samples: dict[str, list[list[float]]] = {}
-
-    @property
-    def pending(self) -> set[str]:
-        """Cases that are ``ok`` so far and still have rounds to run."""
-        return set(self.rows)
-
-    def record(self, case: "Case", index: int, result) -> dict[str, Any] | None:
-        cid = case.case_id
-        if index == 0:
-            self.attempts[cid] = uuid.uuid4().hex[:12]
-        attempt = self.attempts[cid]
-        self.writer.append_round(result.row, result.samples_s, process=index, attempt_id=attempt)
-        samples_ms = [s * 1e3 for s in result.samples_s]
-        status = result.row.get("status")
-        if index == 0:
-            final = dict(result.row)
-            if status == "ok" and samples_ms and self.processes > 1:
-                self.rows[cid], self.samples[cid] = [result.row], [samples_ms]
-                return None
-            if samples_ms:
-                final.update(combine([result.row], [samples_ms]))
-            return self._final(final, attempt)
-        rows, samples = self.rows[cid], self.samples[cid]
-        final = dict(rows[0])
-        if status != "ok" or not samples_ms:
-            reason = result.row.get("reason") or "no timing samples"
-            final.update(status=status if status != "ok" else "error",
-                         reason=f"process {index + 1} of {self.processes}: {reason}")
-        else:
-            rows.append(result.row)
-            samples.append(samples_ms)
-            if index < self.processes - 1:
-                return None
-        final.update(combine(rows, samples))
-        del self.rows[cid], self.samples[cid]
-        return self._final(final, attempt)
-
-    def _final(self, row: dict[str, Any], attempt: str) -> dict[str, Any]:
-        row["run_id"] = self.writer.meta["run_id"]
-        row["suite"] = self.writer.meta["suite"]["name"]
-        self.writer.append_final(row, attempt_id=attempt)
-        return row
-
-
-def run_cases(cases: list["Case"], writer: "RunWriter", executor, progress: Any = None,
+def run_cases(cases: list["Case"], writer: "RunWriter", executor: "Executor", progress: Any = None,
               stop: Callable[[], bool] = lambda: False, processes: int = 1) -> int:
-    """Run ``cases`` through ``executor`` (harness.engine.executors) in ``processes`` rounds, each in a
-    fresh worker process, appending each case's final row to ``writer`` once its last round has
-    finished, until ``stop()`` says so; returns how many cases got their final row.
+    """Run ``cases`` through ``executor`` in ``processes`` rounds (:mod:`harness.engine.rounds`: each
+    round in a fresh worker process, each case's final row appended to ``writer`` once its last round
+    has finished), until ``stop()`` says so; returns how many cases got their final row."""
+    from harness.engine.rounds import Rounds
 
-    The schedule (asv's): round 0 runs every case fully (timing, memory, FLOPs, accuracy); rounds
-    1 .. processes-1 each start a fresh process (``executor.new_process()``) and time again every
-    case that was ``ok`` so far (``time_only``). Rounds are the outer loop and cases the inner one,
-    so what changes from process to process, or over the run, shows as a difference between
-    processes (:func:`harness.measure.stability.combine` makes the row and judges it)."""
-    if hasattr(executor, "run_cases"):  # harness.engine.rayexec: cases in parallel, recorded as they finish
-        return executor.run_cases(cases, _Rounds(writer, processes), progress=progress, stop=stop)
-    rounds = _Rounds(writer, processes)
-    done = 0
-    for index in range(processes):
-        todo = cases if index == 0 else [c for c in cases if c.case_id in rounds.pending]
-        if not todo or stop():
-            break
-        if index > 0:
-            executor.new_process()
-        for case in todo:
-            if stop():
-                return done
-            shown = case if processes == 1 else _Shown(case, index, processes)
-            if progress is not None:
-                progress.start(shown)
-            report = getattr(progress, "phase", None)
-            on_phase = None if report is None else (lambda name, c=shown: report(c, name))
-            result = executor.run(case, on_phase=on_phase, time_only=index > 0)
-            final = rounds.record(case, index, result)
-            done += final is not None
-            if progress is not None:
-                progress.finish(shown, result.row)
-        if index == 0 and hasattr(progress, "set_total"):  # the later rounds re-run only the ok cases
-            progress.set_total(len(cases) + len(rounds.pending) * (processes - 1))
-    return done
+    return executor.run_cases(cases, Rounds(writer, processes), progress=progress, stop=stop)
 
 
 def execute(suite: "Suite", cases: list["Case"], writer: "RunWriter", *, progress: Any = None,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from harness.core.errors import RunExistsError, UserError
 from harness.engine import store
 from harness.engine.shard import ShardError, recorded_shard
 
@@ -44,7 +45,7 @@ MUST_MATCH = (
 )
 
 
-class MergeError(Exception):
+class MergeError(UserError):
     """Runs that cannot be merged (one line)."""
 
 
@@ -199,7 +200,7 @@ def _machines(parts: Sequence[Part]) -> list[dict[str, Any]]:
 def merge_runs(paths: Sequence[Path], out_dir: Path, allow_partial: bool = False) -> Merged:
     """Merge the runs at ``paths`` into a new run at ``out_dir`` (see the module doc); MergeError
     (one line) when they do not share the suite, code, versions and seed, or have duplicate or
-    missing cases and not ``allow_partial``; FileExistsError when ``out_dir`` holds a run."""
+    missing cases and not ``allow_partial``; RunExistsError when ``out_dir`` holds a run."""
     from harness.engine.lifecycle import new_run_id
     from harness.engine.store import RunWriter
 
@@ -211,7 +212,7 @@ def merge_runs(paths: Sequence[Path], out_dir: Path, allow_partial: bool = False
     if Path(out_dir).resolve() in resolved:
         raise MergeError(f"-o {out_dir} is one of the runs to merge; choose a new directory")
     if (Path(out_dir) / store.RUN_META).exists():
-        raise FileExistsError(f"{out_dir} already holds a run; choose another -o directory")
+        raise RunExistsError(f"{out_dir} already holds a run; choose another -o directory")
     parts = [read_part(p) for p in paths]
     check_compatible(parts)
     parts = _order(parts)

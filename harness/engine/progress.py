@@ -36,6 +36,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from harness.core.units import duration_ms, finite
+
 #: A phase running longer than this is highlighted (and the first call called a compilation).
 SLOW_PHASE_S = 2.0
 #: Plain output: a "still running" line this often while one case runs.
@@ -53,16 +55,7 @@ PHASE_TEXT = {
 COMPILING_TEXT = "first call: compiling / autotuning"
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and x == x
-
-
-def _duration(ms: float) -> str:
-    if ms >= 1000:
-        return f"{ms / 1000:.3g} s"
-    if ms >= 1:
-        return f"{ms:.3g} ms"
-    return f"{ms * 1000:.3g} µs"
+_finite, _duration = finite, duration_ms
 
 
 def _summary(row: dict[str, Any]) -> str:

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from harness.core.cases import Case
+from harness.core.config import RunSettings
 from harness.core.registry import Variant, get_variant
 from harness.engine.steps import accuracy_columns, add_note, after_timing, error_text
 from harness.measure.memory import peak_memory_bytes
@@ -237,9 +238,11 @@ def _measure_rank(rank: int, world_size: int, p: dict[str, Any]) -> dict[str, An
 # The case's row
 
 
-def measure_distributed(case: Case, variant: Variant, timing: TimingConfig, seed: int, row: dict[str, Any], phase,
-                        time_only: bool, profile: dict[str, Any] | None = None) -> tuple[list[float], str]:
-    """Measure ``case`` on ``world_size`` ranks into ``row``; returns (samples, '') like runner._measure."""
+def measure_distributed(case: Case, variant: Variant, settings: RunSettings, row: dict[str, Any], phase,
+                        time_only: bool) -> tuple[list[float], str]:
+    """A distributed variant (harness.engine.runner.Measurer): measure ``case`` on ``world_size`` ranks
+    into ``row``; returns (samples, '')."""
+    timing, seed = settings.timing, settings.seed
     from harness.engine.plugins import loaded
 
     world = int(case.params["world_size"])
@@ -258,7 +261,6 @@ def measure_distributed(case: Case, variant: Variant, timing: TimingConfig, seed
                       confidence=timing.confidence, method="cuda_events" if case.device == "cuda" else "perf_counter")
     row.update(measured.row_columns())
     add_note(row, "timing_note", f"each sample the slowest of {world} ranks ({threads} thread(s) each)")
-    row["tflops_per_s"] = row["flops"] / measured.median_s / 1e12
     if time_only:
         return measured.samples_s, ""
     row.update(comm_ms=statistics.median(got["comm_samples"]) * 1e3,

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from harness.core import schema
 from harness.core.cases import Case
+from harness.core.config import RunSettings
 from harness.core.schema import CaseResult
 from harness.engine.executors import CircuitBreaker
 
@@ -153,16 +154,17 @@ def node_pools(pool: dict[str, Any], device: str, processes: int) -> list[Any]:
         close_pools()
         _POOLS[key] = []
     pools = _POOLS[key]
-    config = dict(pool)
-    fraction = config.pop("memory_budget_fraction")
+    settings = RunSettings.from_json(pool["settings"])
     while len(pools) < processes:
-        if config.get("memory_budget") is None:
+        if settings.memory_budget is None:
             from harness.measure.environment import available_memory_bytes
 
-            share = min(1.0, (config.get("threads") or os.cpu_count() or 1) / (os.cpu_count() or 1))
+            share = min(1.0, (settings.threads or os.cpu_count() or 1) / (os.cpu_count() or 1))
             available = available_memory_bytes() or 8 * 2**30
-            config["memory_budget"] = int(available * fraction * (share if device == "cpu" else 1.0))
-        pools.append(WorkerPool(**config))
+            fraction = pool["memory_budget_fraction"]
+            settings = dataclasses.replace(
+                settings, memory_budget=int(available * fraction * (share if device == "cpu" else 1.0)))
+        pools.append(WorkerPool(settings, env=pool.get("env")))
     return pools
 
 
@@ -199,7 +201,7 @@ def run_on_node(pool: dict[str, Any], case: dict[str, Any], processes: int,
             problem = f"{type(exc).__name__}: {exc}"
     else:
         problem = f"this node runs other code: {problem}"
-    row = schema.base_row(the_case, threads=pool.get("threads"))
+    row = schema.base_row(the_case, threads=(pool.get("settings") or {}).get("threads"))
     row.update(identity, status="error", reason=f"on {identity.get('host')}: {problem}")
     return {"rounds": [{"row": row, "samples_s": []}], "node": identity}
 
@@ -234,21 +236,16 @@ class _Attempt:
 class RayExecutor:
     """Sends each case to a Ray task (see the module doc); :meth:`run_cases` is the run loop."""
 
-    def __init__(self, suite: "Suite", *, seed: int = 0, memory_budget_gib: float | None = None,
-                 case_timeout_s: float | None = None, address: str | None = None, profile: Any = None,
+    def __init__(self, settings: RunSettings, *, address: str | None = None, env: dict[str, str] | None = None,
                  budget_fraction: float = 0.6, log: Callable[[str], None] | None = None):
-        from harness.measure.environment import allocator_env
-
         self.log = log or (lambda message: print(message, file=sys.stderr))
-        if profile:
+        if settings.profile:
             self.log("--profile: not available with the Ray executor; the cases are not profiled")
-        budget = int(memory_budget_gib * 2**30) if memory_budget_gib else None
-        self.pool = dict(timing=dataclasses.asdict(suite.timing), seed=seed, memory_budget=budget,
-                         memory_budget_explicit=budget is not None, plugins=list(suite.plugins),
-                         base_dir=str(Path(suite.base_dir).resolve()), threads=suite.timing.threads,
-                         case_timeout_s=case_timeout_s or suite.run.case_timeout_s,
-                         env=allocator_env(suite.run.allocator), memory_budget_fraction=budget_fraction)
-        self.threads = suite.timing.threads
+        # settings.memory_budget: the user's, else None (each node budgets its own memory: node_pools)
+        settings = dataclasses.replace(settings, profile=None, memory_budget_explicit=settings.memory_budget is not None,
+                                       base_dir=str(Path(settings.base_dir).resolve()))
+        self.pool = dict(settings=settings.to_json(), env=dict(env or {}), memory_budget_fraction=budget_fraction)
+        self.threads = settings.threads
         self.address = address
         self.breaker = CircuitBreaker()
         self.ray: Any = None

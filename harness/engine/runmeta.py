@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.core import names, schema
-from harness.core.config import COMPARE, TIMING, Table
+from harness.core.cases import AXES, axis_names, is_missing
+from harness.core.config import ALLOCATOR_ENV, COMPARE, TIMING, Table
 
 #: Largest ``run.json`` read (a suite of a million cases lists their ids in about 25 MB).
 MAX_META_BYTES = 64 * 2**20
@@ -226,7 +227,7 @@ META: Check = record({
         "threads": (optional(integer(0, 2**24)), False),
         # the allocator variable --confirm sets again in its workers (never any other variable)
         "measurement": (optional(record({"allocator": (optional(SHORT), False),
-                                         "THP_MEM_ALLOC_ENABLE": (optional(text(100)), False)})), False),
+                                         ALLOCATOR_ENV: (optional(text(100)), False)})), False),
         "allocator": (optional(mapping(optional(text(100)))), False),
         "git": (optional(record({
             "commit": (optional(COMMIT), False),
@@ -297,17 +298,12 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
 # -- the result tables ----------------------------------------------------------------------------
 
 #: Columns every results table must have: the identity every run of this schema version has
-#: (identity columns declared since, such as ``q_len``, are absent from older runs) and the status.
-REQUIRED = ("case_id", "variant", "params", "device", "dtype", "mode", "batch", "heads", "seq_len", "head_dim",
-            "causal", "status")
+#: (case fields declared ``later``, such as ``q_len``, are absent from older runs) and the status.
+REQUIRED = ("case_id", "variant", "params", *axis_names(later=False), "status")
 #: Columns every samples table must have, with their dtypes.
 SAMPLE_COLUMNS = {"case_id": "string", "rep": "int64", "time_ms": "float64"}
-#: Identity columns that count something (at least 1).
-_COUNTS = ("batch", "heads", "kv_heads", "seq_len", "head_dim")
-
-
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or type(v).__name__ in ("NAType", "NaTType")
+#: Identity columns that count something (at least 1 where not empty).
+_COUNTS = tuple(n for n, ax in AXES.items() if ax.dtype == "int64" and ax.ge == 1)
 
 
 def _value_problem(v: Any, dtype: str) -> str | None:
@@ -339,7 +335,7 @@ def column_problem(series, dtype: str) -> str | None:
         if isinstance(dt, pd.StringDtype) and dtype == "string":
             return None
         for v in series.tolist():
-            if not _missing(v) and (problem := _value_problem(v, dtype)) is not None:
+            if not is_missing(v) and (problem := _value_problem(v, dtype)) is not None:
                 return problem
         return None
     kind = dt.kind
@@ -386,7 +382,7 @@ def table_problems(frame, declared: dict[str, str] | None = None,
             problems.append(f"column {col}: a value below 1")
     if "params" in frame.columns and declared.get("params") == "string":
         for p in set(frame["params"].tolist()):
-            if _missing(p):
+            if is_missing(p):
                 continue
             try:
                 ok = isinstance(json.loads(p), dict) if p else True

@@ -22,7 +22,7 @@ not the host's. The row's columns are declared in :mod:`harness.core.schema`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -34,6 +34,7 @@ from harness.core.cases import Case
 from harness.measure.inputs import aligned_copy, dense_kv, layout_inputs, make_grad, make_qkv
 from harness.measure.reference import MAX_GRAD_CHECK_LEN, check_rows, errors, reference_attention, reference_grads
 from harness.core.registry import Variant, get_variant
+from harness.core.config import RunSettings
 from harness.core.schema import CaseResult
 from harness.measure.timing import TimingConfig, input_set_count
 from harness.engine.steps import after_timing as _after_timing, cost_columns as _cost_columns, error_text as _error_text
@@ -41,14 +42,14 @@ from harness.engine.steps import is_cuda_error as _is_cuda_error, is_oom as _is_
 from harness.engine.steps import accuracy_columns as _accuracy_columns, timed as _timed
 
 def base_row(case: Case, variant: Variant | None) -> dict[str, Any]:
-    """The row of ``case`` before it runs: its identity, and what ``variant`` says of it without
-    running (analytic FLOPs and bytes, working-set estimate, the variant's own columns)."""
-    row = schema.base_row(
-        case, variant.family if variant else None, variant.exact if variant else None, torch.get_num_threads()
-    )
+    """The row of ``case`` before it runs: its identity, and what ``variant`` declares of it without
+    running (family, exactness, baseline, analytic FLOPs and bytes, working-set estimate, the
+    variant's own columns)."""
+    row = schema.base_row(case, variant.family if variant else None, variant.exact if variant else None,
+                          torch.get_num_threads(), baseline=variant.baseline if variant else None)
     if variant is not None:
         row["flops"] = flop_rules.total_flops(variant.flops(case), case.mode)
-        row.update(roofline.analytic_columns(row))
+        row.update(roofline.fact_columns(row))
         if variant.working_set is not None:
             row["working_set_bytes"] = float(variant.working_set(case))
         if variant.columns is not None:
@@ -157,19 +158,22 @@ def _accuracy(variant: Variant, case: Case, q, k, v, extra: dict | None = None) 
     return _accuracy_columns(max_abs, rel, problems, **grad_columns)
 
 
-def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int | None = None,
-             on_phase: Callable[[str], None] | None = None, time_only: bool = False,
-             memory_budget_explicit: bool = False, profile: dict[str, Any] | None = None) -> CaseResult:
-    """Measure one case; never raises for a variant's failure (it becomes an error row).
+def run_case(case: Case, settings: RunSettings | None = None, on_phase: Callable[[str], None] | None = None,
+             time_only: bool = False) -> CaseResult:
+    """Measure one case in this process with ``settings`` (its timing, seed, memory budget, profile;
+    default: the defaults); never raises for a variant's failure (it becomes an error row). The row
+    holds what was measured here; the derived columns are the parent's (:mod:`harness.measure.derive`:
+    :func:`final_row` turns one or more processes' results into the case's row).
 
-    ``time_only``: stop after timing (no memory, FLOP count or accuracy), for re-runs that only
-    compare times (``bench compare --confirm``). ``memory_budget`` and ``memory_budget_explicit``:
+    ``time_only``: stop after timing (no memory, FLOP count or accuracy), for the later rounds of a
+    case and for re-runs that only compare times (``bench compare --confirm``). The memory budget:
     see :func:`skip_reasons`.
 
     ``on_phase(name)``, if given, is told each step as it starts: ``inputs``, ``first call``,
     ``warm-up``, ``timing``, ``memory``, ``accuracy``, ``profile`` (for progress display).
-    ``profile``: which cases get one more call under torch.profiler, last (:mod:`harness.measure.profile`).
+    ``settings.profile``: which cases get one more call under torch.profiler, last (:mod:`harness.measure.profile`).
     """
+    settings = settings or RunSettings()
     phase = on_phase or (lambda name: None)
     variant = get_variant(case.variant)
     try:
@@ -178,12 +182,12 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
         row = base_row(case, None)
         row.update(status="error", reason=f"describing the case failed: {_error_text(exc)}")
         return CaseResult(row, [])
-    reasons = skip_reasons(case, variant, memory_budget, memory_budget_explicit)
+    reasons = skip_reasons(case, variant, settings.memory_budget, settings.memory_budget_explicit)
     if reasons:
         row.update(status="skipped", reason="; ".join(reasons))
         return CaseResult(row, [])
     try:
-        samples, restart = _measurer(variant.level)(case, variant, timing, seed, row, phase, time_only, profile)
+        samples, restart = measurer(variant.level)(case, variant, settings, row, phase, time_only)
     except Exception as exc:
         samples, restart = [], ""
         status = "cuda_error" if _is_cuda_error(exc) else "oom" if _is_oom(exc) else "error"
@@ -198,10 +202,20 @@ def run_case(case: Case, timing: TimingConfig, seed: int = 0, memory_budget: int
     return CaseResult(row, samples, restart=restart)
 
 
-def _measurer(level: str) -> Callable[..., tuple[list[float], str]]:
-    """How a variant of ``level`` (harness.core.registry.LEVELS) is measured; each has :func:`_measure`'s
-    signature: a kernel here, a layer on hidden states (harness.engine.layerrun), a kernel across a
-    process group of ranks (harness.engine.ranks)."""
+class Measurer(Protocol):
+    """How a variant of one level is measured in a worker: fill ``row`` (the round's row, its identity
+    and declared facts already in) with what this process measured of ``case`` (its own timing
+    statistics, then, unless ``time_only``, memory, counted FLOPs, accuracy, the machine's ceilings),
+    telling ``phase`` each step; return (timing samples in s, why the worker should be replaced or
+    ''). Nothing derived: the parent derives the rate columns (harness.measure.derive)."""
+
+    def __call__(self, case: Case, variant: Variant, settings: RunSettings, row: dict[str, Any],
+                 phase: Callable[[str], None], time_only: bool) -> tuple[list[float], str]: ...
+
+
+def measurer(level: str) -> Measurer:
+    """How a variant of ``level`` (harness.core.registry.LEVELS) is measured: a kernel here, a layer on
+    hidden states (harness.engine.layerrun), a kernel across a process group of ranks (harness.engine.ranks)."""
     if level == "layer":
         from harness.engine.layerrun import measure_layer
 
@@ -210,13 +224,14 @@ def _measurer(level: str) -> Callable[..., tuple[list[float], str]]:
         from harness.engine.ranks import measure_distributed
 
         return measure_distributed
-    return _measure
+    return measure_kernel
 
 
-def _measure(case: Case, variant: Variant, timing: TimingConfig, seed: int, row: dict[str, Any], phase,
-             time_only: bool, profile: dict[str, Any] | None = None) -> tuple[list[float], str]:
-    """Time the case, then (unless ``time_only``) memory, FLOPs and accuracy, into ``row``; returns
-    (samples, why the worker should be replaced or '')."""
+def measure_kernel(case: Case, variant: Variant, settings: RunSettings, row: dict[str, Any],
+                   phase: Callable[[str], None], time_only: bool) -> tuple[list[float], str]:
+    """A kernel-level variant (:class:`Measurer`): time the case, then (unless ``time_only``) memory,
+    FLOPs and accuracy."""
+    timing, seed = settings.timing, settings.seed
     phase("inputs")
     q, k, v = make_qkv(case, seed=seed)
     k, v, extra = layout_inputs(case, k, v, seed=seed)  # inference shapes: page pools, per-sequence lengths
@@ -236,5 +251,12 @@ def _measure(case: Case, variant: Variant, timing: TimingConfig, seed: int, row:
     phase("accuracy")
     _after_timing(row, case, "accuracy", lambda: _accuracy(variant, case, q, k, v, extra))
     # --profile: one more call under torch.profiler, last (harness.measure.profile)
-    profiling.maybe_profile(profile, case, lambda: _call_for_mode(variant, case, q, k, v), phase)
+    profiling.maybe_profile(settings.profile, case, lambda: _call_for_mode(variant, case, q, k, v), phase)
     return measured.samples_s, measured.restart
+
+
+def final_row(result: CaseResult, confidence: float = 0.95) -> dict[str, Any]:
+    """The final row of a case measured by one process (``run_case``'s result), as a run would record it."""
+    from harness.measure.derive import final_row as compose
+
+    return compose([result.row], [[s * 1e3 for s in result.samples_s]], confidence)

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from harness.core.errors import UserError
 from harness.core import flops
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ CASE_OVERHEAD_S = 1.0
 RATE = {"cpu": 5e10, "cuda": 5e13}
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A ``--shard`` that cannot be used (one line)."""
 
 

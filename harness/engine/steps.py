@@ -100,22 +100,23 @@ def memory_columns(call: Callable[[], Any], device: str) -> dict[str, float]:
 def timed(row: dict[str, Any], case: Case, calls: Sequence[Callable[[], Any]], config: TimingConfig,
           phase: Callable[[str], None], note: str = "") -> Timing:
     """Time ``calls`` (rotated) inside an NVML telemetry sampler, then one energy loop of the first;
-    fill the row's time columns, ``timing_note`` (plus ``note``), ``tflops_per_s`` and telemetry."""
+    fill the row's time columns (this process's statistics of its samples), ``timing_note`` (plus
+    ``note``) and telemetry."""
     with telemetry.Sampler(case.device) as tel:
         with tel.window("timing"):
             measured = time_call(list(calls), config, device=case.device, on_phase=phase)
         tel.measure_energy(calls[0], tokens=case.batch * case.query_len)
     row.update(measured.row_columns())
     add_note(row, "timing_note", note)
-    row["tflops_per_s"] = row["flops"] / measured.median_s / 1e12
     row.update(tel.columns)
     return measured
 
 
 def cost_columns(row: dict[str, Any], case: Case, call: Callable[[], Any], phase: Callable[[str], None]) -> None:
     """After timing: peak memory of one more call, its FLOPs counted by FlopCounterMode (each in its
-    own guard), and the roofline columns against this machine's calibration."""
+    own guard), and this machine's ceilings for the row from its calibration (the roofline's rates
+    are derived from them in the parent: harness.measure.derive)."""
     phase("memory")
     after_timing(row, case, "memory", functools.partial(memory_columns, call, case.device))
-    after_timing(row, case, "flops", functools.partial(flopcount.flop_columns, call, row["flops"], causal=case.causal))
-    row.update(roofline.row_roofline(row, calibrate.cached()))
+    after_timing(row, case, "flops", functools.partial(flopcount.flop_columns, call, causal=case.causal))
+    row.update(roofline.machine_columns(case.device, case.dtype, row.get("threads"), calibrate.cached()))

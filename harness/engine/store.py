@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.core.errors import UserError
 from harness.core import schema
 from harness.measure import profile as profiling  # --profile's files (standard library only at import)
 
@@ -46,7 +47,7 @@ RUN_META = "run.json"
 REPORT = "report.html"
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A run directory is missing, damaged or from an incompatible version (one line)."""
 
 
@@ -86,13 +87,6 @@ class RunWriter:
         tmp = self.dir / (RUN_META + ".tmp")
         tmp.write_text(json.dumps(self.meta, indent=2, default=str))
         os.replace(tmp, self.dir / RUN_META)
-
-    def append(self, row: dict[str, Any], samples_s: list[float]) -> None:
-        """Record one case measured in one process: its round (:meth:`append_round`), then its
-        final row (:meth:`append_final`)."""
-        attempt = uuid.uuid4().hex[:12]
-        self.append_round(row, samples_s, process=0, attempt_id=attempt)
-        self.append_final(row, attempt_id=attempt)
 
     def append_round(self, row: dict[str, Any], samples_s: list[float], *, process: int, attempt_id: str) -> None:
         """Record what process ``process`` measured of a case: its samples, then its row in the
@@ -252,16 +246,20 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 
 def read_results(run_dir: Path) -> pd.DataFrame:
-    """The run's rows: results.parquet, or the rows log of a run that did not finish."""
+    """The run's rows: results.parquet, or the rows log of a run that did not finish; their derived
+    columns recomputed from the measured ones (:func:`harness.measure.derive.rederive`), so that
+    every run, however old, reads with rates that agree with its rows' own times."""
+    from harness.measure.derive import rederive
+
     run_dir = Path(run_dir)
     read_meta(run_dir)
     path = run_dir / RESULTS
     if path.exists():
-        return _checked(_read_parquet(path), path)
+        return rederive(_checked(_read_parquet(path), path))
     rows = read_rows_log(run_dir)
     if rows.empty:
         raise StoreError(f"{run_dir}: holds no results yet")
-    return _checked(rows, run_dir / ROWS_LOG)
+    return rederive(_checked(rows, run_dir / ROWS_LOG))
 
 
 def read_samples(run_dir: Path) -> pd.DataFrame:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.core.errors import UserError
 from harness.core import lengths
 from harness.core.names import name_problem
-from harness.core.cases import AXES, Case
+from harness.core.cases import DEFAULTS, Case, sweep_defaults
 from harness.core.registry import RegistryError, get_variant
 from harness.core.config import COMPARE, RUN, SWEEP, TIMING, RunConfig, Table, closest, type_name
 from harness.measure.timing import TimingConfig
@@ -25,12 +26,15 @@ from harness.measure.timing import TimingConfig
 TOP_KEYS = ("name", "description", "plugins", "seed", "defaults", "sweep", "timing", "run", "compare", "variant")
 
 
-class SuiteError(Exception):
+class SuiteError(UserError):
     """A suite file has problems; ``problems`` holds one printable line each."""
 
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = problems
+
+    def lines(self) -> list[str]:
+        return list(self.problems)
 
 
 @dataclass
@@ -346,7 +350,7 @@ def inference_axes_problems(axes: dict[str, list[Any]]) -> list[tuple[str, str]]
                     "or q_len and kv_len"))
     if "q_len" in axes and "kv_len" not in axes:
         out.append(("q_len", "needs kv_len (the key/value length; seq_len means both)"))
-    maxima = axes.get("kv_len") or axes.get("seq_len") or [AXES["seq_len"]]
+    maxima = axes.get("kv_len") or axes.get("seq_len") or [DEFAULTS["seq_len"]]
     causal, q_lens = True in axes.get("causal", [False]), axes.get("q_len", [])
     for q, kv in itertools.product(q_lens, axes.get("kv_len", [])):
         if causal and q > kv:
@@ -359,7 +363,7 @@ def inference_axes_problems(axes: dict[str, list[Any]]) -> list[tuple[str, str]]
         out.append(("page_size", 'page_size applies to kv_layout = "paged" only'))
     for value in axes.get("lengths", []):
         listed = lengths.explicit(value) if value not in lengths.KINDS else None
-        for batch in axes.get("batch", [AXES["batch"]]) if listed else ():
+        for batch in axes.get("batch", [DEFAULTS["batch"]]) if listed else ():
             if len(listed) > batch:
                 out.append(("lengths", f"{len(listed)} lengths listed for batch {batch}: at most one per sequence"))
         for top in maxima if listed else ():
@@ -383,7 +387,7 @@ def expand_cases(suite) -> list[Case]:
     seen: set[str] = set()
     for entry in suite.variants:
         variant = get_variant(entry.name)
-        axes = {name: [AXES[name]] for name in AXES}
+        axes = {name: [default] for name, default in sweep_defaults().items()}
         axes.update({k: [v] for k, v in suite.defaults.items()})
         axes.update(suite.sweep)
         axes.update(entry.axes)

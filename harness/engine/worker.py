@@ -1,11 +1,13 @@
 """The worker process: runs cases sent by the parent, one at a time, and answers with rows.
 
-Protocol: JSON lines. The parent's first message configures the worker
-(``plugins``, ``base_dir``, ``threads``, ``timing``, ``seed``, ``memory_budget``, and ``profile``:
-:func:`harness.measure.profile.request`, with the run directory, when cases are profiled);
+Protocol: JSON lines. The parent's first message configures the worker: the run's
+:class:`harness.core.config.RunSettings` as JSON (plugins, base directory, threads, timing, seed,
+memory budget, and ``profile``: :func:`harness.measure.profile.request`, with the run directory,
+when cases are profiled);
 each further message is one case (``{"case": {...}}``, with ``"time_only": true`` to
-stop after timing) and is answered with
-``{"row": {...}, "samples_s": [...]}`` (with ``"restart": "why"`` when the case left the
+stop after timing) and is answered with what the worker measured of it in this process,
+``{"row": {...}, "samples_s": [...]}`` (the row's derived columns are left to the parent:
+:mod:`harness.measure.derive`) (with ``"restart": "why"`` when the case left the
 process's CUDA state poisoned: the worker then exits, and the parent starts a fresh one). The worker answers on a private copy of
 its original stdout; fd 1 itself is pointed at stderr, so anything a variant
 prints (from Python or C) cannot corrupt the protocol and ends up in the
@@ -35,15 +37,15 @@ def main() -> int:
     import torch  # in the environment the parent gave: the worker sets no variable of its own
 
     from harness.core.cases import Case
+    from harness.core.config import RunSettings
     from harness.engine.plugins import load_plugin
     from harness.engine.runner import run_case
-    from harness.measure.timing import TimingConfig
 
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-    for plugin in config.get("plugins", []):
-        load_plugin(plugin, config.get("base_dir", "."))
-    timing = TimingConfig(**config["timing"])
+    settings = RunSettings.from_json(config)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    for plugin in settings.plugins:
+        load_plugin(plugin, settings.base_dir)
     channel.write(json.dumps({"ready": os.getpid()}) + "\n")
 
     for line in sys.stdin:
@@ -51,10 +53,8 @@ def main() -> int:
             continue
         message = json.loads(line)
         case = Case(**message["case"])
-        result = run_case(case, timing, seed=config.get("seed", 0), memory_budget=config.get("memory_budget"),
-                          memory_budget_explicit=bool(config.get("memory_budget_explicit")),
-                          on_phase=lambda name: channel.write(json.dumps({"phase": name}) + "\n"),
-                          time_only=bool(message.get("time_only")), profile=config.get("profile"))
+        result = run_case(case, settings, on_phase=lambda name: channel.write(json.dumps({"phase": name}) + "\n"),
+                          time_only=bool(message.get("time_only")))
         restart = {"restart": result.restart} if result.restart else {}
         channel.write(json.dumps({"row": result.row, "samples_s": result.samples_s, **restart}) + "\n")
         if result.restart:

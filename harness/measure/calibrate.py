@@ -47,9 +47,6 @@ from harness.measure.timing import TimingConfig, synchronizer, time_call
 CALIBRATION_DIR = Path("results") / "calibration"
 SCHEMA_VERSION = 1
 
-class CalibrationError(Exception):
-    """A calibration cannot be measured or read (one line)."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Cache

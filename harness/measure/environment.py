@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness.core.config import ALLOCATOR_ENV  # PyTorch's switch for page-aligned, huge-page CPU allocations
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -213,8 +215,6 @@ def host_identity() -> dict[str, str]:
     return dict(_HOST)
 
 
-#: PyTorch's switch for page-aligned (and transparent-huge-page) CPU allocations of 2 MiB and more.
-ALLOCATOR_ENV = "THP_MEM_ALLOC_ENABLE"
 #: ``[run] allocator``: what each choice sets in the worker processes (nothing, by default).
 ALLOCATORS: dict[str, dict[str, str]] = {"default": {}, "thp": {ALLOCATOR_ENV: "1"}}
 #: Variables that change how CPU kernels run (allocator, threading): recorded when present.

@@ -121,17 +121,11 @@ def counted_flops(fn: Callable[[], Any]) -> tuple[float | None, str]:
     return None, f"not counted: FlopCounterMode counted 0 FLOPs: {why}"
 
 
-def flop_columns(fn: Callable[[], Any], analytic_flops: float, causal: bool = False) -> dict[str, Any]:
-    """The cross-check columns of a row: ``flops_counted`` (NaN when not counted),
-    ``flops_counted_ratio`` (counted / analytic) and ``flops_counted_note``."""
+def flop_columns(fn: Callable[[], Any], causal: bool = False) -> dict[str, Any]:
+    """The cross-check columns of a row: ``flops_counted`` (NaN when not counted) and
+    ``flops_counted_note`` (``flops_counted_ratio``, counted / analytic, is derived from them:
+    harness.measure.derive)."""
     value, note = counted_flops(fn)
-    ratio = math.nan
-    if value is not None and analytic_flops and math.isfinite(analytic_flops):
-        ratio = value / analytic_flops
-        if causal and not note:
-            note = "FlopCounterMode counts all L² pairs of a causal call; the analytic count halves them"
-    return {
-        "flops_counted": value if value is not None else math.nan,
-        "flops_counted_ratio": ratio,
-        "flops_counted_note": note,
-    }
+    if value is not None and causal and not note:
+        note = "FlopCounterMode counts all L² pairs of a causal call; the analytic count halves them"
+    return {"flops_counted": value if value is not None else math.nan, "flops_counted_note": note}

@@ -1,28 +1,27 @@
-"""The roofline columns of a row: pure arithmetic on its shape, FLOPs and this machine's calibration.
+"""The roofline's pure arithmetic: a case's bytes, and the machine's ceilings from its calibration.
 
 * ``min_bytes``: the least memory traffic of the call: inputs read once and outputs
   written once (fwd: q, k, v read, o written; bwd and fwd_bwd: q, k, v, o, dO and
-  dq, dk, dv, o counted once each — 4·|q| + 4·|k|).
-* ``arith_intensity = flops / min_bytes`` (analytic FLOPs per byte).
-* ``kv_bytes``: the K/V cache a call must read (the real tokens of every sequence), and with the
-  median time ``achieved_bandwidth`` (bytes/s) and ``pct_of_bandwidth`` against the measured copy
-  bandwidth; ``tokens_per_s`` (query tokens per second) for inference-shaped cases.
-  Variable-length and non-square cases count real tokens in ``min_bytes`` too.
-* ``pct_of_peak = 100 · achieved FLOP/s / measured matmul peak`` (best sample) of the
-  row's dtype and device, and ``attainable_tflops_per_s = min(peak, arith_intensity ·
-  bandwidth)``, the roofline at the row's intensity.
+  dq, dk, dv, o counted once each — 4·|q| + 4·|k|). Variable-length and non-square cases
+  count real tokens.
+* ``kv_bytes``: the K/V cache a call must read (the real tokens of every sequence).
+* the machine's figures a worker records beside what it measured (:func:`machine_columns`):
+  ``peak_tflops_per_s``, the measured matmul peak (best sample) of the row's dtype and device,
+  ``peak_gb_per_s``, the copy bandwidth, and ``roofline_note`` when the calibration does not
+  cover the row.
 
-The calibration (the measured peaks) comes from :mod:`harness.measure.calibrate`; this module
-needs no torch, so it runs on every row cheaply and on rows read back from a results file.
+The columns computed from these and the time (``arith_intensity``, ``pct_of_peak``,
+``attainable_tflops_per_s``, ``achieved_bandwidth``, ``pct_of_bandwidth``, ``tokens_per_s``)
+are derived in one place, :mod:`harness.measure.derive`, with the formulas here. The calibration
+comes from :mod:`harness.measure.calibrate`; this module needs no torch.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
-from harness.core import schema
-from harness.core.cases import DTYPE_BYTES, Case
+from harness.core.cases import DTYPE_BYTES, Case, is_missing
 from harness.core.lengths import case_lengths
 from harness.core.units import finite
 
@@ -31,13 +30,9 @@ from harness.core.units import finite
 #: estimate of what the hardware can do (the medians are kept in the cache too).
 PEAK_KEY, BANDWIDTH_KEY = "tflops_per_s_best", "gb_per_s_best"
 
-#: The columns :func:`row_roofline` fills (the schema's ``roofline`` group, less the analytic ones).
-ANALYTIC_COLUMNS = ("min_bytes", "arith_intensity", "kv_bytes")
-ROOFLINE_COLUMNS = tuple(c for c in schema.names("roofline") if c not in ANALYTIC_COLUMNS)
-
 
 def _get(x: Any, name: str) -> Any:
-    return x[name] if isinstance(x, dict) else getattr(x, name)
+    return x[name] if isinstance(x, Mapping) else getattr(x, name)
 
 
 def min_bytes(x: Case | dict[str, Any], mode: str | None = None) -> float:
@@ -45,7 +40,7 @@ def min_bytes(x: Case | dict[str, Any], mode: str | None = None) -> float:
 
     ``mode`` overrides the case's own (``"fwd"``: the bytes of q, k, v and the output, what any
     call of the case touches at least)."""
-    h, hkv, d = (_get(x, n) for n in ("heads", "kv_heads", "head_dim"))
+    h, hkv, d = _get(x, "heads"), _get(x, "kv_heads"), _get(x, "head_dim")
     e = DTYPE_BYTES[_get(x, "dtype")]
     q_tokens, kv_tokens = _tokens(x)
     q = q_tokens * h * d
@@ -68,23 +63,18 @@ def kv_bytes(x: Case | dict[str, Any]) -> float:
     return float(2 * _tokens(x)[1] * _get(x, "kv_heads") * _get(x, "head_dim") * DTYPE_BYTES[_get(x, "dtype")])
 
 
-def _inference_shaped(row: dict[str, Any]) -> bool:
+def query_tokens(x: Case | Mapping[str, Any]) -> int:
+    """Query tokens of all the batch's sequences (the real ones of a variable-length batch)."""
+    return _tokens(x)[0]
+
+
+def inference_shaped(row: Mapping[str, Any]) -> bool:
+    """A result row with queries and keys of different lengths, a paged cache or variable lengths
+    (an empty or absent column: its default)."""
     q_len = row.get("q_len")
-    return (q_len is not None and q_len == q_len) or row.get("kv_layout", "contiguous") not in (None, "contiguous") \
-        or row.get("lengths", "fixed") not in (None, "fixed")
-
-
-def rate_columns(row: dict[str, Any], bandwidth_gb_per_s: float = math.nan) -> dict[str, float]:
-    """``achieved_bandwidth`` (kv_bytes over the median time), ``pct_of_bandwidth`` against the copy
-    bandwidth, and ``tokens_per_s`` (inference-shaped rows), from a timed row."""
-    seconds = row.get("time_ms", math.nan) / 1e3
-    if not (finite(seconds) and seconds > 0):
-        return {"achieved_bandwidth": math.nan, "pct_of_bandwidth": math.nan, "tokens_per_s": math.nan}
-    nbytes = row.get("kv_bytes", math.nan)
-    achieved = (nbytes if finite(nbytes) else kv_bytes(row)) / seconds
-    tokens = _tokens(row)[0] / seconds if _inference_shaped(row) else math.nan
-    pct = 100.0 * achieved / (bandwidth_gb_per_s * 1e9) if finite(bandwidth_gb_per_s) and bandwidth_gb_per_s else math.nan
-    return {"achieved_bandwidth": achieved, "pct_of_bandwidth": pct, "tokens_per_s": tokens}
+    layout = row.get("kv_layout")
+    lens = row.get("lengths")
+    return not is_missing(q_len) or layout not in (None, "contiguous") or lens not in (None, "fixed")
 
 
 def arith_intensity(flops: float, nbytes: float) -> float:
@@ -94,11 +84,10 @@ def arith_intensity(flops: float, nbytes: float) -> float:
     return flops / nbytes
 
 
-def analytic_columns(row: dict[str, Any]) -> dict[str, float]:
-    """``min_bytes`` and ``arith_intensity`` of a row that has its shape, mode and ``flops``."""
-    nbytes = min_bytes(row)
-    return {"min_bytes": nbytes, "arith_intensity": arith_intensity(row.get("flops", math.nan), nbytes),
-            "kv_bytes": kv_bytes(row)}
+def fact_columns(row: Mapping[str, Any]) -> dict[str, float]:
+    """``min_bytes`` and ``kv_bytes`` of a row that has its shape and mode: what a call must move (a
+    variant may declare its own, as attention layers do, through its ``columns``)."""
+    return {"min_bytes": min_bytes(row), "kv_bytes": kv_bytes(row)}
 
 
 def entry_key(device: str, threads: int | None) -> str:
@@ -136,30 +125,19 @@ def attainable_tflops(intensity: float, peak_tflops: float, bandwidth_gb_per_s: 
     return math.nan
 
 
-def row_roofline(row: dict[str, Any], calibration: dict[str, Any] | None) -> dict[str, Any]:
-    """Roofline columns of a finished row (needs ``device, dtype, threads, flops, tflops_per_s``
-    and the shape). NaN with ``roofline_note`` where the calibration does not cover the row."""
-    out: dict[str, Any] = schema.missing("roofline")
-    for name in ANALYTIC_COLUMNS:
-        del out[name]
-    out["roofline_note"] = ""
-    out.update(rate_columns(row))
-    entry, note = lookup(calibration, row["device"], row.get("threads"))
+def machine_columns(device: str, dtype: str, threads: int | None, calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """The machine's ceilings for a row of ``device``, ``dtype`` and ``threads``, as the process that
+    measured it found them in its calibration: ``peak_tflops_per_s``, ``peak_gb_per_s`` (NaN where not
+    calibrated) and ``roofline_note`` (why they are missing or approximate; "" when neither)."""
+    out: dict[str, Any] = {"peak_tflops_per_s": math.nan, "peak_gb_per_s": math.nan, "roofline_note": ""}
+    entry, note = lookup(calibration, device, threads)
     if entry is None:
         out["roofline_note"] = note
         return out
-    peak = (entry.get("matmul", {}).get(row["dtype"]) or {}).get(PEAK_KEY, math.nan)
-    bandwidth = (entry.get("bandwidth") or {}).get(BANDWIDTH_KEY, math.nan)
-    out["peak_tflops_per_s"] = peak
-    out["peak_gb_per_s"] = bandwidth
-    out.update(rate_columns(row, bandwidth))
-    out["pct_of_peak"] = pct_of_peak(row.get("tflops_per_s", math.nan), peak)
-    intensity = row.get("arith_intensity")
-    if not finite(intensity):
-        intensity = arith_intensity(row.get("flops", math.nan), min_bytes(row))
-    out["attainable_tflops_per_s"] = attainable_tflops(intensity, peak, bandwidth)
-    if not finite(peak):
-        out["roofline_note"] = f"no matmul peak measured for {row['dtype']}"
+    out["peak_tflops_per_s"] = (entry.get("matmul", {}).get(dtype) or {}).get(PEAK_KEY, math.nan)
+    out["peak_gb_per_s"] = (entry.get("bandwidth") or {}).get(BANDWIDTH_KEY, math.nan)
+    if not finite(out["peak_tflops_per_s"]):
+        out["roofline_note"] = f"no matmul peak measured for {dtype}"
     elif entry.get("quick"):
         out["roofline_note"] = "calibrated with --quick (small sizes): peaks are underestimated"
     return out

@@ -8,7 +8,8 @@ shows as a difference between processes instead of hiding inside one process's s
 
 * ``time_ms``: the median of the per-process medians (each process one vote, as asv does);
   ``time_ms_p10``/``p90``, ``time_ms_ci_low``/``high`` and ``time_ci_rel`` over the pooled samples
-  of all processes; ``reps``: all samples; ``tflops_per_s`` from that ``time_ms``;
+  of all processes; ``reps``: all samples (the rate columns follow from that ``time_ms``:
+  :mod:`harness.measure.derive`);
 * ``processes``, ``time_ms_process_min``/``max`` (smallest and largest per-process median) and
   ``time_process_spread`` ((max − min) / ``time_ms``; empty with one process, which cannot show it);
 * ``stable``: with two processes or more, false when the processes' intervals of the median
@@ -129,7 +130,4 @@ def combine(rows: Sequence[dict[str, Any]], samples_ms: Sequence[Sequence[float]
         "stable": stable,
         "stability_note": note,
     }
-    flops = rows[0].get("flops") if rows else None
-    if isinstance(flops, (int, float)) and math.isfinite(flops) and time_ms > 0:
-        out["tflops_per_s"] = flops / (time_ms * 1e-3) / 1e12
     return out

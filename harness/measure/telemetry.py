@@ -11,7 +11,7 @@ Volta and later) read before and after back-to-back calls lasting at least
 ``min_time_s`` (the counter updates every few tens of milliseconds, so a single
 short call cannot be measured). Where the counter is not supported the sampled
 power is integrated over the same window instead (``energy_source =
-"power_integral"``). ``tokens_per_joule = tokens / energy_j`` with tokens = B·L.
+"power_integral"``); ``tokens_per_joule`` (B·L / ``energy_j``) is derived from it (harness.measure.derive).
 
 **Two windows.** The timing and the energy loop are separate windows
 (:meth:`Sampler.window`; :meth:`Sampler.measure_energy` opens its own): the power,
@@ -361,11 +361,7 @@ class Sampler:
                 self._energy = {"energy_note": "no energy counter and no power samples"}
                 return None
             energy, source = sum(powers) / len(powers) * (t1 - t0) / calls, "power_integral"
-        self._energy = {
-            "energy_j": energy,
-            "tokens_per_joule": tokens / energy if energy > 0 else None,
-            "energy_source": source,
-        }
+        self._energy = {"energy_j": energy, "energy_source": source}  # tokens_per_joule: derived from it
         return energy
 
     # -- summary ---------------------------------------------------------------------------

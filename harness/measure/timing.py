@@ -64,40 +64,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from harness.core.stats import median_ci, median_ci_ranks  # noqa: F401  (median_ci_ranks: re-exported)
-from harness.core.config import TIMING
+from harness.core.stats import median_ci
+from harness.core.config import TIMING, TimingConfig  # noqa: F401  (TimingConfig: re-exported)
 
 #: Stop reasons recorded in ``Timing.stop`` (and the ``timing_stop`` column).
 STOP_REASONS = ("precision", "min_time", "max_reps", "time_budget")
-
-
-#: The ``[timing]`` settings, declared in :data:`harness.core.config.TIMING` (name, type, default,
-#: range, help); TimingConfig has one field per setting. That module is a leaf (it imports only
-#: harness.core and the standard library): the one engine module the measurement layer reads.
-TimingConfig = TIMING.dataclass(
-    "TimingConfig", __name__, "How one case is timed: the ``[timing]`` settings (harness.core.config.TIMING)."
-)
-
-#: What a suite's ``[timing]`` table may set: key -> its :class:`harness.core.config.Key`.
-SETTINGS = {key.name: key for key in TIMING.keys}
-
-
-def check_setting(key: str, value: Any) -> tuple[Any, str | None]:
-    """(value to use, problem or None) for one ``[timing]`` key; integers are accepted for floats."""
-    if key not in TIMING:
-        return value, TIMING.unknown(key)
-    return TIMING[key].check(value)
-
-
-def config_problems(config: TimingConfig) -> list[tuple[str, str]]:
-    """(key, problem) for settings that contradict each other (min_reps above max_reps, ...)."""
-    return TIMING.order_problems(dataclasses.asdict(config))
-
-
-def config_from_dict(d: dict[str, Any]) -> TimingConfig:
-    """A TimingConfig from a dict (e.g. run.json's ``timing``), ignoring keys it does not know."""
-    known = {f.name for f in fields(TimingConfig)}
-    return TimingConfig(**{k: v for k, v in d.items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------

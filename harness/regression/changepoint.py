@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.regression.labels import row_label
+from harness.core.cases import label as case_label
 
 #: Relative noise floor: with quantised or constant series sigma is at least this (0.1%).
 SIGMA_FLOOR = 1e-3
@@ -193,7 +193,7 @@ def case_trends(rows, runs, *, min_step: float = 0.05, penalty: float = 3.0, min
         steps = detect_steps([p["time_ms"] for p in points], penalty=penalty, min_size=min_size, min_step=min_step)
         trends.append({
             "case_id": case_id,
-            "label": row_label(first),
+            "label": case_label(first),
             "points": points,
             "steps": [
                 {

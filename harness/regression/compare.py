@@ -52,7 +52,7 @@ from harness.core.units import finite
 from harness.engine import store
 from harness.regression.envdiff import comparison_warnings, environment_table
 from harness.regression.history import RunInfo, run_info
-from harness.regression.labels import row_label
+from harness.core.cases import label as case_label
 from harness.regression.verdicts import (
     SEVERITY,
     VERDICTS,
@@ -87,7 +87,7 @@ def _pair(cid: str, b: dict[str, Any] | None, n: dict[str, Any] | None) -> dict[
     ident = n if n is not None else b
     return {
         "case_id": cid,
-        "label": row_label(ident),
+        "label": case_label(ident),
         "variant": ident.get("variant"),
         "params": ident.get("params"),
         "exact": bool(ident.get("exact")) if ident.get("exact") is not None else None,

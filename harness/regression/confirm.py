@@ -234,6 +234,7 @@ class Workers:
         self.rounds = 0
 
     def new_round(self) -> None:
+        from harness.core.config import RunSettings
         from harness.engine.executors import WorkerPool
 
         self.close()
@@ -242,9 +243,10 @@ class Workers:
             tree = self.trees[side.commit]
             base_dir, plugins = self.plans[name]
             log_dir = self.log_dir / f"round-{self.rounds}-{name}" if self.log_dir else None
-            self.pools[name] = WorkerPool(round_timing(side.timing), seed=side.seed, plugins=plugins,
-                                          base_dir=base_dir, threads=side.threads, code_root=tree, log_dir=log_dir,
-                                          env=side.env)
+            settings = RunSettings(seed=side.seed, plugins=tuple(plugins), base_dir=str(base_dir),
+                                   threads=side.threads)
+            self.pools[name] = WorkerPool(settings, code_root=tree, log_dir=log_dir, env=side.env,
+                                          recorded_timing=round_timing(side.timing))
 
     def run(self, name: str, case):
         return self.pools[name].run(case, time_only=True)

@@ -14,6 +14,7 @@ Rows without samples (skipped, error, crash …) have no timing to export and ar
 
 from __future__ import annotations
 
+
 import json
 import math
 import re
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.core import schema
+from harness.core.cases import decode_params
+from harness.core.errors import UserError
 from harness.engine import store
 
 #: The test that runs the same cases under pytest-benchmark (``tests/benchmarks``).
@@ -35,17 +38,12 @@ EXTRA_FIELDS = (
 )
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A run cannot be exported (one line for the user)."""
 
 
 def _params(params) -> dict[str, Any]:
-    if isinstance(params, dict):
-        return params
-    try:
-        return json.loads(params) if params else {}
-    except (TypeError, ValueError):
-        return {}
+    return decode_params(params)
 
 
 def _get(case, key):
