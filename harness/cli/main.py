@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    from harness.core.escape import terminal
     from harness.core.registry import RegistryError
+    from harness.core.safefs import UnsafePath
     from harness.engine.lifecycle import ResumeError
     from harness.engine.merge import MergeError
     from harness.engine.shard import ShardError
@@ -45,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except SuiteError as exc:
         for line in exc.problems:
-            print(line, file=sys.stderr)
+            print(terminal(line), file=sys.stderr)
         return EXIT_USAGE
-    except (RegistryError, StoreError, ResumeError, FileExistsError, MergeError, ShardError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+    except (RegistryError, StoreError, ResumeError, FileExistsError, MergeError, ShardError, UnsafePath) as exc:
+        print(terminal(f"bench: {exc}"), file=sys.stderr)  # one line, whatever a run directory put in it
         return EXIT_USAGE
 
 
