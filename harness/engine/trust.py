@@ -311,7 +311,8 @@ def received_suite(suite: "Suite", processes: int | None = None) -> "Suite":
         _bounded("timing.processes", timing.get("processes"), "pass --processes N")
     for key in ("warmup", "min_reps", "max_reps", "min_time_s", "max_time_s", "threads"):
         _bounded(f"timing.{key}", timing.get(key), "resume it with your suite file: bench run SUITE --resume DIR")
-    _bounded("run.case_timeout_s", suite.run.case_timeout_s, "pass --case-timeout S")
+    _bounded("run.case_timeout_s", suite.run.case_timeout_s,
+             "resume it with your suite file: bench run SUITE --resume DIR")
     _bounded_cases(suite)
     run = dataclasses.replace(suite.run, executor=RUN["executor"].default, ray_address=None)
     return dataclasses.replace(suite, run=run)
