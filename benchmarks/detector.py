@@ -130,7 +130,8 @@ def compare(repo: Path, base: Path, new: Path, confirm_rounds: int | None = None
 
     args = [sys.executable, "-m", "harness", "compare", str(base), str(new), "--format", "json", "--no-html"]
     if confirm_rounds:
-        args += ["--confirm", "--confirm-rounds", str(confirm_rounds)]
+        # the checkout may be at A while a run was made at B (its descendant): vouch for B's history
+        args += ["--confirm", "--confirm-rounds", str(confirm_rounds), "--confirm-branch", "slow"]
     proc = subprocess.run(args, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True)
     if proc.returncode not in (0, 1):
         sys.exit(f"bench compare failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

@@ -218,6 +218,6 @@ def render_trend(trends: list[dict[str, Any]], runs, suite: str, out: str | Path
         suite=suite, runs=runs, charts=charts, steps=steps, min_step=min_step,
         first=runs[0] if runs else None, last=runs[-1] if runs else None,
     )
-    path = Path(out)
-    path.write_text(html, encoding="utf-8")
-    return path
+    from harness.core.safefs import write_text
+
+    return write_text(Path(out), html)  # ROOT/trend.html: never through a symlink the results root holds

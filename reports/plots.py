@@ -39,6 +39,10 @@ plt.rcParams.update(
         "axes.titlesize": 9.5,
         "axes.titleweight": "bold",
         "legend.frameon": False,
+        # labels come from run data (variant names, commits, hosts): never mathtext or TeX, so "$x$" or a
+        # lone "$" is drawn as written and cannot make a chart fail (harness.core.escape.chart)
+        "text.parse_math": False,
+        "text.usetex": False,
     }
 )
 
@@ -81,11 +85,14 @@ def to_svg(fig, title: str | None = None) -> str:
         attrs += f' style="max-width: {float(width.group(1)) * 4 / 3:.0f}px"'
     if title:
         attrs += f' aria-label="{_escape(title)}"'
-    return re.sub(r'(<svg[^>]*?) width="[^"]*" height="[^"]*"', r"\1" + attrs, svg, count=1)
+    # the replacement is a function: a title from run data (a backslash in a label) is never a template
+    return re.sub(r'(<svg[^>]*?) width="[^"]*" height="[^"]*"', lambda m: m.group(1) + attrs, svg, count=1)
 
 
 def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+    from harness.core.escape import xml
+
+    return xml(text).replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _style(label: str, styles: dict | None, exact: bool = True) -> dict:

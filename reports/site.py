@@ -8,8 +8,15 @@ Pages (all at the top of the site, so relative links work from a file system and
   the runs with links to their reports and comparisons;
 * ``regressions.html`` — the change points of the last N runs of each suite and machine;
 * ``feed.xml`` — an Atom feed of those that are regressions (slower);
-* ``runs/<run_id>/report.html`` (and ``compare.html`` where the run has one) — copied as they are;
+* ``runs/<run_id>/report.html`` — the report of each suite and machine's latest run, regenerated here
+  from the run's data (:func:`reports.render.render_report`, every value escaped); a run directory's
+  own ``report.html`` and ``compare.html`` are never published: a history may come from anyone, and
+  their HTML (a ``<script>``) would run on the site's origin. Other runs are listed without a link;
 * ``site.json`` — what the pages show, for scripts.
+
+Every file is written through :mod:`harness.core.safefs` (never through a symlink the output or a
+history holds), and every text of the feed through :func:`harness.core.escape.xml` (no character
+XML 1.0 forbids, so feed readers keep the feed).
 
 Input is the model of :func:`harness.regression.timeline.collect` (groups of runs with their trends);
 this module only draws and writes. Charts are matplotlib SVG through :mod:`reports.plots`.
@@ -20,12 +27,12 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
 import statistics
+import sys
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
@@ -33,8 +40,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from harness.core.errors import UserError
+from harness.core import safefs  # noqa: E402
+from harness.core.errors import UserError  # noqa: E402
 from harness.core import units as fmt  # noqa: E402
+from harness.core.escape import terminal  # noqa: E402
+from harness.core.escape import xml as xml_text  # noqa: E402
 from harness.engine import store  # noqa: E402
 from reports.plots import to_svg  # noqa: E402
 from reports.templating import environment  # noqa: E402
@@ -171,25 +181,32 @@ def _entry_id(*parts: str) -> str:
 
 def atom_feed(regressions: list[dict[str, Any]], title: str, updated: str, base_url: str | None = None) -> str:
     """An Atom feed (RFC 4287) with one entry per regression; links relative unless ``base_url``."""
-    base = (base_url.rstrip("/") + "/") if base_url else ""
+    base = xml_text(base_url.rstrip("/") + "/") if base_url else ""
+
+    def text(parent, tag: str, value: Any, attrs: dict[str, str] | None = None) -> None:
+        # every text and attribute without the characters XML 1.0 forbids (a run's names may hold them)
+        element = ET.SubElement(parent, tag, {k: xml_text(v) for k, v in (attrs or {}).items()})
+        if value is not None:
+            element.text = xml_text(value)
+
     feed = ET.Element("feed", {"xmlns": ATOM})
-    ET.SubElement(feed, "id").text = _entry_id("feed", base_url or title)
-    ET.SubElement(feed, "title").text = f"{title}: regressions"
-    ET.SubElement(feed, "updated").text = updated
-    ET.SubElement(ET.SubElement(feed, "author"), "name").text = "Attention Bench"
-    ET.SubElement(feed, "link", {"rel": "alternate", "type": "text/html", "href": base + "regressions.html"})
+    text(feed, "id", _entry_id("feed", base_url or title))
+    text(feed, "title", f"{title}: regressions")
+    text(feed, "updated", updated)
+    text(ET.SubElement(feed, "author"), "name", "Attention Bench")
+    text(feed, "link", None, {"rel": "alternate", "type": "text/html", "href": base + "regressions.html"})
     if base:
-        ET.SubElement(feed, "link", {"rel": "self", "type": "application/atom+xml", "href": base + "feed.xml"})
+        text(feed, "link", None, {"rel": "self", "type": "application/atom+xml", "href": base + "feed.xml"})
     for r in regressions:
         entry = ET.SubElement(feed, "entry")
-        ET.SubElement(entry, "id").text = _entry_id(r["suite"], r["fingerprint"], r["case_id"], r["run_id"])
-        ET.SubElement(entry, "title").text = f"{r['suite']}: {r['label']} {fmt.change(r['ratio'])} at {r['commit'] or r['run_id']}"
-        ET.SubElement(entry, "updated").text = r["started"] or updated
+        text(entry, "id", _entry_id(r["suite"], r["fingerprint"], r["case_id"], r["run_id"]))
+        text(entry, "title", f"{r['suite']}: {r['label']} {fmt.change(r['ratio'])} at {r['commit'] or r['run_id']}")
+        text(entry, "updated", r["started"] or updated)
         href = f"{base}{suite_page(r['suite'])}#case-{safe_name(r['slug'])}-{safe_name(r['case_id'])}"
-        ET.SubElement(entry, "link", {"rel": "alternate", "type": "text/html", "href": href})
-        ET.SubElement(entry, "summary").text = (
-            f"median time {fmt.duration_ms(r['before'])} → {fmt.duration_ms(r['after'])} ({fmt.change(r['ratio'])}) on "
-            f"{r['hostname']} ({r['fingerprint']}), first at run {r['run_id']}, commit {r['commit'] or 'unknown'}")
+        text(entry, "link", None, {"rel": "alternate", "type": "text/html", "href": href})
+        text(entry, "summary",
+             f"median time {fmt.duration_ms(r['before'])} → {fmt.duration_ms(r['after'])} ({fmt.change(r['ratio'])}) on "
+             f"{r['hostname']} ({r['fingerprint']}), first at run {r['run_id']}, commit {r['commit'] or 'unknown'}")
     ET.indent(feed)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(feed, encoding="unicode") + "\n"
 
@@ -199,30 +216,48 @@ def atom_feed(regressions: list[dict[str, Any]], title: str, updated: str, base_
 
 
 def _prepare(out: Path) -> None:
-    """An empty ``out``, or a site this module built before (its files are replaced)."""
+    """An empty ``out``, or a site this module built before (its files are replaced; a symlink among
+    them is removed as a link, never followed)."""
     if out.exists() and not out.is_dir():
         raise SiteError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / SUMMARY).exists():
+        if not (out / SUMMARY).is_file() or (out / SUMMARY).is_symlink():
             raise SiteError(f"{out}: not empty and not a site built by bench site (no {SUMMARY}); choose another -o")
         for child in out.iterdir():
             if child.name in MANAGED or child.name.startswith("suite-"):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                safefs.remove(child)
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _copy_run_pages(runs, out: Path) -> dict[str, dict[str, str]]:
-    """Copy each run's report.html and compare.html to runs/<run_id>/; their site paths by run id."""
+def _stderr(message: str) -> None:
+    print(terminal(message), file=sys.stderr)
+
+
+def _run_reports(groups, out: Path, log: Callable[[str], None] = _stderr) -> dict[str, dict[str, str]]:
+    """The report of each group's latest run, regenerated from its data into ``runs/<run_id>/report.html``
+    (never a run directory's own HTML, which may come from anyone); their site paths by run id. A run
+    whose report cannot be drawn gets no link, and a warning."""
+    from reports.render import render_report
+
     links: dict[str, dict[str, str]] = {}
-    for run in runs:
-        for name in (store.REPORT, "compare.html"):
-            src = store.plain_file(run.path, name)  # not a symlink out of the run directory
-            if src is not None:
-                dest = out / "runs" / safe_name(run.run_id) / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dest)
-                links.setdefault(run.run_id, {})[name.split(".")[0]] = dest.relative_to(out).as_posix()
+    for g in groups:
+        run = g.latest
+        if run.run_id in links:
+            continue
+        dest = out / "runs" / safe_name(run.run_id) / store.REPORT
+        try:
+            safefs.makedirs(dest.parent, out)
+            render_report(run.path, dest)
+        except Exception as exc:  # noqa: BLE001 - one run's report must not stop the site
+            log(f"warning: no report for run {run.run_id} on the site ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
+        links[run.run_id] = {"report": dest.relative_to(out).as_posix()}
     return links
+
+
+def _write(out: Path, name: str, text: str) -> None:
+    """A page of the site, atomically and never through a symlink (:mod:`harness.core.safefs`)."""
+    safefs.write_text(out / name, text, root=out)
 
 
 def _group_view(g, links: dict, with_charts: bool) -> dict[str, Any]:
@@ -252,29 +287,28 @@ def _all_regressions(groups, steps: bool = False) -> list[dict[str, Any]]:
 
 
 def build_site(groups, out: str | Path, *, title: str = "Attention Bench results", base_url: str | None = None,
-               recent: int = 30, min_step: float = 0.05) -> dict[str, Any]:
+               recent: int = 30, min_step: float = 0.05, log: Callable[[str], None] = _stderr) -> dict[str, Any]:
     """Write the site for ``groups`` (:func:`harness.regression.timeline.collect`) into ``out``;
     returns the summary also written to ``site.json``."""
     out = Path(out)
     _prepare(out)
     env = _env()
     runs = [r for g in groups for r in g.runs]
-    links = _copy_run_pages(runs, out)
+    links = _run_reports(groups, out, log)
     newest = max((str(r.finished or r.started) for r in runs), default="1970-01-01T00:00:00+00:00")
     regressions = _all_regressions(groups)
     common = {"title": title, "recent": recent, "min_step": min_step, "newest": newest,
               "suites": sorted({g.suite for g in groups}), "n_runs": len(runs)}
     views = [_group_view(g, links, with_charts=False) for g in groups]
-    (out / "index.html").write_text(env.get_template("site_index.html.j2").render(
-        **common, groups=views, regressions=regressions, machines=len({g.fingerprint for g in groups})), encoding="utf-8")
+    _write(out, "index.html", env.get_template("site_index.html.j2").render(
+        **common, groups=views, regressions=regressions, machines=len({g.fingerprint for g in groups})))
     for suite in common["suites"]:
         sections = [_group_view(g, links, with_charts=True) for g in groups if g.suite == suite]
-        (out / suite_page(suite)).write_text(env.get_template("site_suite.html.j2").render(
-            **common, suite=suite, sections=sections), encoding="utf-8")
+        _write(out, suite_page(suite), env.get_template("site_suite.html.j2").render(
+            **common, suite=suite, sections=sections))
     changes = _all_regressions(groups, steps=True)
-    (out / "regressions.html").write_text(env.get_template("site_regressions.html.j2").render(
-        **common, steps=changes), encoding="utf-8")
-    (out / "feed.xml").write_text(atom_feed(regressions, title, newest, base_url), encoding="utf-8")
+    _write(out, "regressions.html", env.get_template("site_regressions.html.j2").render(**common, steps=changes))
+    _write(out, "feed.xml", atom_feed(regressions, title, newest, base_url))
     summary = {
         "title": title, "runs": len(runs), "recent": recent, "min_step": min_step, "updated": newest,
         "groups": [{"suite": g.suite, "fingerprint": g.fingerprint, "hostname": g.hostname, "state": g.state,
@@ -285,5 +319,5 @@ def build_site(groups, out: str | Path, *, title: str = "Attention Bench results
                     "baselines": [e.__dict__ for e in g.baselines]} for g in groups],
         "regressions": len(regressions),
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    _write(out, SUMMARY, json.dumps(summary, indent=2, default=str) + "\n")
     return summary

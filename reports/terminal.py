@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.core import units as fmt
+from harness.core.escape import rich as esc
 from reports.analysis import GROUP_KEYS, group_title, with_labels
 
 FASTEST = "★"
@@ -49,7 +50,7 @@ def _cell(row: dict | None, fastest: bool, verbose: bool) -> str:
     status = str(row.get("status") or "ok")
     if status != "ok" or not fmt.finite(row.get("time_ms")):
         style = "yellow" if status == "skipped" else "bold red"
-        return f"[{style}]{status}[/]"
+        return f"[{style}]{esc(status, limit=40)}[/]"
     text = fmt.duration_ms(row["time_ms"])
     if _unstable(row):
         text += f" [yellow]{UNSTABLE}[/]"
@@ -91,8 +92,8 @@ def headline_tables(rows: pd.DataFrame, verbose: bool = False, suite_definition:
                 is_best = (r is not None and length in best and r.get("status") == "ok" and not _emulated(r)
                            and r.get("time_ms") == best[length])
                 row_cells.append(_cell(r, is_best, verbose))
-            table.add_row(label, *row_cells)
-        tables.append((group_title(tuple(full[k] for k in GROUP_KEYS)), table))
+            table.add_row(esc(label), *row_cells)
+        tables.append((esc(group_title(tuple(full[k] for k in GROUP_KEYS))), table))
     return tables
 
 

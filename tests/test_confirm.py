@@ -295,10 +295,15 @@ def test_confirm_across_commits_end_to_end(tmp_path):
     assert case["verdict"] == "regressed" and "confirmed by interleaved re-run" in case["note"]
     # BASE's worker really ran BASE's code: twice the work shows as about twice the time
     assert 1.6 < case["confirm_ratio"] < 2.5
-    # and the other way round (NEW older than BASE) it is an improvement, also confirmed
+    # and the other way round (NEW older than BASE) it is an improvement, also confirmed: with the
+    # older commit checked out, the slow one is not in HEAD's history, so its branch must be named
+    branch = git(repo, "symbolic-ref", "--short", "HEAD")
     git(repo, "checkout", "-q", fast)
-    proc = bench("compare", runs / "slow", runs / "fast", "--confirm", "--confirm-rounds", "4",
-                 "--fail-on-regression", "--format", "json", "--no-html")
+    args = ("compare", runs / "slow", runs / "fast", "--confirm", "--confirm-rounds", "4", "--fail-on-regression",
+            "--format", "json", "--no-html")
+    proc = bench(*args)
+    assert proc.returncode == 2 and "--confirm-branch" in proc.stderr and slow[:12] in proc.stderr, proc.stderr
+    proc = bench(*args, "--confirm-branch", branch)
     assert proc.returncode == 0, proc.stderr
     case = json.loads(proc.stdout)["cases"][0]
     assert case["verdict"] == "improved" and 0.4 < case["confirm_ratio"] < 0.63

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     from harness.core.errors import UserError
+    from harness.core.escape import terminal
 
     try:
         return args.handler(args)
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         from harness.engine.suite import SuiteError
 
         prefix = "" if isinstance(exc, SuiteError) else f"bench {args.command}: "  # a suite's lines name their file
-        for line in exc.lines():
-            print(prefix + line, file=sys.stderr)
+        for line in exc.lines():  # escaped and cut: whatever a run directory put in it
+            print(terminal(prefix + line), file=sys.stderr)
         return EXIT_USAGE
 
 

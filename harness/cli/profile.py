@@ -35,7 +35,9 @@ def register(sub) -> None:
 
 
 def _usage(message: str) -> int:
-    print(f"bench profile: {message}", file=sys.stderr)
+    from harness.core.escape import terminal
+
+    print(terminal(f"bench profile: {message}"), file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -90,6 +92,8 @@ def print_profile(run_dir: Path, pattern: str | None, top: int) -> bool:
     from rich.table import Table
 
     from harness.core import units as fmt
+    from harness.core.escape import rich as esc
+    from harness.core.escape import terminal
     from harness.core.patterns import matches
     from harness.engine.store import read_profile
     from harness.regression.output import console
@@ -104,25 +108,28 @@ def print_profile(run_dir: Path, pattern: str | None, top: int) -> bool:
     profiled = [(label, cid) for label, cid in chosen if cid in profile.cases]
     if not profiled:
         what = f"matches {pattern!r}" if chosen or pattern else "was profiled"
-        print(f"bench profile: no profiled case of {run_dir} {what}"
-              + (f" ({len(chosen)} cases match, none profiled: skipped, failed or not selected)" if chosen else ""),
-              file=sys.stderr)
+        print(terminal(f"bench profile: no profiled case of {run_dir} {what}"
+                       + (f" ({len(chosen)} cases match, none profiled: skipped, failed or not selected)"
+                          if chosen else "")), file=sys.stderr)
         return False
     out = console()
     has_cuda = "cuda_self_time_ms" in profile.table.columns
     for label, cid in profiled:
         record = profile.cases[cid]
         if record.get("error"):
-            out.print(f"[bold]{label}[/bold]  [red]profiling failed: {record['error']}[/red]")
+            out.print(f"[bold]{esc(label)}[/bold]  [red]profiling failed: {esc(record['error'])}[/red]")
             continue
         ops = profile.table[profile.table["case_id"] == cid]
         basis = "cuda_self_time_ms" if has_cuda and ops["cuda_self_time_ms"].notna().any() else "self_time_ms"
         ops = ops.sort_values(basis, ascending=False)
         total_ms = float(ops[basis].sum())
-        table = Table(title=f"{label}  ·  case {cid}", title_justify="left", caption_justify="left",
-                      caption=f"self time of the profiled call {fmt.duration_ms(total_ms)} "
-                              f"({'CUDA kernels' if basis != 'self_time_ms' else 'CPU'}) · profiling took "
-                              f"{record.get('profile_s', float('nan')):.2f} s · trace {run_dir / record['trace']}")
+        profile_s = record.get("profile_s")
+        trace = record.get("trace")  # a record may come without its trace
+        table = Table(title=esc(f"{label}  ·  case {cid}"), title_justify="left", caption_justify="left",
+                      caption=esc(f"self time of the profiled call {fmt.duration_ms(total_ms)} "
+                                  f"({'CUDA kernels' if basis != 'self_time_ms' else 'CPU'}) · profiling took "
+                                  + (f"{profile_s:.2f} s" if isinstance(profile_s, (int, float)) else "?")
+                                  + (f" · trace {run_dir / str(trace)}" if isinstance(trace, str) else " · no trace")))
         for col, justify in (("operator", "left"), ("group", "left"), ("calls", "right"), ("self", "right"),
                              ("self %", "right"), ("total", "right"), ("FLOPs", "right")):
             table.add_column(col, justify=justify)
@@ -132,10 +139,11 @@ def print_profile(run_dir: Path, pattern: str | None, top: int) -> bool:
             cells = [r["op"], r["group"], str(r["calls"]), fmt.duration_ms(r["self_time_ms"]),
                      f"{100 * r['self_share']:.1f}", fmt.duration_ms(r["total_time_ms"]),
                      fmt.flop_count(r["flops"]) if r["flops"] else ""]
-            table.add_row(*cells, *([fmt.duration_ms(r["cuda_self_time_ms"])] if has_cuda else []))
+            table.add_row(*map(esc, cells), *([fmt.duration_ms(r["cuda_self_time_ms"])] if has_cuda else []))
         out.print(table)
         groups = ops.groupby("group")["self_share"].sum().sort_values(ascending=False)
-        out.print("by group: " + " · ".join(f"{g} {100 * s:.1f}%" for g, s in groups.items() if s >= 0.0005) + "\n")
+        out.print(esc("by group: " + " · ".join(f"{g} {100 * s:.1f}%" for g, s in groups.items() if s >= 0.0005))
+                  + "\n")
     missing = len(chosen) - len(profiled)
     if missing:
         print(f"({missing} matching cases have no profile: skipped, failed or not selected for profiling)",

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from harness.cli.common import EXIT_OK, EXIT_REGRESSED, EXIT_USAGE
+from harness.core.escape import rich as markup
+from harness.core.escape import terminal
 
 
 def fraction(text: str) -> float:
@@ -45,6 +47,9 @@ def register(sub) -> None:
     cmp.add_argument("--trust-plugins", action="store_true",
                      help="with --confirm: also import plugins the runs' suites name that are not their commits' "
                           "code (listed first; see the README's 'Sharing results safely')")
+    cmp.add_argument("--confirm-branch", action="append", default=[], metavar="BRANCH",
+                     help="with --confirm: also re-run commits of BRANCH's history (by default only ancestors of "
+                          "HEAD are run; a commit only a fetched results branch holds is refused); repeatable")
     cmp.add_argument("--time-threshold", type=fraction, metavar="F", help="smallest time change that counts (default 5%%)")
     cmp.add_argument("--memory-threshold", type=fraction, metavar="F", help="smallest memory change that counts (default 10%%)")
     cmp.add_argument("--alpha", type=fraction, metavar="F", help="false-discovery rate across the cases (default 0.05)")
@@ -95,7 +100,7 @@ def register(sub) -> None:
 
 
 def _usage(message: str) -> int:
-    print(message, file=sys.stderr)
+    print(terminal(message), file=sys.stderr)  # one line, whatever a run directory put in it
     return EXIT_USAGE
 
 
@@ -130,12 +135,13 @@ def cmd_compare(args) -> int:
     base_dir, new_dir = _resolve_pair(args.base, args.new, args.root)
     comparison = compare_runs(base_dir, new_dir, args.time_threshold, args.memory_threshold, args.alpha)
     for w in comparison.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(terminal(f"warning: {w}"), file=sys.stderr)
     if args.confirm:
         if args.confirm_rounds < 1:
             return _usage("bench compare: --confirm-rounds must be at least 1")
-        result = confirm(comparison, rounds=args.confirm_rounds, trust_plugins=args.trust_plugins)
-        print(f"confirm: {result['message']}", file=sys.stderr)
+        result = confirm(comparison, rounds=args.confirm_rounds, trust_plugins=args.trust_plugins,
+                         branches=args.confirm_branch)
+        print(terminal(f"confirm: {result['message']}"), file=sys.stderr)
 
     if args.format == "json":
         print(output.to_json(comparison))
@@ -195,7 +201,7 @@ def cmd_history(args) -> int:
     from rich.table import Table
 
     where = ", ".join(str(Path(r) / "runs") for r in [args.root, *args.history])
-    table = Table(title=f"{len(runs)} run(s) under {where}")
+    table = Table(title=f"{len(runs)} run(s) under {markup(where)}")
     for col in ("run id", "suite", "started", "status", "cases", "commit", "torch", "machine", "wall"):
         table.add_column(col, overflow="fold")
     for r in runs:
@@ -203,8 +209,9 @@ def cmd_history(args) -> int:
         cases = ", ".join(f"{n} {s}" for s, n in counts.items()) or str(r.cases or "")
         mark = " [bold](baseline)[/]" if r.run_id in baselines else ""
         table.add_row(
-            r.run_id + mark, r.suite, r.started.replace("T", " ").replace("+00:00", "Z"), r.status, cases,
-            r.short_commit, str(r.versions.get("torch") or ""), f"{r.hostname or ''} {r.fingerprint or ''}".strip(),
+            markup(r.run_id) + mark, markup(r.suite), markup(r.started.replace("T", " ").replace("+00:00", "Z")),
+            markup(r.status), markup(cases), markup(r.short_commit), markup(r.versions.get("torch") or ""),
+            markup(f"{r.hostname or ''} {r.fingerprint or ''}".strip()),
             f"{r.wall_s:.0f} s" if isinstance(r.wall_s, (int, float)) else "",
         )
     _console().print(table)
@@ -229,25 +236,26 @@ def cmd_show(args) -> int:
     env = info.meta.get("environment") or {}
     machine = env.get("machine") or {}
     gpu = machine.get("gpu") or {}
-    console.print(f"[bold]{info.run_id}[/]  suite {info.suite} · {info.status} · {info.path}")
-    console.print(f"started {info.started} · finished {info.finished or '—'}"
-                  + (f" ({info.wall_s:.1f} s)" if isinstance(info.wall_s, (int, float)) else ""))
-    console.print(f"commit {info.short_commit} · machine {machine.get('hostname')} ({info.fingerprint}): "
-                  f"{machine.get('cpu_model')}, {machine.get('cpu_count')} cores"
-                  + (f", GPU {gpu.get('name')}" if gpu else "") + f" · threads {env.get('threads')}")
-    console.print("versions " + " · ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v))
+    console.print(f"[bold]{markup(info.run_id)}[/]  suite {markup(info.suite)} · {markup(info.status)} · "
+                  f"{markup(info.path)}")
+    console.print(markup(f"started {info.started} · finished {info.finished or '—'}"
+                         + (f" ({info.wall_s:.1f} s)" if isinstance(info.wall_s, (int, float)) else "")))
+    console.print(markup(f"commit {info.short_commit} · machine {machine.get('hostname')} ({info.fingerprint}): "
+                         f"{machine.get('cpu_model')}, {machine.get('cpu_count')} cores"
+                         + (f", GPU {gpu.get('name')}" if gpu else "") + f" · threads {env.get('threads')}"))
+    console.print(markup("versions " + " · ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)))
     table = Table()
     for col in ("case", "status", "time (median)", "p10–p90", "reps", "throughput", "peak memory", "rel. error", "reason"):
         table.add_column(col, overflow="fold")
     for r in rows.to_dict("records"):
         ok = r.get("status") == "ok"
-        table.add_row(
+        table.add_row(*map(markup, (
             case_label(r), str(r.get("status")), fmt.duration_ms(r.get("time_ms")) if ok else "",
             f"{fmt.duration_ms(r.get('time_ms_p10'))} – {fmt.duration_ms(r.get('time_ms_p90'))}" if ok else "",
             str(int(r.get("reps") or 0)) if ok else "", fmt.rate_tflops(r.get("tflops_per_s")) if ok else "",
             fmt.size_bytes(r.get("peak_mem_bytes")) if ok else "", fmt.error(r.get("rel_err")) if ok else "",
             str(r.get("reason") or ""),
-        )
+        )))
     console.print(table)
     from reports.terminal import print_headline
     print_headline(rows, console, suite_definition=(info.meta.get("suite") or {}).get("definition"))
@@ -281,12 +289,12 @@ def cmd_trend(args) -> int:
         trends = [t for t in trends if args.case in t["label"]]
     out = Path(args.output) if args.output else Path(args.root) / "trend.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = render_trend(trends, kept, suite, out, min_step=args.min_step)
+    path = render_trend(trends, kept, suite, out, min_step=args.min_step)  # never through a symlink at out
 
     console = _console()
     steps = [(t, s) for t in trends for s in t["steps"]]
-    console.print(f"suite {suite}: {len(kept)} run(s), {len(trends)} case(s), {len(steps)} step(s) of at least "
-                  f"{args.min_step:.0%}")
+    console.print(markup(f"suite {suite}: {len(kept)} run(s), {len(trends)} case(s), {len(steps)} step(s) of "
+                         f"at least {args.min_step:.0%}"))
     if steps:
         from rich.table import Table
 
@@ -297,8 +305,9 @@ def cmd_trend(args) -> int:
 
         for t, s in sorted(steps, key=lambda ts: -abs(ts[1]["ratio"] - 1)):
             style = "red" if s["ratio"] > 1 else "green"
-            table.add_row(t["label"], f"[{style}]{fmt.change(s['ratio'])}[/]", s["run_id"], s["commit"] or "",
-                          fmt.duration_ms(s["before"]), fmt.duration_ms(s["after"]))
+            table.add_row(markup(t["label"]), f"[{style}]{markup(fmt.change(s['ratio']))}[/]", markup(s["run_id"]),
+                          markup(s["commit"] or ""), markup(fmt.duration_ms(s["before"])),
+                          markup(fmt.duration_ms(s["after"])))
         console.print(table)
     print(f"trend report: {path}", file=sys.stderr)
     return EXIT_OK
@@ -313,11 +322,12 @@ def cmd_baseline_set(args) -> int:
 
     dest = set_baseline(args.run, args.root, force=args.force)
     info = run_info(dest)
-    print(f"baseline of suite {info.suite}: {info.run_id} (commit {info.short_commit}) → {dest}")
+    print(terminal(f"baseline of suite {info.suite}: {info.run_id} (commit {info.short_commit}) → {dest}"))
     if info.dirty is not False or not info.commit:
         print("warning: this run was not recorded from a clean commit, so bench compare --confirm cannot "
               "re-run its code; promote a run made from a committed tree", file=sys.stderr)
-    print(f"commit it: git add {dest} && git commit -m 'baseline {info.suite}: {info.run_id}'", file=sys.stderr)
+    print(terminal(f"commit it: git add {dest} && git commit -m 'baseline {info.suite}: {info.run_id}'"),
+          file=sys.stderr)
     return EXIT_OK
 
 
@@ -329,5 +339,5 @@ def cmd_baseline_list(args) -> int:
         print(f"no baselines under {Path(args.root) / 'baseline'} (bench baseline set RUN)", file=sys.stderr)
         return EXIT_OK
     for b in baselines:
-        print(f"{b.suite}\t{b.run_id}\t{b.short_commit}\t{b.fingerprint}\t{b.path}")
+        print("\t".join(terminal(x) for x in (b.suite, b.run_id, b.short_commit, b.fingerprint, b.path)))
     return EXIT_OK

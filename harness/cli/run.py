@@ -89,7 +89,8 @@ def cmd_run(args) -> int:
         print(f"suite {suite.name}: {len(cases)} cases (dry run: nothing was run)", file=sys.stderr)
         return EXIT_OK
     if args.resume:
-        suite, todo, writer = lifecycle.resume_run(Path(args.resume), suite)
+        suite, todo, writer = lifecycle.resume_run(Path(args.resume), suite, processes=args.processes,
+                                                   allocator=args.allocator)
         return _execute(_with_options(suite, args), todo, writer, args, resumed=True)
     writer = lifecycle.start_run(suite, Path(args.output) if args.output else None, cases)
     record_shard(writer, shard)
@@ -115,7 +116,8 @@ def select_cases(suite, pattern: str | None):
 def cmd_resume(args) -> int:
     from harness.engine.lifecycle import resume_run
 
-    suite, todo, writer = resume_run(Path(args.run_dir), trust_plugins=args.trust_plugins)
+    suite, todo, writer = resume_run(Path(args.run_dir), trust_plugins=args.trust_plugins,
+                                     processes=args.processes, allocator=args.allocator)
     return _execute(_with_options(suite, args), todo, writer, args, resumed=True)
 
 
@@ -178,11 +180,13 @@ def _print_summary(rows) -> None:
     if rows.empty:
         print("no cases finished", file=sys.stderr)
         return
+    from harness.core.escape import terminal  # rows of a resumed run came from its directory
+
     counts = rows["status"].value_counts()
-    print("cases: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=sys.stderr)
+    print(terminal("cases: " + ", ".join(f"{n} {s}" for s, n in counts.items())), file=sys.stderr)
     wrong = _incorrect(rows)
     for label, reason in wrong[:MAX_INCORRECT_LINES]:
-        print(f"incorrect: {label}: {reason}", file=sys.stderr)
+        print(terminal(f"incorrect: {label}: {reason}"), file=sys.stderr)
     if len(wrong) > MAX_INCORRECT_LINES:
         print(f"incorrect: … and {len(wrong) - MAX_INCORRECT_LINES} more (status incorrect in the results)",
               file=sys.stderr)

@@ -84,9 +84,13 @@ def cmd_merge(args) -> int:
 
     paths = [resolve_run(spec) for spec in args.runs]
     merged = merge_runs(paths, Path(args.output), allow_partial=args.allow_partial)
+    from harness.core.escape import terminal  # case ids and names come from the runs
+
     for what, items in (("duplicate", merged.duplicates), ("missing", merged.missing)):
         if items:
-            print(f"bench merge: {what} (merged anyway, --allow-partial): {'; '.join(items[:10])}", file=sys.stderr)
+            more = f" … and {len(items) - 10} more" if len(items) > 10 else ""
+            print(terminal(f"bench merge: {what} (merged anyway, --allow-partial): {'; '.join(items[:10])}{more}"),
+                  file=sys.stderr)
     print(f"merged {len(paths)} runs: {len(merged.rows)} cases from {merged.machines} machine(s) → {merged.path}",
           file=sys.stderr)
     if not args.no_report and not merged.rows.empty:
@@ -95,7 +99,7 @@ def cmd_merge(args) -> int:
         try:
             print(f"report: {render_report(merged.path)}")
         except Exception as exc:  # the merged results are on disk already
-            print(f"bench merge: no report ({type(exc).__name__}: {exc}); retry with  bench report {merged.path}",
-                  file=sys.stderr)
+            print(terminal(f"bench merge: no report ({type(exc).__name__}: {exc}); retry with  bench report "
+                           f"{merged.path}"), file=sys.stderr)
     print(f"results: {merged.path / 'results.parquet'}")
     return EXIT_OK

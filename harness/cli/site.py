@@ -31,7 +31,8 @@ def register(sub) -> None:
         "site", help="build the static results site (trends, change points, regressions, Atom feed)",
         description="Build a self-contained static site from the run history: index.html (every suite and machine "
                     "with its latest status), a page per suite with every case's trend and change points, "
-                    "regressions.html, feed.xml (Atom) and each run's report. Opens from the file system.")
+                    "regressions.html, feed.xml (Atom) and the latest run's report of each suite and machine, regenerated "
+                    "from its data (a run directory's own HTML is never published). Opens from the file system.")
     p.add_argument("--history", action="append", default=[], metavar="DIR",
                    help="also read runs from DIR/runs/ (a checkout of the bench-results branch); repeatable")
     p.add_argument("--root", default="results", metavar="DIR",
@@ -61,8 +62,10 @@ def cmd_site(args) -> int:
     if not groups:
         print(f"warning: no runs under {', '.join(str(Path(r) / 'runs') for r in [args.root, *args.history])}: "
               "the site is empty", file=sys.stderr)
+    from harness.core.escape import terminal
+
     states = ", ".join(f"{g.suite} on {g.hostname}: {g.state}" for g in groups)
-    print(f"site: {summary['runs']} run(s), {len(groups)} suite/machine series ({states or 'none'}), "
-          f"{summary['regressions']} regression(s) in the last {args.recent} runs; "
-          f"{time.perf_counter() - t0:.1f} s → {Path(args.output) / 'index.html'}")
+    print(terminal(f"site: {summary['runs']} run(s), {len(groups)} suite/machine series ({states or 'none'}), "
+                   f"{summary['regressions']} regression(s) in the last {args.recent} runs; "
+                   f"{time.perf_counter() - t0:.1f} s → {Path(args.output) / 'index.html'}", limit=None))
     return EXIT_OK

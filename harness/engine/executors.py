@@ -154,6 +154,7 @@ class WorkerPool:
         self.log_dir = Path(log_dir) if log_dir else None
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
+        self.temp_log = False  # log_path is a temporary file of ours (no log_dir)
         self._buffer = b""
         self.started = 0  # workers started so far
         self.breaker = CircuitBreaker()
@@ -164,16 +165,19 @@ class WorkerPool:
     # -- worker lifecycle ---------------------------------------------------------------------
     def _start(self) -> None:
         self.started += 1
+        from harness.core import safefs  # the run directory's logs/: never through a symlink it holds
+
+        self.temp_log = False
         if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+            safefs.makedirs(self.log_dir)
             self.log_path = self.log_dir / f"worker-{self.started}.log"
+            log = safefs.open_new(self.log_path)
         else:
             import tempfile
 
-            fd, name = tempfile.mkstemp(prefix="bench-worker-", suffix=".log")
-            os.close(fd)
-            self.log_path = Path(name)
-        log = open(self.log_path, "wb")
+            fd, name = tempfile.mkstemp(prefix="bench-worker-", suffix=".log")  # private (0600), removed on success
+            self.log_path, self.temp_log = Path(name), True
+            log = os.fdopen(fd, "wb")
         env = dict(os.environ, **self.env)
         root = str(self.code_root)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -242,15 +246,24 @@ class WorkerPool:
         self.proc = None
 
     def close(self) -> None:
-        """Ask the worker to finish (end of input), kill it if it does not."""
+        """Ask the worker to finish (end of input), kill it if it does not. A temporary log (no
+        ``log_dir``) of a worker that ended cleanly is removed; a failed worker's stays."""
         if self.proc is None:
             return
+        clean = False
         try:
             self.proc.stdin.close()
-            self.proc.wait(timeout=10)
+            clean = self.proc.wait(timeout=10) == 0
         except (OSError, subprocess.TimeoutExpired, BrokenPipeError):
             pass
         self.kill()
+        if clean:
+            self._remove_temp_log()
+
+    def _remove_temp_log(self) -> None:
+        if self.temp_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+        self.temp_log = False
 
     def new_process(self) -> None:
         """Retire the worker: the next case starts a fresh process."""

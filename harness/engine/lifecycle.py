@@ -129,27 +129,26 @@ def remaining_cases(run_dir: Path, cases: list["Case"]) -> list["Case"]:
     return [c for c in cases if c.case_id not in finished]
 
 
-def resume_run(run_dir: Path, suite: "Suite | None" = None,
-               trust_plugins: bool = False) -> tuple["Suite", list["Case"], "RunWriter"]:
+def resume_run(run_dir: Path, suite: "Suite | None" = None, trust_plugins: bool = False,
+               processes: int | None = None, allocator: str | None = None) -> tuple["Suite", list["Case"], "RunWriter"]:
     """(suite, cases still to run, writer) to continue the run in ``run_dir``: with ``suite``
     (whose cases must be the run's), or else with the suite stored in its run.json, whose plugins
-    must be this checkout's code unless ``trust_plugins`` (:mod:`harness.engine.trust`)."""
+    must be this checkout's code unless ``trust_plugins``, and which sets no executor or cluster
+    address (:mod:`harness.engine.trust`). ``processes``/``allocator``: the command line's, else the run's."""
     from harness.engine.suite import expand_cases
     from harness.engine.store import RunWriter, read_meta
     from harness.engine.suite import parse_suite
+    from harness.engine.trust import check_recorded_suite, received_suite, recorded_options
 
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     if suite is None:
-        from harness.engine.trust import check_recorded_suite
-
         recorded = meta.get("suite") or {}
         path, text = Path(recorded["path"]) if recorded.get("path") else None, recorded.get("text") or ""
         check_recorded_suite(text, path, run_dir, trust=trust_plugins)  # before parsing imports them
-        suite = parse_suite(text, path)
-    # as the run started: its processes and allocator (perhaps given on the command line then)
-    suite = with_options(suite, processes=(meta.get("timing") or {}).get("processes"),
-                         allocator=((meta.get("environment") or {}).get("measurement") or {}).get("allocator"))
+        suite = received_suite(parse_suite(text, path), processes)  # no connection target, bounded numbers
+    # as the run started: its processes and allocator (perhaps given on the command line then), checked
+    suite = with_options(suite, **recorded_options(meta, processes=processes, allocator=allocator))
     from harness.engine.shard import cases_of_run  # a shard resumes its own cases
 
     todo = remaining_cases(run_dir, cases_of_run(expand_cases(suite), meta))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -128,11 +127,41 @@ def check_compatible(parts: Sequence[Part]) -> None:
             if a != b:
                 raise MergeError(f"{part.path}: its {what} differ from {first.path}'s ({_difference(a, b)}); "
                                  "only runs of the same suite, code, versions and seed merge")
+    _check_column_kinds(parts)
     counts = {p.shard["count"] if p.shard else None for p in parts}
     if len(counts) > 1:
         shown = ", ".join(f"{p.path}: {'shard ' + str(p.shard['index']) + '/' + str(p.shard['count']) if p.shard else 'not a shard'}"
                           for p in parts)
         raise MergeError(f"the runs are not shards of one partition ({shown})")
+
+
+def _kind(series) -> str | None:
+    """``number``, ``boolean``, ``text`` or ``mixed``: what a column holds (None: nothing)."""
+    typed = {"i": "number", "u": "number", "f": "number", "b": "boolean"}.get(getattr(series.dtype, "kind", "O"))
+    if typed is not None:
+        return typed if series.notna().any() else None
+    values = [v for v in series.tolist() if v is not None and v == v]
+    kinds = {"boolean" if isinstance(v, bool) or type(v).__name__ == "bool_" else
+             "number" if isinstance(v, (int, float)) or hasattr(v, "dtype") else
+             "text" if isinstance(v, str) else type(v).__name__ for v in values}
+    return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _check_column_kinds(parts: Sequence[Part]) -> None:
+    """MergeError (one line) when a column holds numbers in one part and text in another, or a mix
+    in one: one table cannot hold both."""
+    seen: dict[str, tuple[str, Path]] = {}
+    for part in parts:
+        for col in part.rows.columns:
+            kind = _kind(part.rows[col])
+            if kind is None:
+                continue
+            if kind == "mixed":
+                raise MergeError(f"{part.path}: column {str(col)[:60]!r} mixes kinds of values; it cannot be merged")
+            other = seen.setdefault(col, (kind, part.path))
+            if other[0] != kind:
+                raise MergeError(f"{part.path}: column {str(col)[:60]!r} holds {kind} values, {other[1]}'s "
+                                 f"{other[0]}; only runs whose columns agree merge")
 
 
 def _order(parts: list[Part]) -> list[Part]:
@@ -164,11 +193,26 @@ def plan(parts: Sequence[Part]) -> tuple[list[str], list[str], list[str]]:
         if twice:
             duplicates.extend(f"shard {i}/{count}" for i in twice if f"shard {i}/{count}" not in duplicates)
         absent = sorted(set(range(1, count + 1)) - set(indices))
-        missing.extend(f"shard {i}/{count} (not given)" for i in absent)
+        if absent:  # as ranges, so that a large count stays one short line
+            missing.append(f"shard {absent[0]}/{count} (not given)" if len(absent) == 1
+                           else f"shards {_ranges(absent)} of {count} (not given)")
     unfinished = [cid for cid in planned if cid not in present]
     if unfinished:
         missing.append(f"{len(unfinished)} planned case(s) without a row (an interrupted part: bench resume it first)")
     return planned, duplicates, missing
+
+
+def _ranges(numbers: list[int], most: int = 8) -> str:
+    """``1, 3-5, 9`` for sorted ``numbers``: at most ``most`` ranges, then how many more numbers."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans[:most])
+    rest = sum(b - a + 1 for a, b in spans[most:])
+    return shown + (f" and {rest} more" if rest else "")
 
 
 def _write_lines(path: Path, records: list[dict[str, Any]]) -> None:
@@ -176,11 +220,10 @@ def _write_lines(path: Path, records: list[dict[str, Any]]) -> None:
     def clean(v: Any) -> Any:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps({k: clean(v) for k, v in record.items()}, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    from harness.core import safefs  # never through a symlink the output directory holds
+
+    safefs.append(path, "".join(json.dumps({k: clean(v) for k, v in record.items()}, default=str) + "\n"
+                                for record in records))
 
 
 def _machines(parts: Sequence[Part]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ CUDA-error rows are made exactly as by the process executor. The pools stay up f
 the next in the same Ray worker (:func:`node_pools`), as the process executor keeps one worker per
 round from case to case, so a case costs a task dispatch, not a process start. The task first yields its node (id
 and host), then the case's rounds; the run keeps about as many tasks in flight as the cluster has
-slots, and records each case's rounds and final row (:class:`harness.engine.lifecycle._Rounds`:
+slots, and records each case's rounds and final row (:class:`harness.engine.rounds.Rounds`:
 appended and fsync'ed) as soon as it comes back, in whatever order cases finish. So ``bench
 resume``, the SIGINT handling (the first signal: the cases already sent finish, no more are sent;
 a second: the run stops at once, in-flight cases are cancelled and resume re-runs them), the
@@ -37,9 +37,10 @@ import collections
 import dataclasses
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -78,26 +79,71 @@ def option_problem(suite: "Suite", isolation: str | None = None) -> str | None:
 def node_identity() -> dict[str, str]:
     """This node's ``host`` and ``machine_fingerprint`` as :func:`harness.measure.environment.machine`
     sees it in a plain process: computed in a fresh interpreter without the device restriction Ray
-    sets on a task (``CUDA_VISIBLE_DEVICES``), once per node and boot (cached in the temp directory)."""
+    sets on a task (``CUDA_VISIBLE_DEVICES``), once per node and boot, cached in a private per-user
+    directory (:func:`cache_dir`; a cached file that is not exactly such an identity is ignored)."""
     if _NODE:
         return dict(_NODE)
-    boot = Path("/proc/sys/kernel/random/boot_id")
-    cache = Path(tempfile.gettempdir()) / f"attention-bench-host-{boot.read_text().strip()}.json" \
-        if boot.exists() else None
-    try:
-        _NODE.update(json.loads(cache.read_text()) if cache else {})
-    except (OSError, ValueError):
-        pass
-    if not {"host", "machine_fingerprint"} <= set(_NODE):
-        _NODE.update(_probe_identity())
-        if cache is not None:
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(_NODE))
-            os.replace(tmp, cache)
+    cache = _cache_file()
+    cached = _read_identity(cache) if cache is not None else None
+    _NODE.update(cached or _probe_identity())
+    if cached is None and cache is not None:
+        from harness.core import safefs
+
+        try:
+            safefs.write_text(cache, json.dumps({k: _NODE.get(k) for k in IDENTITY_KEYS}), root=cache.parent)
+        except OSError:
+            pass  # no cache: the next task probes again
     return dict(_NODE)
 
 
 _NODE: dict[str, str] = {}
+IDENTITY_KEYS = ("host", "machine_fingerprint")
+_BOOT_ID = re.compile(r"[0-9a-fA-F-]{8,64}")
+
+
+def cache_dir() -> Path | None:
+    """A directory only this user can write, for the node cache: ``$XDG_CACHE_HOME/attention-bench``,
+    else ``~/.cache/attention-bench`` (created ``0700``); None when there is no such directory (not
+    ours, a symlink, not a directory), and then nothing is cached."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    try:
+        root = Path(base) if base and os.path.isabs(base) else Path.home() / ".cache"
+        path = root / "attention-bench"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        if st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+        return path
+    except (OSError, RuntimeError, KeyError):
+        return None
+
+
+def _cache_file() -> Path | None:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    directory = cache_dir() if _BOOT_ID.fullmatch(boot) else None
+    return directory / f"host-{boot}.json" if directory is not None else None
+
+
+def _read_identity(path: Path) -> dict[str, str] | None:
+    """The identity cached at ``path``: a regular file (not a symlink) holding exactly ``host`` and
+    ``machine_fingerprint`` as short strings; None for anything else."""
+    from harness.core import safefs
+
+    try:
+        with safefs.open_regular(path) as f:
+            data = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or set(data) != set(IDENTITY_KEYS):
+        return None
+    if not all(isinstance(v, str) and 0 < len(v) <= 256 and v.isprintable() for v in data.values()):
+        return None
+    return {k: data[k] for k in IDENTITY_KEYS}
 _PROBE = "import json; from harness.measure.environment import host_identity; print(json.dumps(host_identity()))"
 
 
@@ -312,7 +358,7 @@ class RayExecutor:
     def run_cases(self, cases: list[Case], rounds: Any, progress: Any = None,
                   stop: Callable[[], bool] = lambda: False) -> int:
         """Run ``cases`` on the cluster, recording each case's rounds and final row through ``rounds``
-        (:class:`harness.engine.lifecycle._Rounds`: its writer and process count) as it comes back;
+        (:class:`harness.engine.rounds.Rounds`: its writer and process count) as it comes back;
         until ``stop()`` says so (then the cases in flight finish). Returns how many cases got their
         final row."""
         processes = rounds.processes

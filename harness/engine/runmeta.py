@@ -35,6 +35,17 @@ MAX_TEXT = 2**20
 #: Largest integer a field may hold (int64).
 MAX_INT = 2**63 - 1
 
+#: The most shards a sweep is split into (``--shard i/n``; a run.json recording more is refused).
+MAX_SHARDS = 10_000
+#: The largest numbers ``bench`` takes from a run directory to do work with: ``bench resume`` of the
+#: suite recorded in ``run.json`` (:func:`harness.engine.trust.received_suite`, one line naming the
+#: field and the way around it beyond these); ``--confirm`` caps its rounds lower still
+#: (:func:`harness.regression.confirm.round_timing`).
+RECEIVED_LIMITS: dict[str, float] = {
+    "warmup": 1000, "min_reps": 100_000, "max_reps": 100_000, "min_time_s": 600.0, "max_time_s": 600.0,
+    "processes": 16, "threads": 4096, "case_timeout_s": 86_400.0, "cases": 1_000_000,
+}
+
 #: A check: ``(value, where)``; raises :class:`Misfit` naming ``where`` when the value does not fit.
 Check = Callable[[Any, str], None]
 
@@ -207,7 +218,7 @@ META: Check = record({
     "status": (optional(SHORT), False),
     "wall_s": (optional(number(0, 1e12)), False),
     # bench run --shard i/n (harness.engine.shard): which part of the suite this run holds
-    "shard": (optional(record({"index": (integer(1, 10**6), True), "count": (integer(1, 10**6), True),
+    "shard": (optional(record({"index": (integer(1, MAX_SHARDS), True), "count": (integer(1, MAX_SHARDS), True),
                                "cases": (optional(integer(0, 10**8)), False),
                                "suite_cases": (optional(integer(0, 10**8)), False)})), False),
     "environment": (optional(record({
@@ -300,6 +311,9 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
 #: Columns every results table must have: the identity every run of this schema version has
 #: (case fields declared ``later``, such as ``q_len``, are absent from older runs) and the status.
 REQUIRED = ("case_id", "variant", "params", *axis_names(later=False), "status")
+#: The largest magnitude a number of a result table may have: far beyond any time, size, count or
+#: rate a run measures, and small enough that ratios, products and charts of them stay finite.
+MAX_NUMBER = 1e30
 #: Columns every samples table must have, with their dtypes.
 SAMPLE_COLUMNS = {"case_id": "string", "rep": "int64", "time_ms": "float64"}
 #: Identity columns that count something (at least 1 where not empty).
@@ -319,6 +333,8 @@ def _value_problem(v: Any, dtype: str) -> str | None:
         if ok:
             if not math.isfinite(v) if isinstance(v, (float, np.floating)) else abs(int(v)) > MAX_INT:
                 return f"{str(v)[:30]}, not a finite number"
+            if abs(float(v)) > MAX_NUMBER:
+                return f"{str(v)[:30]}, beyond ±{MAX_NUMBER:g}"
             if dtype == "int64" and isinstance(v, (float, np.floating)) and v != round(v):
                 return f"{v}, not an integer"
     return None if ok else f"{type(v).__name__} {str(v)[:60]!r}, expected {dtype}"
@@ -348,13 +364,17 @@ def column_problem(series, dtype: str) -> str | None:
             return f"numbers, expected {dtype}"
         if not np.isfinite(values).all():
             return "a value that is not a finite number"
+        if (np.abs(values) > MAX_NUMBER).any():
+            return f"a value beyond ±{MAX_NUMBER:g}"
         if dtype == "int64" and not ((values == np.round(values)).all() and (np.abs(values) <= 2.0**63).all()):
             return "a value that is not an int64 integer"
         return None
     if len(series) == 0:
         return None
     if kind in "iu":
-        return None if dtype in ("int64", "float64") else f"integers, expected {dtype}"
+        if dtype not in ("int64", "float64"):
+            return f"integers, expected {dtype}"
+        return f"a value beyond ±{MAX_NUMBER:g}" if (np.abs(series.to_numpy(dtype=float)) > MAX_NUMBER).any() else None
     if kind == "b":
         return None if dtype == "bool" else f"booleans, expected {dtype}"
     return f"{dt} values, expected {dtype}"
@@ -368,6 +388,8 @@ def table_problems(frame, declared: dict[str, str] | None = None,
     JSON object."""
     declared = declared if declared is not None else {c.name: c.dtype for c in schema.COLUMNS}
     problems = [f"column {c}: missing" for c in required if c not in frame.columns]
+    problems += [f"column {c}: a row without a value (required)"
+                 for c in required if c in frame.columns and frame[c].isna().any()]
     for col in frame.columns:
         if not isinstance(col, str):
             problems.append(f"column {col!r}: not a name")

@@ -57,9 +57,15 @@ def parse_shard(text: str) -> Shard:
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
     if not match:
         raise ShardError(f"--shard: expected i/n (e.g. 2/8: the second of eight shards), got {text!r}")
+    from harness.engine.runmeta import MAX_SHARDS
+
+    if len(match.group(1)) > 9 or len(match.group(2)) > 9:
+        raise ShardError(f"--shard {text.strip()[:40]}: at most {MAX_SHARDS} shards")
     index, count = int(match.group(1)), int(match.group(2))
     if count < 1 or not 1 <= index <= count:
         raise ShardError(f"--shard {text}: i must be from 1 to n (shards are numbered 1..n), and n >= 1")
+    if count > MAX_SHARDS:
+        raise ShardError(f"--shard {text}: at most {MAX_SHARDS} shards")
     return Shard(index, count)
 
 
@@ -110,9 +116,12 @@ def recorded_shard(meta: dict[str, Any]) -> Shard | None:
     recorded = meta.get("shard")
     if recorded is None:
         return None
+    from harness.engine.runmeta import MAX_SHARDS
+
     index, count = (recorded.get(k) if isinstance(recorded, dict) else None for k in ("index", "count"))
-    if not (isinstance(index, int) and isinstance(count, int) and 1 <= index <= count):
-        raise ShardError(f"run.json: shard: expected {{index, count}} with 1 <= index <= count, got {recorded!r:.80}")
+    if not (isinstance(index, int) and isinstance(count, int) and 1 <= index <= count <= MAX_SHARDS):
+        raise ShardError(f"run.json: shard: expected {{index, count}} with 1 <= index <= count <= {MAX_SHARDS}, "
+                         f"got {recorded!r:.80}")
     return Shard(index, count)
 
 

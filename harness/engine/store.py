@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.core import safefs, schema
 from harness.core.errors import UserError
-from harness.core import schema
 from harness.measure import profile as profiling  # --profile's files (standard library only at import)
 
 # pandas is imported where tables are read, so that importing StoreError (the command line's
@@ -47,6 +46,10 @@ RUN_META = "run.json"
 REPORT = "report.html"
 
 
+#: What a run appends to, or writes inside, in its directory (its other files are replaced whole).
+APPENDED = (ROWS_LOG, SAMPLES_LOG, ROUNDS_LOG, profiling.PROFILE_LOG, profiling.TRACES, "logs")
+
+
 class StoreError(UserError):
     """A run directory is missing, damaged or from an incompatible version (one line)."""
 
@@ -58,10 +61,8 @@ def _clean(value: Any) -> Any:
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line, fsync'ed, never through a symlink (:func:`harness.core.safefs.append`)."""
+    safefs.append(path, json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
 
 class RunWriter:
@@ -78,15 +79,16 @@ class RunWriter:
         """Continue writing an existing run (resume): its rows so far stay as they are."""
         writer = cls.__new__(cls)
         writer.dir = Path(run_dir)
+        for name in APPENDED:  # before anything is written: a symlink among them is refused, one line
+            safefs.check(writer.dir / name)
         writer.meta = dict(meta, status="running")
         writer.meta.setdefault("resumed", []).append(datetime.now(timezone.utc).isoformat(timespec="seconds"))
         writer.write_meta()
         return writer
 
     def write_meta(self) -> None:
-        tmp = self.dir / (RUN_META + ".tmp")
-        tmp.write_text(json.dumps(self.meta, indent=2, default=str))
-        os.replace(tmp, self.dir / RUN_META)
+        """run.json, replaced atomically through a new file (never through a symlink the directory holds)."""
+        safefs.write_text(self.dir / RUN_META, json.dumps(self.meta, indent=2, default=str))
 
     def append_round(self, row: dict[str, Any], samples_s: list[float], *, process: int, attempt_id: str) -> None:
         """Record what process ``process`` measured of a case: its samples, then its row in the
@@ -111,8 +113,14 @@ class RunWriter:
             rows = rows.drop_duplicates("case_id", keep="last").reset_index(drop=True)
             kept = set(zip(rows["case_id"], rows["attempt_id"]))
             samples = samples[[k in kept for k in zip(samples["case_id"], samples["attempt_id"])]]
-        rows.to_parquet(self.dir / RESULTS, index=False, schema=schema.arrow_schema(rows))
-        samples.reset_index(drop=True).to_parquet(self.dir / SAMPLES, index=False)
+        try:
+            with safefs.atomic(self.dir / RESULTS, "wb") as f:  # a symlink there is replaced, not written through
+                rows.to_parquet(f, index=False, schema=schema.arrow_schema(rows))
+            with safefs.atomic(self.dir / SAMPLES, "wb") as f:
+                samples.reset_index(drop=True).to_parquet(f, index=False)
+        except (TypeError, ValueError) as exc:  # pyarrow's: a column of mixed kinds (rows a resumed run brought)
+            raise StoreError(f"{self.dir}: the tables cannot be written ({type(exc).__name__}: {str(exc)[:200]}); "
+                             f"the rows are kept in {ROWS_LOG}") from None
         profiling.write_table(self.dir, profiling.records(_read_jsonl(self.dir / profiling.PROFILE_LOG), self.dir))
         return rows
 
@@ -131,18 +139,9 @@ def plain_file(run_dir: Path, name: str) -> Path | None:
 
 def write_text(path: Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a new file renamed over it, so that a symlink
-    already there (a run directory from elsewhere may hold one) is replaced, never written through."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)  # umask applies
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    already there (a run directory from elsewhere may hold one) is replaced, never written through
+    (:func:`harness.core.safefs.write_text`)."""
+    return safefs.write_text(path, text)
 
 
 def _readable(path: Path, max_bytes: int) -> None:

@@ -146,10 +146,9 @@ def profile_case(make_call: Callable[[], Callable[[], Any]], case: "Case", run_d
         record["error"] = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
     record["profile_s"] = round(time.perf_counter() - t0, 4)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / PROFILE_LOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    from harness.core import safefs  # never through a symlink the run directory holds
+
+    safefs.append(run_dir / PROFILE_LOG, json.dumps(record) + "\n")
     return record
 
 
@@ -169,8 +168,12 @@ def _profile(call: Callable[[], Any], device: str, trace_path: Path) -> tuple[li
             if cuda:
                 torch.cuda.synchronize()
         del result
-    trace_path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(trace_path))
+    from harness.core import safefs  # traces/ and the trace: never through a symlink the run directory holds
+
+    safefs.makedirs(trace_path.parent)
+    tmp = trace_path.with_name(f".{trace_path.name}.{uuid.uuid4().hex}.tmp")
+    prof.export_chrome_trace(str(tmp))
+    os.replace(tmp, trace_path)
     return operator_rows(prof.key_averages(), cuda), memory_timeline(allocation_events(prof, "cuda" if cuda else "cpu"))
 
 
@@ -285,8 +288,11 @@ def write_table(run_dir: Path, records: dict[str, dict[str, Any]]) -> Path | Non
     """Write ``profile.parquet`` from the log's :func:`records` (nothing when the run profiled nothing)."""
     if not records:
         return None
+    from harness.core import safefs
+
     path = Path(run_dir) / PROFILE
-    table(records).to_parquet(path, index=False)
+    with safefs.atomic(path, "wb") as f:  # a symlink there is replaced, not written through
+        table(records).to_parquet(f, index=False)
     return path
 
 

@@ -65,7 +65,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -109,19 +109,33 @@ def recorded_repo(meta: dict[str, Any]) -> Path:
     return PROJECT_ROOT
 
 
-def extract_commit(repo: Path, commit: str, dest: Path) -> Path:
-    """The project's tree at ``commit``, written under ``dest`` (``git archive``; the repository is not touched)."""
+def extract_commit(repo: Path, commit: str, dest: Path, branches: Sequence[str] = ()) -> Path:
+    """The project's tree at ``commit``, written under ``dest`` (``git archive``; the repository is not
+    touched). Only a commit the user vouches for — an ancestor of ``repo``'s HEAD or of one of
+    ``branches`` (:func:`harness.engine.trust.vouched_commit`; :class:`UntrustedCommit` otherwise) —
+    is extracted, and no member may be a link or a path out of ``dest`` (CompareError, one line)."""
+    from harness.engine.trust import vouched_commit
+
     if not re.fullmatch(r"[0-9a-f]{7,64}", str(commit)):  # never an option or a ref name from a run.json
         raise CompareError(f"not a commit id: {str(commit)[:60]!r}")
+    vouched_commit(repo, commit, branches)
     proc = git(repo, "archive", "--format=tar", commit, binary=True)
     if proc.returncode != 0:
-        raise CompareError(f"git archive {commit[:10]} failed: {proc.stderr.decode(errors='replace').strip()}")
+        raise CompareError(f"git archive {commit[:10]} failed: {proc.stderr.decode(errors='replace').strip()[:300]}")
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
-        if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later: refuse links and paths out of dest
-            tar.extractall(dest, filter="data")
-        else:  # our own repository's archive
-            tar.extractall(dest)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+            if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later: refuse links and paths out of dest
+                tar.extractall(dest, filter="data")
+            else:
+                for member in tar.getmembers():
+                    name = Path(member.name)
+                    if member.issym() or member.islnk() or name.is_absolute() or ".." in name.parts:
+                        raise tarfile.TarError(f"{member.name[:200]!r} is a link or leaves the tree")
+                tar.extractall(dest)
+    except tarfile.TarError as exc:  # AbsoluteLinkError, OutsideDestinationError, a damaged archive …
+        raise CompareError(f"the tree of commit {commit[:10]} cannot be extracted safely "
+                           f"({type(exc).__name__}: {str(exc)[:200]})") from None
     return dest
 
 
@@ -203,14 +217,30 @@ class Side:
 #: (a round's median needs less precision than a stored run's: the rounds are the replicates).
 ROUND_MIN_TIME_S = 0.1
 ROUND_MIN_REPS = 10
+#: ... and at most this many warm-up calls, samples and seconds of sampling (``max_time_s``, the
+#: harness's default) per round: whatever a run directory's timing rule says, a round's work is
+#: bounded (every suite of this project is within these, so its rounds run as recorded).
+ROUND_MAX_WARMUP = 10
+ROUND_MAX_REPS = 300
+ROUND_MAX_TIME_S = 5.0
 
 
 def round_timing(timing: dict[str, Any]) -> dict[str, Any]:
+    """The timing rule of one round of a side: its recorded rule (``timing``, from its run.json),
+    bounded (:data:`ROUND_MIN_TIME_S`, :data:`ROUND_MIN_REPS`, :data:`ROUND_MAX_WARMUP`,
+    :data:`ROUND_MAX_REPS`, :data:`ROUND_MAX_TIME_S`), one process (the rounds are the processes)."""
     t = dict(timing)
-    if "min_time_s" in t:
-        t["min_time_s"] = min(float(t["min_time_s"]), ROUND_MIN_TIME_S)
-    if "min_reps" in t:
-        t["min_reps"] = min(int(t["min_reps"]), ROUND_MIN_REPS)
+    caps = {"min_time_s": ROUND_MIN_TIME_S, "min_reps": ROUND_MIN_REPS, "warmup": ROUND_MAX_WARMUP,
+            "max_reps": ROUND_MAX_REPS, "max_time_s": ROUND_MAX_TIME_S}
+    for key, cap in caps.items():
+        if key in t and t[key] is not None:
+            t[key] = min(type(cap)(t[key]), cap)
+    if "min_reps" in t and "max_reps" in t and t["min_reps"] is not None and t["max_reps"] is not None:
+        t["min_reps"] = min(t["min_reps"], t["max_reps"])
+    if "max_time_s" in t and "min_time_s" in t and t["max_time_s"] is not None and t["min_time_s"] is not None:
+        t["min_time_s"] = min(t["min_time_s"], t["max_time_s"])
+    if "processes" in t:
+        t["processes"] = 1
     return t
 
 
@@ -222,12 +252,12 @@ class Workers:
     replicates of everything that differs from one process to the next."""
 
     def __init__(self, sides: dict[str, Side], tmp: Path, log_dir: Path | None = None, trust: bool = False,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), branches: Sequence[str] = ()):
         self.sides, self.log_dir = sides, log_dir
         self.trees: dict[str, Path] = {}
         for side in sides.values():
             if side.commit not in self.trees:
-                self.trees[side.commit] = extract_commit(side.repo, side.commit, tmp / side.commit[:12])
+                self.trees[side.commit] = extract_commit(side.repo, side.commit, tmp / side.commit[:12], branches)
         # before any worker starts: each side's plugins, refused unless they are its commit's code
         self.plans = {name: side.in_tree(self.trees[side.commit], trust, log) for name, side in sides.items()}
         self.pools: dict[str, Any] = {}
@@ -259,9 +289,10 @@ class Workers:
 
 @contextlib.contextmanager
 def worker_runners(sides: dict[str, Side], log_dir: Path | None = None, trust: bool = False,
-                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Iterator[Workers]:
+                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                   branches: Sequence[str] = ()) -> Iterator[Workers]:
     with tempfile.TemporaryDirectory(prefix="bench-confirm-") as tmp:
-        workers = Workers(sides, Path(tmp), log_dir, trust, log)
+        workers = Workers(sides, Path(tmp), log_dir, trust, log, branches)
         try:
             yield workers
         finally:
@@ -329,6 +360,7 @@ def confirm(
     runners: Callable[[dict[str, Side]], contextlib.AbstractContextManager] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     trust_plugins: bool = False,
+    branches: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Re-run the suspect cases (:func:`suspects_of`), interleaved, when both sides are runnable here;
     the re-run decides their time verdicts.
@@ -337,6 +369,8 @@ def confirm(
     ``runners(sides)`` is a context manager giving an object with ``new_round()`` and
     ``run(side, case)`` (sides "A" = BASE, "B" = NEW); by default :func:`worker_runners`, which refuses
     plugins that are not the sides' commits' code unless ``trust_plugins`` (:mod:`harness.engine.trust`).
+    Only commits the user vouches for are run: ancestors of HEAD or of one of ``branches``
+    (:func:`harness.engine.trust.vouched_commit`); another is :class:`UntrustedCommit` (one line).
     """
     table = comparison.cases
     th = comparison.thresholds
@@ -360,11 +394,17 @@ def confirm(
         }
         return comparison.confirm
     sides = {"A": Side.from_meta(comparison.base.meta), "B": Side.from_meta(comparison.new.meta)}
+    if check_repo:  # before anything is extracted or started: only commits the user vouches for
+        from harness.engine.trust import vouched_commit
+
+        for name, side in (("BASE", sides["A"]), ("NEW", sides["B"])):
+            vouched_commit(side.repo, side.commit, branches, what=f"{name} ({side.run})")
     log(f"confirm: re-running {len(suspects)} case(s), {rounds} interleaved rounds per side")
     try:
         # the case each row measured (ValueError: its fields no longer give its case_id)
         cases = {i: Case.from_row(table.loc[i].to_dict()) for i in suspects}
-        with (runners or (lambda s: worker_runners(s, trust=trust_plugins, log=log)))(sides) as workers:
+        with (runners or (lambda s: worker_runners(s, trust=trust_plugins, log=log, branches=branches)))(sides) \
+                as workers:
             measured = interleaved_rounds(cases, workers, rounds, log)
     except (CompareError, ValueError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
         comparison.confirm = {

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +44,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.core import names
+from harness.core import names, safefs
 from harness.engine import store
 from harness.engine.store import StoreError
 
@@ -258,20 +259,24 @@ def set_baseline(spec: str, root: str | Path = DEFAULT_ROOT, force: bool = False
     dest = baseline_dir(root, info.suite)
     if dest.resolve() == source.resolve():
         raise HistoryError(f"{source} is already the baseline of suite {info.suite!r}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{info.suite}.tmp-{os.getpid()}"
-    old = dest.parent / f".{info.suite}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # nothing is written or copied through a symlink (harness.core.safefs): not in ROOT/baseline/<suite>,
+    # and a symlink in the run (report.html → a file of yours) is an error, never its target's content
+    safefs.check(dest, root)
+    safefs.makedirs(dest.parent, root)
+    token = uuid.uuid4().hex[:12]
+    tmp, old = dest.parent / f".{info.suite}.tmp-{token}", dest.parent / f".{info.suite}.old-{token}"
+    tmp.mkdir()  # a new name: nothing there to follow
     try:
         for name in BASELINE_FILES:
-            if (source / name).exists():
-                shutil.copy2(source / name, tmp / name)
+            if os.path.lexists(source / name):
+                safefs.copy_file(source / name, tmp / name)
         # a run that was interrupted before finalising has only its logs: write the tables
         if not (tmp / store.RESULTS).exists():
-            store.read_results(source).to_parquet(tmp / store.RESULTS, index=False)
+            with safefs.atomic(tmp / store.RESULTS, "wb") as f:
+                store.read_results(source).to_parquet(f, index=False)
         if not (tmp / store.SAMPLES).exists():
-            store.read_samples(source).to_parquet(tmp / store.SAMPLES, index=False)
+            with safefs.atomic(tmp / store.SAMPLES, "wb") as f:
+                store.read_samples(source).to_parquet(f, index=False)
         provenance = {
             "run_id": info.run_id,
             "suite": info.suite,
@@ -279,13 +284,13 @@ def set_baseline(spec: str, root: str | Path = DEFAULT_ROOT, force: bool = False
             "commit": info.commit,
             "promoted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (tmp / BASELINE_INFO).write_text(json.dumps(provenance, indent=2) + "\n")
+        safefs.write_text(tmp / BASELINE_INFO, json.dumps(provenance, indent=2) + "\n")
         if dest.exists():
             os.replace(dest, old)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        safefs.remove(old)
     return dest
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.core import units
+from harness.core import escape, units
 from harness.core.units import finite
 from harness.regression.compare import Comparison
 from harness.regression.history import RunInfo
@@ -106,32 +106,33 @@ def to_json(comparison: Comparison) -> str:
 
 
 def to_markdown(comparison: Comparison, all_cases: bool = False) -> str:
-    """A markdown summary (for a pull request or a CI job's summary)."""
+    """A markdown summary (for a pull request or a CI job's summary). Every text from the runs is
+    escaped (:func:`harness.core.escape.markdown`): a name cannot add a heading, an image, a link or
+    HTML, nor shift the table with a ``|``."""
+    md = escape.markdown
     c, th = comparison.counts, comparison.thresholds
     base, new = comparison.base, comparison.new
     head = "❌ regressions" if comparison.has_regression else "✅ no regressions"
     lines = [
         f"### Attention Bench: {head}",
         "",
-        f"`{base.run_id}` ({base.short_commit}) → `{new.run_id}` ({new.short_commit}) · "
-        + ", ".join(f"**{n}** {v}" for v, n in c.items() if n),
+        f"{escape.markdown_code(base.run_id)} ({md(base.short_commit)}) → {escape.markdown_code(new.run_id)} "
+        f"({md(new.short_commit)}) · " + ", ".join(f"**{n}** {md(v)}" for v, n in c.items() if n),
         "",
         f"Thresholds: time ±{th.time:.0%}, memory ±{th.memory:.0%}, FDR {th.alpha:g} (Benjamini–Hochberg).",
     ]
     for w in comparison.warnings:
-        lines += ["", f"> ⚠️ {w}"]
+        lines += ["", f"> ⚠️ {md(w)}"]
     if comparison.confirm:
-        lines += ["", f"Confirmation: {comparison.confirm.get('message', '')}"]
+        lines += ["", f"Confirmation: {md(comparison.confirm.get('message', ''))}"]
     shown = _shown(comparison, all_cases)
     if not shown.empty:
         lines += ["", "| verdict | case | BASE | NEW | time ratio (95% CI) | q | memory | note |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in shown.to_dict("records"):
-            lines.append(
-                f"| {r['verdict']} | {r['label']} | {_ms(r['base_time_ms'])} | {_ms(r['new_time_ms'])} | "
-                f"{format_ratio_ci(r)} | {_q(r['q_value'])} | {units.change(r['mem_ratio'])} | "
-                f"{str(r['note']).replace('|', '/')} |"
-            )
+            cells = (r["verdict"], r["label"], _ms(r["base_time_ms"]), _ms(r["new_time_ms"]), format_ratio_ci(r),
+                     _q(r["q_value"]), units.change(r["mem_ratio"]), str(r["note"]))
+            lines.append("| " + " | ".join(md(x) for x in cells) + " |")
     unchanged = c["unchanged"]
     if unchanged and not all_cases:
         lines += ["", f"{unchanged} case(s) unchanged."]
@@ -155,8 +156,9 @@ def print_table(comparison: Comparison, all_cases: bool = False) -> None:
 
     th = comparison.thresholds
     out = console()
+    esc = escape.rich  # every text from the runs: no markup, no control characters
     table = Table(
-        title=f"{comparison.base.run_id} → {comparison.new.run_id}",
+        title=esc(f"{comparison.base.run_id} → {comparison.new.run_id}"),
         caption=f"ratio = NEW/BASE median time with its {1 - th.alpha:.0%} interval; q = Benjamini–Hochberg adjusted "
                 f"p-value; thresholds: time ±{th.time:.0%}, memory ±{th.memory:.0%}",
     )
@@ -166,13 +168,13 @@ def print_table(comparison: Comparison, all_cases: bool = False) -> None:
     shown = _shown(comparison, all_cases)
     for r in shown.to_dict("records"):
         table.add_row(
-            f"[{VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]", r["label"],
-            _ms(r.get("base_time_ms")), _ms(r.get("new_time_ms")), format_ratio_ci(r), _q(r.get("q_value")),
-            units.change(r.get("mem_ratio")), str(r.get("note") or ""),
+            f"[{VERDICT_STYLE.get(r['verdict'], '')}]{esc(r['verdict'])}[/]", esc(r["label"]),
+            *map(esc, (_ms(r.get("base_time_ms")), _ms(r.get("new_time_ms")), format_ratio_ci(r),
+                       _q(r.get("q_value")), units.change(r.get("mem_ratio")), str(r.get("note") or ""))),
         )
     if len(shown):
         out.print(table)
     hidden = len(comparison.cases) - len(shown)
     tail = f" ({hidden} unchanged not listed; --all lists them)" if hidden else ""
     verdict = "[red]REGRESSED[/]" if comparison.has_regression else "[green]no regressions[/]"
-    out.print(f"{verdict}: {summary_line(comparison)}{tail}")
+    out.print(f"{verdict}: {esc(summary_line(comparison))}{tail}")
