@@ -96,6 +96,7 @@ class Check:
     def __init__(self, work: Path, out: Path, rehearse: bool, args):
         self.work, self.out, self.rehearse, self.args = work, out, rehearse, args
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.started_epoch = time.time()
         self.t0 = time.monotonic()
         self.results: list[dict] = []
         self.preflight: dict = {}
@@ -159,7 +160,8 @@ class Check:
         return result
 
     def data(self) -> dict:
-        return {"rehearsal": self.rehearse, "started": self.started, "budget_s": gpu_plan.BUDGET_S,
+        return {"rehearsal": self.rehearse, "started": self.started, "started_epoch": self.started_epoch,
+                "budget_s": gpu_plan.BUDGET_S,
                 "elapsed_s": round(time.monotonic() - self.t0, 1), "preflight": self.preflight,
                 "plan": gpu_plan.plan_json(self.plan), "steps": self.results,
                 "parent_imported_torch": "torch" in sys.modules}
@@ -339,13 +341,14 @@ def collect(check: Check) -> list[str]:
     run = check.work / "validate"
     sources = {"results.parquet": run / "results.parquet", "samples.parquet": run / "samples.parquet",
                "run.json": run / "run.json"}
+    import gpu_summary  # torch-free, pandas-free at import
+
     env = next((r for r in check.results if r["step"] == "env"), {})
-    cal = (check.work / "calibration" / "rehearsal.json" if check.rehearse
-           else ROOT / "results" / "calibration" / f"{env.get('fingerprint', '?')}.json")
-    sources["calibration.json"] = cal
+    sources["calibration.json"] = gpu_summary.calibration_path(check.work, check.rehearse, env.get("fingerprint"),
+                                                               check.started_epoch)
     notes = []
     for name, src in sources.items():
-        if not src.is_file():
+        if src is None or not src.is_file():
             notes.append(f"{name}: not produced ({src})")
         elif src.stat().st_size >= gpu_plan.MAX_FILE_BYTES:
             notes.append(f"{name}: {src.stat().st_size} bytes, over the limit: left out")

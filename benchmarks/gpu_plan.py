@@ -107,7 +107,7 @@ class Step:
 
 #: The steps, most valuable first. Their timeouts add up to BUDGET_S.
 STEPS = (
-    Step("env", "environment + smoke (sdpa-flash bf16, FA2 shape)", 40, "python",
+    Step("env", "environment + smoke (sdpa-flash bf16, FA2 shape)", 45, "python",
          what="versions, GPU record, other processes; then one sdpa-flash bf16 timing at B1 H16 L16384 D128"),
     Step("calibrate", "calibration (bf16 and fp16 matmul peak, copy bandwidth)", 30, "bench",
          what="bench calibrate --device cuda: the peaks that rows' pct_of_peak divide by"),
@@ -121,7 +121,7 @@ STEPS = (
          needs_compiler=True, what="10 shapes with fixed configs at L=777, then the FA2 shape autotuned"),
     Step("devices", "telemetry, warm-up after idle, memory estimates", 25, "python",
          what="power and energy counter; first samples after 5 s idle; peaks vs estimates"),
-    Step("summary", "summary and the files to bring back", 15, "python",
+    Step("summary", "summary and the files to bring back", 10, "python",
          what="the comparison with published figures; results.parquet rebuilt from rows.jsonl if cut"),
 )
 

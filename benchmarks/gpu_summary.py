@@ -61,19 +61,38 @@ def materialise(run: Path):
     """The validation run's rows (results.parquet, else its rows log); writes results.parquet and
     samples.parquet from the logs when the run was cut before writing them. None when there are no rows."""
     from harness.core import schema
-    from harness.engine.store import read_results, read_samples
+    from harness.engine.store import StoreError, read_results, read_samples
 
     if not (run / "results.parquet").exists() and not (run / "rows.jsonl").exists():
         return None
-    rows = read_results(run)
+    try:
+        rows = read_results(run)
+    except StoreError as exc:  # killed before its first row
+        print(f"no validation rows: {exc}", file=sys.stderr)
+        return None
     if not (run / "results.parquet").exists() and len(rows):
-        rows.to_parquet(run / "results.parquet", index=False, schema=schema.arrow_schema(rows))
+        try:
+            rows.to_parquet(run / "results.parquet", index=False, schema=schema.arrow_schema(rows))
+        except Exception:  # a column the log left empty that the schema types: let pyarrow infer it
+            rows.to_parquet(run / "results.parquet", index=False)
     if not (run / "samples.parquet").exists():
         try:
             read_samples(run).reset_index(drop=True).to_parquet(run / "samples.parquet", index=False)
         except Exception as exc:  # no samples (every case skipped): say so, and go on
             print(f"samples.parquet not written: {type(exc).__name__}: {exc}", file=sys.stderr)
     return rows
+
+
+def calibration_path(work: Path, rehearse: bool, fingerprint: str | None, since: float = 0.0) -> Path | None:
+    """The calibration the check measured: the rehearsal's, else results/calibration/<fingerprint>.json,
+    else (the environment step did not say) the newest one written since the check started."""
+    if rehearse:
+        return work / "calibration" / "rehearsal.json"
+    root = ROOT / "results" / "calibration"
+    if fingerprint and (root / f"{fingerprint}.json").is_file():
+        return root / f"{fingerprint}.json"
+    fresh = sorted((p for p in root.glob("*.json") if p.stat().st_mtime >= since), key=lambda p: p.stat().st_mtime)
+    return fresh[-1] if fresh else None
 
 
 def peak(calibration: dict | None, dtype: str) -> float:
@@ -214,14 +233,23 @@ def summarise(work: Path, out: Path, rehearse: bool) -> dict:
     steps = check["steps"]
     env = next((s for s in steps if s.get("step") == "env"), {})
     rows = materialise(work / "validate")
-    cal_path = (work / "calibration" / "rehearsal.json" if rehearse
-                else ROOT / "results" / "calibration" / f"{env.get('fingerprint', '?')}.json")
-    calibration = json.loads(cal_path.read_text()) if cal_path.exists() else None
+    cal_path = calibration_path(work, rehearse, env.get("fingerprint"), check.get("started_epoch", 0.0))
+    calibration = json.loads(cal_path.read_text()) if cal_path and cal_path.exists() else None
     files = [n for n in gpu_plan.FILES if n.startswith("gpu_check") or
-             (work / "validate" / n).exists() or (n == "calibration.json" and cal_path.exists())]
+             (work / "validate" / n).exists() or (n == "calibration.json" and calibration is not None)]
+    try:
+        compared = comparison(rows, calibration, steps)
+    except Exception as exc:  # a summary without its comparison beats no summary
+        compared = [{"figure": "comparison", "ours": f"failed: {type(exc).__name__}: {exc}", "published": "",
+                     "verdict": "", "note": ""}]
     data = {**check, "gpu": env.get("gpu") or "unknown GPU", "gpu_dir": gpu_dir_name(env.get("gpu")),
-            "rehearsal": rehearse, "files": files, "comparison": comparison(rows, calibration, steps)}
-    text = render({**data, "_rows": rows})
+            "rehearsal": rehearse, "files": files, "comparison": compared}
+    try:
+        text = render({**data, "_rows": rows})
+    except Exception as exc:  # the rows' table is the likeliest to trip on an odd row: leave it out
+        print(f"the validation rows could not be tabulated: {type(exc).__name__}: {exc}", file=sys.stderr)
+        text = render({**data, "_rows": None})
+
     for d in (work, out):
         d.mkdir(parents=True, exist_ok=True)
         (d / "gpu_check.json").write_text(json.dumps(data, indent=2, default=str))
