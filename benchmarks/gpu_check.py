@@ -390,7 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else (Path(tempfile.mkdtemp(prefix="gpu-check-rehearsal-")) if args.rehearse
                                               else ROOT / "results" / "gpu-check" / stamp)
     out = Path(args.out or os.environ.get("OUT") or work / "out")
-    check = Check(work, out, args.rehearse, args)
+    try:
+        check = Check(work, out, args.rehearse, args)
+    except (OSError, ValueError, KeyError) as exc:  # an unwritable directory, a suite that is not one case a table
+        say(f"gpu_check: {type(exc).__name__}: {exc}")
+        return 2
     found, problems, has_cc = preflight()
     check.preflight = found
     check.log(f"gpu_check{' --rehearse (fake GPU: no figure is a measurement)' if args.rehearse else ''}: "

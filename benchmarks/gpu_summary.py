@@ -145,8 +145,10 @@ def comparison(rows, calibration: dict | None, steps: list[dict]) -> list[dict]:
     bf16 = peak(calibration, "bfloat16")
     pct = _num((flash or {}).get("pct_of_peak"))
     pct = pct if math.isfinite(pct) else (100 * t / bf16 if t == t and bf16 == bf16 else math.nan)
+    fake = (((calibration or {}).get("entries") or {}).get("cuda") or {}).get("rehearsal")
+    source = "REHEARSAL: cost model" if fake else "measured: bench calibrate"
     add("sdpa-flash fwd bf16, % of the measured bf16 matmul peak", f"{pct:.1f}%" if pct == pct else "not measured",
-        f"peak {bf16:.0f} TFLOP/s (measured: bench calibrate)" if bf16 == bf16 else "no calibration", "")
+        f"peak {bf16:.0f} TFLOP/s ({source})" if bf16 == bf16 else "no calibration", "")
     for backend in ("cudnn", "efficient"):
         row = find(rows, "sdpa", FA2, backend)
         x = tflops(row)

@@ -162,6 +162,27 @@ def test_the_validation_suite_is_about_20_cases_one_process_fa2_shape_first():
     assert {c["params"].get("backend") for c in cases if c["variant"] == "sdpa"} >= {"flash", "efficient", "cudnn"}
     fwd_bwd = {(c["variant"], c["params"].get("backend")) for c in cases if c["mode"] == "fwd_bwd"}
     assert fwd_bwd == {("sdpa", "flash"), ("flex", None)}
+    compiling = [i for i, c in enumerate(cases) if c["variant"] in ("flex", "triton")]
+    assert compiling == list(range(len(cases) - len(compiling), len(cases)))  # the cheap cases first
+
+
+def test_if_compiles_take_twice_the_estimate_the_cut_still_keeps_the_comparison(monkeypatch):
+    """The order's point: with every compile figure of the cost model doubled, the cases the validation
+    step still finishes within its timeout include every sdpa and decode case and the first flex and
+    Triton cases at the FA2 shape."""
+    for name in ("triton_compile", "flex_probe", "flex_compile_fwd", "flex_compile_fwd_bwd"):
+        monkeypatch.setitem(gpu_plan.COST, name, gpu_plan.Figure(2 * gpu_plan.cost(name), "doubled"))
+    p = gpu_plan.plan()
+    validate = next(s for s in p["steps"] if s.key == "validate")
+    assert validate.predicted_s > validate.timeout_s  # the step is cut ...
+    elapsed, done = 0.0, []
+    for name, seconds in validate.parts:
+        elapsed += seconds
+        if elapsed <= validate.timeout_s - validate.grace_s:
+            done.append(name)
+    cases = [n for n in done if " B" in n]
+    assert sum(n.startswith(("sdpa", "decode_split_k", "paged")) for n in cases) == 13
+    assert "flex fwd B1 L16384 D128 bfloat16" in cases and "triton fwd B1 L16384 D128 bfloat16" in cases
 
 
 def test_every_step_has_a_fixed_timeout_and_they_add_up_to_7_minutes():
@@ -272,6 +293,9 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):
     assert proc.returncode == 2 and proc.stdout.startswith("gpu_check: unknown step nonsense") and not proc.stderr
     proc = checker("--import", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "holds no gpu_check.json" in proc.stdout and not proc.stderr
+    (tmp_path / "file").write_text("")
+    proc = checker("--work", str(tmp_path / "file" / "work"))  # a work directory that cannot be made
+    assert proc.returncode == 2 and proc.stdout.startswith("gpu_check: ") and not proc.stderr
 
 
 def test_without_a_gpu_the_check_stops_at_the_environment_step(tmp_path):
