@@ -356,6 +356,10 @@ def collect(check: Check) -> list[str]:
             shutil.copyfile(src, check.out / name)
     for note in notes:
         check.log(f"  {note}")
+    for worker_log in sorted(check.work.glob("validate/logs/*.log")) + sorted(check.work.glob("drill/run/logs/*.log")):
+        text = worker_log.read_text(errors="replace").strip()
+        if text:  # the workers' stderr: compiler warnings, tracebacks of error rows
+            check.log(f"\n== {worker_log.relative_to(check.work)}\n" + capped(text, 256 * 2**10), echo=False)
     log = capped(check.log_path.read_text(errors="replace"), gpu_plan.LOG_LIMIT_BYTES)
     (check.out / "gpu_check.log").write_text(log)
     return sorted(p.name for p in check.out.iterdir() if p.is_file())
