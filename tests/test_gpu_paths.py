@@ -2,9 +2,11 @@
 
 Timing (warm-up by GPU time, host-bound rows, CUDA-graph capture that fails), the worker's
 handling of sticky CUDA errors and the circuit breaker, per-phase failures, the CUDA memory
-budget and the math backend's estimate, the GPU record, SDPA's backend choice, and the GPU
-validation suite and script. Telemetry's windows are in tests/test_telemetry.py, the do_bench
-cross-check in tests/test_calibrate.py, GPU rows in report/compare/export in tests/test_gpu_rows.py.
+budget and the math backend's estimate, the GPU record, SDPA's backend choice, the GPU
+validation suite, the graph and host-bound rules of issue 26 (points 9, 10) and paged flex on
+CUDA (point 12). benchmarks/gpu_check.py itself is tested in tests/test_gpu_check.py, telemetry's
+windows in tests/test_telemetry.py, the do_bench cross-check in tests/test_calibrate.py, GPU rows
+in report/compare/export in tests/test_gpu_rows.py.
 """
 
 import gc
