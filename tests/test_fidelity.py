@@ -234,7 +234,6 @@ def wrong_variants():
 
 
 def _run(variant, mode="fwd", dtype="float32", **axes):
-    from harness.engine.runner import run_case
     from harness.measure.timing import TimingConfig
 
     axes = {"heads": 2, "kv_heads": 2, "seq_len": 16, "head_dim": 8, **axes}

@@ -2,9 +2,11 @@
 
 Timing (warm-up by GPU time, host-bound rows, CUDA-graph capture that fails), the worker's
 handling of sticky CUDA errors and the circuit breaker, per-phase failures, the CUDA memory
-budget and the math backend's estimate, the GPU record, SDPA's backend choice, and the GPU
-validation suite and script. Telemetry's windows are in tests/test_telemetry.py, the do_bench
-cross-check in tests/test_calibrate.py, GPU rows in report/compare/export in tests/test_gpu_rows.py.
+budget and the math backend's estimate, the GPU record, SDPA's backend choice, the GPU
+validation suite, the graph and host-bound rules of issue 26 (points 9, 10) and paged flex on
+CUDA (point 12). benchmarks/gpu_check.py itself is tested in tests/test_gpu_check.py, telemetry's
+windows in tests/test_telemetry.py, the do_bench cross-check in tests/test_calibrate.py, GPU rows
+in report/compare/export in tests/test_gpu_rows.py.
 """
 
 import gc
@@ -87,8 +89,59 @@ def test_l2_flush_runs_before_every_sample_outside_the_events(fake_gpu, monkeypa
     monkeypatch.setattr(cudatime, "L2Flusher", Flusher)
     t = time_call(fake_gpu.kernel(gpu_s=1e-3), TimingConfig(warmup=1, max_reps=7, flush_l2=True), device="cuda",
                   clock=fake_gpu.clock)
-    assert t.l2_flush and len(flushes) == len(t.samples_s) == 7
+    # one flush before every sample, and 3 more timed once (the flush's own GPU time, for host_bound)
+    assert t.l2_flush and len(t.samples_s) == 7 and len(flushes) == 7 + 3
     assert max(t.samples_s) == pytest.approx(1e-3)  # the flush's 0.5 ms is not in any sample
+
+
+class TimedFlusher:
+    """A fake L2 flush that costs ``gpu_s`` of the fake GPU's time."""
+
+    def __init__(self, fake, gpu_s):
+        self.flush = fake.kernel(gpu_s=gpu_s, host_s=2e-6)
+
+    def __call__(self):
+        self.flush()
+
+
+def test_short_kernels_behind_the_flush_are_not_host_bound(fake_gpu, monkeypatch):
+    """Issue 26, point 10: a 35 µs kernel issued in 40 µs is not host-bound when an 80 µs flush ran
+    before its start event (the host issued it while the GPU flushed); a 300 µs issue still is."""
+    monkeypatch.setattr(cudatime, "L2Flusher", lambda device: TimedFlusher(fake_gpu, 80e-6))
+    config = TimingConfig(warmup=1, max_reps=20, flush_l2=True, rotate_inputs=False)
+    short = time_call(fake_gpu.kernel(gpu_s=35e-6, host_s=40e-6), config, device="cuda", clock=fake_gpu.clock)
+    assert short.host_bound is False and "host-bound" not in short.note
+    assert 40e-6 >= cudatime.HOST_BOUND_RATIO * 35e-6  # the old rule (events alone) called it host-bound
+    slow = time_call(fake_gpu.kernel(gpu_s=35e-6, host_s=300e-6), config, device="cuda", clock=fake_gpu.clock)
+    assert slow.host_bound is True and "L2 flush" in slow.note
+    unflushed = time_call(fake_gpu.kernel(gpu_s=35e-6, host_s=40e-6), TimingConfig(warmup=1, max_reps=20, **NO_FLUSH),
+                          device="cuda", clock=fake_gpu.clock)
+    assert unflushed.host_bound is True  # nothing queued ahead of it: the GPU did wait
+
+
+def test_graph_samples_amortise_the_replay_launch_like_do_bench_cudagraph(fake_gpu, monkeypatch):
+    """Issue 26, point 9: a graph replay costs a launch gap (3 µs here) on top of its kernels. One call per
+    replay put it into every sample (+7.5% for a 40 µs kernel, outside the ±3% goal); several calls per replay
+    spread it, as do_bench_cudagraph does, and the result is within 0.5%."""
+    real_graph = torch.cuda.CUDAGraph
+
+    class GappedGraph(real_graph):
+        def replay(self):
+            fake_gpu.gpu_t += 3e-6
+            super().replay()
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", GappedGraph)
+    kernel = fake_gpu.kernel(gpu_s=40e-6, host_s=5e-6)
+    t = time_call(kernel, TimingConfig(warmup=1, max_reps=20, cuda_graph=True, **NO_FLUSH), device="cuda",
+                  clock=fake_gpu.clock)
+    assert cudatime.graph_calls(40e-6, flush_l2=False) == 50  # 2 ms of GPU time per replay
+    assert t.method == "cuda_graph" and "50 calls per replay" in t.note
+    assert t.median_s == pytest.approx(40e-6, rel=0.005)
+    one = (3e-6 + 40e-6) / 40e-6 - 1
+    assert one > 0.03  # what one call per replay measured: outside the cross-check's goal
+    # with the L2 flush every call must start cold: one call per replay, the gap stays (and the note says nothing)
+    assert cudatime.graph_calls(40e-6, flush_l2=True) == 1
+    assert cudatime.graph_calls(0.05, flush_l2=False) == 1 and cudatime.graph_calls(1e-7, flush_l2=False) == 100
 
 
 def test_graph_capture_replays_and_restores_the_stream(fake_gpu):
@@ -350,22 +403,25 @@ def test_gpu_validate_suite_dry_run_lists_flashattentions_grid():
     assert sum(" B32 H32 L512 D64" in ln for ln in lines) == 80
 
 
-def test_crash_drill_suite_is_valid():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gpu_check
-
-    path = Path(__import__("tempfile").mkdtemp()) / "drill.toml"
-    path.write_text(gpu_check.drill_suite())
-    proc = bench("run", str(path), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
-    assert [ln.split()[0] for ln in proc.stdout.splitlines()] == [v for v, _, _ in gpu_check.DRILL]
+# benchmarks/gpu_check.py itself (its plan, rehearsal, crash drill, steps): tests/test_gpu_check.py
 
 
-def test_gpu_check_without_a_gpu_stops_at_step_one_and_writes_its_summary(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the script would run for real")
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--budget-s", "60", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 2 and "no CUDA GPU" in proc.stdout
-    summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert summary["steps"][0]["status"] == "fail" and "no CUDA GPU" in (tmp_path / "gpu_check.md").read_text()
+# -- paged flex on CUDA (issue 26, point 12) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("page_size, refused", [(16, True), (64, True), (128, False), (256, False)])
+def test_paged_flex_on_cuda_needs_pages_of_a_multiple_of_128(page_size, refused, monkeypatch):
+    """The page is the flex path's KV block: on CUDA it must be a multiple of 128, as flex's own tile
+    (variants/flex.py); a 16-token page would have been an error row, now it is a skipped one that says why."""
+    from harness import get_variant
+    from variants import flex
+
+    monkeypatch.setattr(flex, "unavailable", lambda device: None)  # as if FlexAttention compiled here
+
+    case = Case("paged", {"path": "flex"}, device="cuda", batch=1, heads=8, kv_heads=2, q_len=1, seq_len=4096,
+                head_dim=64, dtype="bfloat16", causal=True, kv_layout="paged", page_size=page_size)
+    reasons = get_variant("paged").not_supported_reasons(case)
+    assert any("multiple of 128" in r for r in reasons) == refused
+    cpu = Case("paged", {"path": "flex"}, batch=1, heads=8, kv_heads=2, q_len=1, seq_len=4096, head_dim=64,
+               causal=True, kv_layout="paged", page_size=16)
+    assert not any("multiple of 128" in r for r in get_variant("paged").not_supported_reasons(cpu))

@@ -8,7 +8,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import random
 import shutil
 import sys
 

@@ -148,6 +148,30 @@ def test_energy_falls_back_to_integrated_power_without_a_counter():
     assert "energy" in cols["telemetry_note"]  # the unsupported counter is stated
 
 
+def test_energy_loop_is_short_and_counts_whole_counter_steps():
+    """Issue 26, point 4: the energy loop was a fixed second of every case. It now stops once the counter's
+    steps span ENERGY_MIN_TIME_S (0.2 s), and takes the energy between steps: a counter that steps every
+    100 ms (A100/H100) would otherwise put up to a whole step of error at each end of a short loop."""
+    nv = fake_nvml()
+    clock = Clock()
+    watts, period = 500.0, 0.1
+    # the counter steps every 100 ms of the (fake) clock: the energy up to the last step, in mJ
+    nv.nvmlDeviceGetTotalEnergyConsumption = lambda h: 7_000_000 + int(clock.t / period) * period * watts * 1000
+
+    def kernel():  # 1.3 ms at 500 W: 0.65 J
+        clock.t += 0.0013
+
+    clock.t = 0.037  # start between two steps
+    with telemetry.Sampler("cuda", nvml=nv, index=0, sync=lambda: None, clock=clock, interval_s=10) as s:
+        start = clock.t
+        energy = s.measure_energy(kernel, tokens=1)
+        took = clock.t - start
+    assert telemetry.ENERGY_MIN_TIME_S < 1.0 and took <= telemetry.ENERGY_MIN_TIME_S + 2 * period + 0.02
+    assert energy == pytest.approx(0.65, rel=0.05) and s.columns["energy_source"] == "counter"
+    naive = (nv.nvmlDeviceGetTotalEnergyConsumption(None) - 7_000_000 - int(start / period) * period * watts * 1000)
+    assert abs(naive / 1000 / round(took / 0.0013) - 0.65) > 0.05 * 0.65  # what end-to-end differencing gives
+
+
 def test_timing_window_and_energy_loop_are_reported_apart():
     nv = fake_nvml(power_mw=200_000)
     clock, kernel = clocked_kernel(nv, 0.25)

@@ -192,6 +192,77 @@ def test_autotuner_prunes_with_the_launch_shape(monkeypatch):
     assert [triton_fused._config_dict(c) for c in kept] == want
 
 
+def test_tuning_key_is_the_length_rounded_up_to_a_power_of_two(monkeypatch):
+    """Issue 26, point 2: the autotuner's key holds seq_len rounded up to a power of two, so the lengths of
+    a bucket share one tuning (each tuning compiles every candidate), and pruning sees the bucket."""
+    from variants import triton_fused
+
+    assert triton_fused.tune_length(1) == 16 and triton_fused.tune_length(16) == 16
+    assert triton_fused.tune_length(17) == 32 and triton_fused.tune_length(9000) == 16384
+    if not triton_fused.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    assert triton_fused._attention_fwd_tuned.keys == ["tune_len", "HEAD_DIM", "CAUSAL"]
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((args, kw))
+
+    monkeypatch.setattr(triton_fused, "INTERPRETED", True)  # accept CPU tensors; nothing is compiled
+    monkeypatch.setattr(triton_fused, "_attention_fwd_tuned", Recorder())
+    for L in (9000, 16000, 16384):
+        q = torch.empty(1, 2, L, 64, dtype=torch.float16)
+        triton_fused.launch(q, q, q, causal=False)
+    assert [args[-1] for args, _ in launched] == [16384] * 3  # one tuning key for the three lengths
+    assert [args[-2] for args, _ in launched] == [9000, 16000, 16384]  # the kernel still masks the real length
+    named = {"Q": torch.empty(1, 1, 1, 64, dtype=torch.float16), "seq_len": 9000, "tune_len": 16384}
+    monkeypatch.setattr(triton_fused, "_shared_memory", lambda device: SHARED_MEMORY["sm90"])
+    configs = [triton_fused._triton_config(c) for c in triton_fused.CONFIG_SPACE]
+    kept = triton_fused._prune(configs, named, HEAD_DIM=64, CAUSAL=False)
+    assert len(kept) == len(triton_fused.feasible_configs(triton_fused.CONFIG_SPACE, seq_len=16384, head_dim=64,
+                                                          causal=False, element_bytes=2,
+                                                          shared_memory=SHARED_MEMORY["sm90"]))
+
+
+@pytest.mark.parametrize("gpu", sorted(SHARED_MEMORY))
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fixed_config_is_feasible_everywhere(gpu, head_dim, causal):
+    """The config a correctness sweep uses without tuning fits the shape and the GPU."""
+    from variants.triton_fused import CONFIG_SPACE, FIXED_CONFIGS, feasible_configs, fixed_config, tune_length
+
+    cc = 9 if gpu == "sm90" else 8
+    shape = dict(head_dim=head_dim, causal=causal, element_bytes=2, shared_memory=SHARED_MEMORY[gpu],
+                 compute_capability=cc)
+    for L in (1, 777, 16384):
+        got = fixed_config(seq_len=L, **shape)
+        assert got in feasible_configs(CONFIG_SPACE, seq_len=tune_length(L), **shape)
+        if gpu == "sm90" and head_dim <= 128 and L > 64:
+            assert got == FIXED_CONFIGS[0]
+
+
+def test_hopper_keeps_8_warps_only_for_128x128_tiles():
+    """Triton's fused-attention tutorial's rule on compute capability 9: fewer candidates to compile."""
+    from variants.triton_fused import CONFIG_SPACE, feasible_configs
+
+    shape = dict(seq_len=16384, head_dim=128, causal=False, element_bytes=2, shared_memory=SHARED_MEMORY["sm90"])
+    hopper = feasible_configs(CONFIG_SPACE, compute_capability=9, **shape)
+    assert all(c["num_warps"] == 4 or c["BLOCK_M"] * c["BLOCK_N"] >= 128 * 128 for c in hopper)
+    assert len(hopper) == 18 and len(feasible_configs(CONFIG_SPACE, **shape)) == 32
+
+
+def test_fixed_mode_makes_the_variant_skip_tuning(monkeypatch):
+    from variants import triton_fused
+
+    calls = []
+    monkeypatch.setattr(triton_fused, "launch", lambda q, k, v, causal, config=None: calls.append(config))
+    monkeypatch.delenv(triton_fused.TUNE_ENV, raising=False)
+    triton_fused.triton_attention.fn(None, None, None, causal=True)
+    monkeypatch.setenv(triton_fused.TUNE_ENV, "fixed")
+    triton_fused.triton_attention.fn(None, None, None, causal=True)
+    assert calls == [None, "fixed"] and triton_fused.tune_mode() == "fixed"
+
+
 # --------------------------------------------------------------------------------------------
 # GPU only: compiled kernel, autotuning once per key, bfloat16
 

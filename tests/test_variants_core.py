@@ -213,7 +213,6 @@ def test_flops_default_to_exact_attention_and_approximations_must_declare_theirs
 
 
 def test_all_skip_reasons_at_once_declared_limits_and_check(scratch_registry):
-    from harness.engine.runner import run_case
     from harness.measure.timing import TimingConfig
 
     register_variant(

@@ -28,7 +28,8 @@ after some traffic; its last page may be partly filled (the rest holds random va
   order, and a mask_mod maps a pool position back to its logical position for the length and
   causal tests. The BlockMask is built once per block table and cached (an engine converts it
   once per step for all layers; its build is in ``first_call_ms``). Skipped where FlexAttention
-  does not compile.
+  does not compile, and on CUDA for pages that are not a multiple of 128 tokens (the page is the
+  BlockMask's KV block, which FlexAttention's CUDA kernel tiles by 128, as ``flex``'s own tile).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ GATHER_CHUNK_BYTES = 16 << 20
 GATHER_MIN_TOKENS = 128
 #: The flex path's query tile: one tile of queries per sequence (q_len up to this).
 FLEX_Q_TILE = 128
+#: On CUDA the flex path's page (its BlockMask's KV block) must be a multiple of this, as flex's own tile
+#: must (variants.flex): FlexAttention's CUDA kernel needs the sparse block size to be a multiple of its BLOCK_N.
+FLEX_CUDA_PAGE_MULTIPLE = 128
 
 
 def gather_pages(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -187,7 +191,13 @@ def _check(case) -> list[str]:
         return []
     from variants import flex
 
-    reasons = [f"paged path 'flex': {why}"] if (why := flex.unavailable(case.device)) else []
+    reasons = []
+    if case.device == "cuda" and (case.page_size or 16) % FLEX_CUDA_PAGE_MULTIPLE:
+        reasons.append(f"paged path 'flex' on CUDA needs page_size a multiple of {FLEX_CUDA_PAGE_MULTIPLE} (the page is "
+                       f"FlexAttention's KV block, which its CUDA kernel tiles by {FLEX_CUDA_PAGE_MULTIPLE}), "
+                       f"not {case.page_size or 16}")
+    if not reasons and (why := flex.unavailable(case.device)):
+        reasons.append(f"paged path 'flex': {why}")
     if (case.q_len or case.seq_len) > FLEX_Q_TILE:
         reasons.append(f"paged path 'flex' takes q_len <= {FLEX_Q_TILE} (one query tile per sequence)")
     return reasons

@@ -24,14 +24,24 @@ visited (causal skipping: half the work). Causal programs are launched heaviest
 first (last query block first) so the long rows do not form a tail.
 
 Launch configuration (tile sizes ``BLOCK_M``/``BLOCK_N``, warps, pipeline stages)
-is autotuned by ``triton.autotune`` per (seq_len, head_dim, causal, dtype): the
-first call with a new key compiles and times every candidate that survives
-:func:`feasible_configs` (tile divisibility, tiles no longer than the sequence
-needs, a shared-memory and register estimate for this GPU) and keeps the fastest;
-later calls reuse it. That tuning is part of the harness's ``first_call_ms``,
-never of the timed calls. Under Triton's interpreter (``TRITON_INTERPRET=1``, set
-before this module is imported) there is one small config, and :func:`launch`
-accepts CPU tensors: that is how the tests check the kernel without a GPU.
+is autotuned by ``triton.autotune`` per (tuning length, head_dim, causal, dtype), the
+tuning length being ``seq_len`` rounded up to a power of two (:func:`tune_length`):
+every length of a bucket gets the same candidates from :func:`feasible_configs`, so one
+tuning serves them all, where the exact length in the key re-tuned for every length
+(each tuning compiles every candidate, about a second each). The first call with a new
+key compiles and times every candidate that survives :func:`feasible_configs` (tile
+divisibility, tiles no longer than the bucket needs, a shared-memory and register
+estimate for this GPU, and on Hopper the Triton tutorial's rule that 8 warps only pay
+for 128×128 tiles) and keeps the fastest; later calls reuse it. That tuning is part of
+the harness's ``first_call_ms``, never of the timed calls.
+
+Without tuning, :func:`fixed_config` gives one config that fits the shape and the GPU
+(the first of :data:`FIXED_CONFIGS` that :func:`feasible_configs` keeps): ``launch(...,
+config="fixed")``, and the ``triton`` variant itself when ``ATTENTION_BENCH_TRITON_TUNE=fixed``
+is set (correctness sweeps: one compile per shape instead of one per candidate). Under
+Triton's interpreter (``TRITON_INTERPRET=1``, set before this module is imported) there is
+one small config, and :func:`launch` accepts CPU tensors: that is how the tests check the
+kernel without a GPU.
 
 Capabilities: CUDA only, float16 / bfloat16 (float32 accumulation), head_dim a
 power of two in 16..256, forward only (no backward kernel), causal or not, any
@@ -42,6 +52,7 @@ without Triton; the kernel is defined only when ``import triton`` succeeds.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -117,6 +128,7 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         heads, group, seq_len,
+        tune_len,  # the autotuner's key (seq_len rounded up to a power of two); unused by the kernel
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     ):
         """One program: query rows [start_m·BLOCK_M, +BLOCK_M) of one (batch, head)."""
@@ -177,10 +189,25 @@ INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
 MAX_ACC_REGISTERS = 128
 #: The autotuner's timing of each candidate: ms of warm-up and of repetitions.
 TUNE_WARMUP_MS, TUNE_REP_MS = 10, 40
+#: Configs used without tuning, by preference (:func:`fixed_config` takes the first one the shape and GPU
+#: keep): the Triton tutorial's usual winners on Hopper/Ampere first, then smaller tiles for small GPUs.
+FIXED_CONFIGS = (
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+)
+#: The environment variable that makes the ``triton`` variant launch :func:`fixed_config` instead of tuning.
+TUNE_ENV = "ATTENTION_BENCH_TRITON_TUNE"
 
 
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def tune_length(seq_len: int) -> int:
+    """The autotuner's key for a sequence length: the next power of two (at least 16)."""
+    return max(16, _next_power_of_two(seq_len))
 
 
 def shared_memory_bytes(cfg: dict, head_dim: int, element_bytes: int) -> int:
@@ -189,14 +216,17 @@ def shared_memory_bytes(cfg: dict, head_dim: int, element_bytes: int) -> int:
 
 
 def feasible_configs(
-    configs, *, seq_len: int, head_dim: int, causal: bool, element_bytes: int, shared_memory: int
+    configs, *, seq_len: int, head_dim: int, causal: bool, element_bytes: int, shared_memory: int,
+    compute_capability: int | None = None,
 ) -> list[dict]:
     """The configs worth timing for this shape on a GPU with ``shared_memory`` bytes per block.
 
     Kept: BLOCK_M a multiple of BLOCK_N when causal (the kernel's diagonal split needs it); tiles
     no longer than the sequence needs (the smallest tile size always stays); K/V pipeline and query
-    tile within shared memory; the float32 accumulator within MAX_ACC_REGISTERS per thread. Never
-    empty: the smallest config (which fits every supported head_dim on any sm80+ GPU) stays.
+    tile within shared memory; the float32 accumulator within MAX_ACC_REGISTERS per thread; on
+    Hopper (``compute_capability`` 9) 8 warps only for tiles of at least 128×128 (the rule of
+    Triton's fused-attention tutorial, ``keep``). Never empty: the smallest config (which fits
+    every supported head_dim on any sm80+ GPU) stays.
     """
     configs = [dict(c) for c in configs]
     min_m = min(c["BLOCK_M"] for c in configs)
@@ -210,6 +240,7 @@ def feasible_configs(
             and c["BLOCK_N"] <= max(min_n, span)
             and shared_memory_bytes(c, head_dim, element_bytes) <= shared_memory
             and c["BLOCK_M"] * head_dim <= MAX_ACC_REGISTERS * 32 * c["num_warps"]
+            and not (compute_capability == 9 and c["num_warps"] == 8 and c["BLOCK_M"] * c["BLOCK_N"] < 128 * 128)
         )
 
     kept = [c for c in configs if keep(c)]
@@ -228,19 +259,42 @@ def _shared_memory(device) -> int:
     return int(props["max_shared_mem"])
 
 
+def _capability(device) -> int | None:
+    """The major compute capability of a CUDA ``device`` (None for any other)."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return int(torch.cuda.get_device_capability(device)[0])
+
+
 def _prune(configs, named_args, **kwargs):
-    """``early_config_prune`` hook: :func:`feasible_configs` on this launch's shape and GPU."""
+    """``early_config_prune`` hook: :func:`feasible_configs` on this launch's tuning length and GPU."""
     q = named_args["Q"]
     by_key = {tuple(sorted(_config_dict(c).items())): c for c in configs}
     kept = feasible_configs(
         [_config_dict(c) for c in configs],
-        seq_len=int(named_args["seq_len"]),
+        seq_len=int(named_args.get("tune_len", named_args["seq_len"])),
         head_dim=int(kwargs["HEAD_DIM"]),
         causal=bool(kwargs["CAUSAL"]),
         element_bytes=q.element_size(),
         shared_memory=_shared_memory(q.device),
+        compute_capability=_capability(q.device),
     )
     return [by_key[tuple(sorted(c.items()))] for c in kept]
+
+
+def fixed_config(*, seq_len: int, head_dim: int, causal: bool, element_bytes: int, shared_memory: int,
+                 compute_capability: int | None = None) -> dict:
+    """One config for this shape and GPU, without tuning: the first of :data:`FIXED_CONFIGS` that
+    :func:`feasible_configs` keeps of the whole space, else the first it keeps."""
+    shape = dict(seq_len=tune_length(seq_len), head_dim=head_dim, causal=causal, element_bytes=element_bytes,
+                 shared_memory=shared_memory, compute_capability=compute_capability)
+    kept = feasible_configs(CONFIG_SPACE, **shape)
+    return dict(next((c for c in FIXED_CONFIGS if c in kept), kept[0]))
+
+
+def tune_mode() -> str:
+    """How the ``triton`` variant launches: "autotune" (default), or "fixed" (:data:`TUNE_ENV`)."""
+    return "fixed" if os.environ.get(TUNE_ENV, "").strip().lower() == "fixed" else "autotune"
 
 
 def _triton_config(cfg: dict):
@@ -254,32 +308,37 @@ def _tune_bench(kernel_call, quantiles):
 
 
 if HAS_TRITON:
-    #: The autotuned kernel: tuned once per (seq_len, HEAD_DIM, CAUSAL, dtypes) per process.
+    #: The autotuned kernel: tuned once per (tune_len, HEAD_DIM, CAUSAL, dtypes) per process.
     _attention_fwd_tuned = triton.autotune(
         configs=[_triton_config(INTERPRETER_CONFIG)] if INTERPRETED else [_triton_config(c) for c in CONFIG_SPACE],
-        key=["seq_len", "HEAD_DIM", "CAUSAL"],
+        key=["tune_len", "HEAD_DIM", "CAUSAL"],
         prune_configs_by={"early_config_prune": _prune},
         do_bench=_tune_bench,
     )(_attention_fwd)
 
 
-def launch(q, k, v, *, causal: bool, config: dict | None = None):
+def launch(q, k, v, *, causal: bool, config: dict | str | None = None):
     """Run the kernel: q (B, H, L, D), k and v (B, H_kv, L, D) -> out (B, H, L, D).
 
-    ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner. CUDA tensors,
-    or CPU tensors under Triton's interpreter (the tests' path; the variant declares CUDA only).
+    ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner; ``"fixed"`` takes
+    :func:`fixed_config`'s. CUDA tensors, or CPU tensors under Triton's interpreter (the tests'
+    path; the variant declares CUDA only).
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the triton kernel needs CUDA tensors, not {q.device.type} (CPU only under TRITON_INTERPRET=1)")
     B, H, L, D = q.shape
+    if config == "fixed":
+        config = dict(INTERPRETER_CONFIG) if INTERPRETED else fixed_config(
+            seq_len=L, head_dim=D, causal=bool(causal), element_bytes=q.element_size(),
+            shared_memory=_shared_memory(q.device), compute_capability=_capability(q.device))
     out = torch.empty_like(q)
     args = (
         q, k, v, out,
         LOG2E / math.sqrt(D),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, H // k.shape[1], L,
+        H, H // k.shape[1], L, tune_length(L),
     )
     if config is None:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
@@ -331,4 +390,4 @@ def _working_set(case) -> float:
     description="our FlashAttention-2-style fused forward kernel in Triton (online softmax, causal skipping, GQA)",
 )
 def triton_attention(q, k, v, *, causal):
-    return launch(q, k, v, causal=causal)
+    return launch(q, k, v, causal=causal, config="fixed" if tune_mode() == "fixed" else None)

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from harness.cli.common import EXIT_OK, EXIT_USAGE, positive_int
+from harness.cli.common import EXIT_OK, positive_int
 
 
 def _share(text: str) -> float:

@@ -124,7 +124,7 @@ def write_bytes(path: str | Path, data: bytes, root: str | Path | None = None) -
 def _open(path: Path, flags: int, what: str) -> int:
     try:
         return os.open(path, flags | NOFOLLOW | CLOEXEC, 0o666)
-    except OSError as exc:
+    except OSError:
         if Path(path).is_symlink():
             raise UnsafePath(f"{path}: is a symlink; bench {what} no file through a symlink "
                              "(a directory from elsewhere may hold one)") from None

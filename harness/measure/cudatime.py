@@ -21,10 +21,19 @@ without a GPU):
 * **Samples** (:func:`sample`): CUDA events around each call, in batches sized from the
   warm-up's GPU time, an L2 flush before each sample (outside the events), and the
   stopping rule checked after each batch. The CPU time spent *issuing* the calls is
-  measured too: when it is close to the GPU time the events measured
-  (``host_issue / events >= HOST_BOUND_RATIO``), the GPU waited for the host inside the
-  events, so the row is ``host_bound`` (launch overhead, per-call Python guards, a
-  synchronising call) and its note says so.
+  measured too. The GPU waited for the host inside the events only when issuing a call took
+  longer than the GPU had queued ahead of it: the call itself and, with ``flush_l2``, the flush
+  before its start event, during which the host is already issuing (a 256 MiB flush takes about
+  80 µs on an H100, longer than many short kernels). So a row is ``host_bound`` (launch
+  overhead, per-call Python guards, a synchronising call) when ``host_issue >=
+  HOST_BOUND_RATIO · (events + flush)``, the flush's GPU time measured once per case
+  (``flush_s``), and its note says so.
+* **Graphs** (``cuda_graph``): without the L2 flush, one graph holds several calls, enough
+  for about :data:`GRAPH_REPLAY_S` of GPU time (at most :data:`MAX_GRAPH_CALLS`), and a
+  sample is one replay's event time divided by its calls, as ``triton.testing.do_bench_cudagraph``
+  measures: a replay's own launch gap (a few µs, 2-8% of a 35-60 µs kernel) is spread over the
+  calls rather than added to each sample. With the flush, every call must start from a cold L2,
+  so a graph holds one call, flushed before it.
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ WARMUP_GPU_S = 0.025
 HOST_BOUND_RATIO = 0.9
 #: Most warm-up calls, whatever the GPU time says (a callable that queues no GPU work).
 MAX_WARMUP_CALLS = 100_000
+#: GPU time one CUDA-graph replay should take (calls per graph = this / one call's time), and the most calls.
+GRAPH_REPLAY_S = 2e-3
+MAX_GRAPH_CALLS = 100
 
 
 def _event_pair():
@@ -127,6 +139,27 @@ def capture_graph(fn: Callable[[], Any], warmup: int = 2):
         torch.cuda.set_stream(caller)
 
 
+def graph_calls(per_call_s: float, flush_l2: bool) -> int:
+    """Calls captured in one graph (see the module docstring): 1 with the L2 flush (each call must
+    find a cold L2), else enough for :data:`GRAPH_REPLAY_S` of GPU time, at most :data:`MAX_GRAPH_CALLS`."""
+    if flush_l2 or not (per_call_s > 0 and math.isfinite(per_call_s)):
+        return 1
+    return int(max(1, min(MAX_GRAPH_CALLS, math.ceil(round(GRAPH_REPLAY_S / per_call_s, 6)))))
+
+
+def flush_seconds(flush: Callable[[], Any], repeats: int = 3) -> float:
+    """GPU time of one L2 flush, by events around ``repeats`` flushes."""
+    import torch
+
+    begin, end = _event_pair()
+    begin.record()
+    for _ in range(repeats):
+        flush()
+    end.record()
+    torch.cuda.synchronize()
+    return max(0.0, begin.elapsed_time(end) / 1e3 / repeats)
+
+
 @dataclass
 class CudaSamples:
     """What :func:`sample` measured."""
@@ -141,13 +174,35 @@ class CudaSamples:
     host_bound: bool | None = None
     #: why the worker process should be replaced after this case ("" when healthy)
     restart: str = ""
+    #: calls per sample (CUDA graphs: the calls one replay runs; a sample is its time / this)
+    calls_per_sample: int = 1
+    #: GPU seconds of the L2 flush before each sample (0 without it)
+    flush_s: float = 0.0
 
 
-def _capture_all(fns, result: CudaSamples) -> list:
+def _chain(fns: Sequence[Callable[[], Any]], calls: int) -> Callable[[], None]:
+    """One callable making ``calls`` calls, cycling through ``fns``."""
+    seq = [fns[j % len(fns)] for j in range(calls)]
+
+    def run() -> None:
+        for f in seq:
+            f()
+
+    return run
+
+
+def _capture_all(fns, result: CudaSamples, calls: int = 1) -> list:
+    """The graphs the samples replay: one per callable (``calls == 1``), or one graph of ``calls``
+    calls cycling through all of them (rounded up to a multiple of their number)."""
     import torch
 
     try:
-        return [capture_graph(f) for f in fns]
+        if calls <= 1:
+            return [capture_graph(f) for f in fns]
+        calls = len(fns) * math.ceil(calls / len(fns))
+        graphs = [capture_graph(_chain(fns, calls))]
+        result.calls_per_sample = calls
+        return graphs
     except Exception as exc:  # not capturable (host sync, dynamic shapes, CPU work...): time eagerly
         try:
             torch.cuda.synchronize()
@@ -167,19 +222,26 @@ def sample(fns: Sequence[Callable[[], Any]], config, device: str, clock: Callabl
 
     result = CudaSamples(samples_s=[], stop="")
     runners: list[Callable[[], Any]] = list(fns)
-    graphs = _capture_all(fns, result) if config.cuda_graph else []
+    per_call_s = per_call_s if per_call_s > 0 and math.isfinite(per_call_s) else 1e-3
+    graphs = (_capture_all(fns, result, graph_calls(per_call_s, config.flush_l2)) if config.cuda_graph else [])
     if graphs:
         runners = [g.replay for g in graphs]
         result.method = "cuda_graph"
+    k = result.calls_per_sample
+    if k > 1:
+        result.notes.append(f"cuda_graph: {k} calls per replay; a sample is the replay's time / {k} "
+                            "(as do_bench_cudagraph)")
     flush = L2Flusher(device) if config.flush_l2 else None
     result.l2_flush = flush is not None
-    per_call_s = per_call_s if per_call_s > 0 and math.isfinite(per_call_s) else 1e-3
+    if flush is not None:
+        result.flush_s = flush_seconds(flush)
+    per_sample_s = k * per_call_s
     host_s = event_s = 0.0
     i, reason, t0 = start, None, clock()
     while reason is None:
         budget_left = max(config.max_time_s, config.min_time_s) - (clock() - t0)
-        # a batch takes about 20 ms (never more than the budget left), at most 50 calls
-        batch = int(min(50, max(1, 0.02 / per_call_s), max(1, budget_left / per_call_s)))
+        # a batch takes about 20 ms (never more than the budget left), at most 50 samples
+        batch = int(min(50, max(1, 0.02 / per_sample_s), max(1, budget_left / per_sample_s)))
         batch = max(1, min(batch, config.max_reps - len(result.samples_s)))
         if len(result.samples_s) < config.min_reps:
             batch = max(batch, min(config.min_reps, config.max_reps) - len(result.samples_s))
@@ -196,17 +258,19 @@ def sample(fns: Sequence[Callable[[], Any]], config, device: str, clock: Callabl
         torch.cuda.synchronize()
         times = [begin.elapsed_time(end) / 1e3 for begin, end in events]
         event_s += sum(times)
-        result.samples_s.extend(times)
+        result.samples_s.extend(t / k for t in times)
         reason = stop(result.samples_s, clock() - t0)
     result.stop = reason
     del graphs
     n = len(result.samples_s)
     result.host_s = host_s / n
-    result.host_bound = bool(event_s <= 0 or host_s >= HOST_BOUND_RATIO * event_s)
+    ahead_s = event_s + n * result.flush_s  # GPU work queued before and inside the events
+    result.host_bound = bool(event_s <= 0 or host_s >= HOST_BOUND_RATIO * ahead_s)
     if result.host_bound:
+        flushed = f" (+ {1e3 * result.flush_s:.4g} ms of L2 flush before them)" if result.flush_s else ""
         result.notes.append(
             f"host-bound: issuing a call took {1e3 * host_s / n:.4g} ms of CPU time against "
-            f"{1e3 * event_s / n:.4g} ms between its events, so the events include launch overhead"
+            f"{1e3 * event_s / n:.4g} ms between its events{flushed}, so the events include launch overhead"
             + ("" if result.method == "cuda_graph" else " (cuda_graph = true removes it)")
         )
     return result

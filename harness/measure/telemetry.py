@@ -7,17 +7,24 @@ On an NVIDIA GPU, :class:`Sampler` is a context manager that samples NVML
 
 Energy per call comes from the GPU's total-energy counter
 (``nvmlDeviceGetTotalEnergyConsumption``, millijoules since the driver loaded;
-Volta and later) read before and after back-to-back calls lasting at least
-``min_time_s`` (the counter updates every few tens of milliseconds, so a single
-short call cannot be measured). Where the counter is not supported the sampled
-power is integrated over the same window instead (``energy_source =
-"power_integral"``); ``tokens_per_joule`` (B·L / ``energy_j``) is derived from it (harness.measure.derive).
+Volta and later), read after every short batch of back-to-back calls. The counter
+does not move continuously: it steps when the driver's power reading updates (every
+100 ms on A100 and H100, Yang et al., "Part-time Power Measurements", arXiv:2312.02741),
+so a loop timed from its own start and end would carry up to one step of error at
+each end (±40% for a 0.25 s loop). Instead the energy is taken between the first and
+the last steps the loop sees, divided by the calls made between them: whole update
+periods, however short the loop. The loop runs until those steps span ``min_time_s``
+(:data:`ENERGY_MIN_TIME_S`, 0.2 s by default: a fixed cost of every case, so kept short)
+or ``max_time_s`` has passed. Where the counter is not supported (or never stepped) the
+counter's difference over the loop, or the sampled power integrated over it, is used
+instead (``energy_source = "power_integral"``). ``tokens_per_joule`` (B·L / ``energy_j``) is
+derived from it in the parent (harness.measure.derive).
 
 **Two windows.** The timing and the energy loop are separate windows
 (:meth:`Sampler.window`; :meth:`Sampler.measure_energy` opens its own): the power,
 clock, temperature, utilisation and throttle columns describe the timing window
-alone; the energy loop (at least a second of back-to-back calls, which heats the
-GPU more than the timing did) gives ``energy_j``, ``tokens_per_joule``, its own mean
+alone; the energy loop (back-to-back calls, which may heat the GPU more than the
+timing did) gives ``energy_j`` (and so ``tokens_per_joule``), its own mean
 power (``energy_power_w``) and whether it throttled (``energy_throttled``).
 
 A case is ``throttled`` when NVML reported, during the timing window, a clock
@@ -49,6 +56,12 @@ from harness.core import schema
 
 #: The telemetry columns every row gets (None where not measured): the schema's ``telemetry`` group.
 COLUMNS = schema.names("telemetry")
+
+#: The energy loop: counter steps spanning at least this long (s) end it; it never runs past
+#: ENERGY_MAX_TIME_S; its batches grow until one takes ENERGY_BATCH_S (the error at each step).
+ENERGY_MIN_TIME_S = 0.2
+ENERGY_MAX_TIME_S = 1.0
+ENERGY_BATCH_S = 0.005
 
 #: NVML clock-event reason bits (stable values of nvml.h), with our names.
 REASON_BITS = {
@@ -331,8 +344,10 @@ class Sampler:
     def _energy_mj(self) -> float | None:
         return self._query("energy", lambda: self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
 
-    def measure_energy(self, fn: Callable[[], Any], tokens: float, min_time_s: float = 1.0, max_calls: int = 100000):
-        """Energy of one call of ``fn``: back-to-back calls for at least ``min_time_s``.
+    def measure_energy(self, fn: Callable[[], Any], tokens: float, min_time_s: float = ENERGY_MIN_TIME_S,
+                       max_calls: int = 100000, max_time_s: float = ENERGY_MAX_TIME_S):
+        """Energy of one call of ``fn``: back-to-back calls until the energy counter's steps span
+        ``min_time_s`` (see the module docstring), or ``max_time_s`` has passed.
 
         Does nothing when telemetry is not active. The result goes into ``columns``
         (``energy_j`` per call, ``tokens_per_joule``, ``energy_source``) on exit.
@@ -340,20 +355,35 @@ class Sampler:
         if not self.active:
             return None
         with self.window("energy"):
-            e0 = self._energy_mj()
+            e0 = last = self._energy_mj()
             t0 = self.clock()
+            steps: list[tuple[int, float, float]] = []  # (calls made, counter, clock) where it stepped
             calls, batch = 0, 1
             while calls < max_calls:
+                b0 = self.clock()
                 for _ in range(batch):
                     fn()
                 calls += batch
                 self._sync()
-                if self.clock() - t0 >= min_time_s:
+                now = self.clock()
+                e = self._energy_mj() if e0 is not None else None
+                if e is not None and e != last:
+                    steps.append((calls, e, now))
+                    last = e
+                if now - t0 >= max(max_time_s, min_time_s):
                     break
-                batch = min(batch * 2, max_calls - calls) or 1
+                if e0 is None:  # no counter: a plain loop of min_time_s, its sampled power integrated
+                    if now - t0 >= min_time_s:
+                        break
+                elif len(steps) >= 2 and steps[-1][2] - steps[0][2] >= min_time_s:
+                    break
+                if now - b0 < ENERGY_BATCH_S:
+                    batch = min(batch * 2, max_calls - calls) or 1
             t1 = self.clock()
             e1 = self._energy_mj()
-        if e0 is not None and e1 is not None and e1 > e0:
+        if len(steps) >= 2 and steps[-1][0] > steps[0][0]:
+            energy, source = (steps[-1][1] - steps[0][1]) / 1000.0 / (steps[-1][0] - steps[0][0]), "counter"
+        elif e0 is not None and e1 is not None and e1 > e0:
             energy, source = (e1 - e0) / 1000.0 / calls, "counter"
         else:
             powers = [r["power_w"] for r in self._in_window("energy") if r["power_w"] is not None]

@@ -46,20 +46,21 @@ warm-up count is met; samples are CUDA events recorded around each call on the c
 and read after synchronising, in batches sized from the warm-up's GPU time (so slow cases do not
 overshoot the budget), the stopping rule checked after each batch. Before every sample (outside
 the events) a buffer larger than the L2 cache is overwritten (``flush_l2``, as do_bench does), so
-that no sample finds its inputs in L2. With ``cuda_graph = true`` each callable is captured once
-into a CUDA graph after warm-up and the samples replay it, which removes the CPU launch overhead
-that dominates small cases; a callable that cannot be captured is timed eagerly, the row says why
-(``timing_note``), and the worker process is replaced after the case (``Timing.restart``). The
-CPU time spent issuing the calls is compared with the events' time: a case whose GPU waited for
-the host is ``host_bound``.
+that no sample finds its inputs in L2. With ``cuda_graph = true`` each callable is captured into a
+CUDA graph after warm-up and the samples replay it, which removes the CPU launch overhead that
+dominates small cases: without the L2 flush one graph holds several calls (about 2 ms of GPU time,
+at most 100) and a sample is the replay's time over its calls, as ``do_bench_cudagraph`` does; with
+the flush a graph holds one call. A callable that cannot be captured is timed eagerly, the row says
+why (``timing_note``), and the worker process is replaced after the case (``Timing.restart``). The
+CPU time spent issuing the calls is compared with the events' time plus the flush's: a case whose
+GPU waited for the host is ``host_bound`` (:mod:`harness.measure.cudatime`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
