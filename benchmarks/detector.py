@@ -155,6 +155,10 @@ def tally(table, slowed: bool) -> dict:
         "probe_detected": int((probes["time_verdict"] == "regressed").sum()) if slowed else 0,
         # the worst miss: a slowed probe called faster (goal: never)
         "probe_improved": int((probes["time_verdict"] == "improved").sum()) if slowed else 0,
+        # the measurement could not decide (said so), or called a slowed probe unchanged (a miss)
+        "probe_inconclusive": int((probes["time_verdict"] == "inconclusive").sum()) if slowed else 0,
+        "probe_unchanged": int((probes["time_verdict"] == "unchanged").sum()) if slowed else 0,
+        "unchanged_inconclusive": int(((table["verdict"] == "inconclusive") & unchanged).sum()),
         "probe_ratios": probes["time_ratio"].dropna().tolist(),
         "flagged": table.loc[flagged, ["label", "verdict", "time_ratio"]].to_dict("records"),
     }
@@ -175,6 +179,10 @@ def summarise(results: list[dict], stage: str) -> dict:
         "slow_probe_cases": sum(t["probe_cases"] for t in slow),
         "slow_probe_cases_detected": sum(t["probe_detected"] for t in slow),
         "slow_probe_cases_called_improved": sum(t["probe_improved"] for t in slow),
+        "slow_probe_cases_inconclusive": sum(t.get("probe_inconclusive", 0) for t in slow),
+        "slow_probe_cases_called_unchanged": sum(t.get("probe_unchanged", 0) for t in slow),
+        "aa_cases_inconclusive": sum(t.get("unchanged_inconclusive", 0) for t in aa),
+        "unchanged_cases_in_slow_runs_inconclusive": sum(t.get("unchanged_inconclusive", 0) for t in slow),
     }
     out["aa_false_alarm_rate"] = out["aa_comparisons_with_a_regression"] / len(aa) if aa else None
     out["detection_rate"] = out["slow_probe_cases_detected"] / out["slow_probe_cases"] if out["slow_probe_cases"] else None
@@ -186,11 +194,14 @@ def describe(name: str, s: dict) -> str:
     if s["aa_comparisons"]:
         lines.append(f"  A/A: {s['aa_comparisons_with_a_regression']} of {s['aa_comparisons']} comparisons reported a "
                      f"regression (false-alarm rate {s['aa_false_alarm_rate']:.0%}); {s['aa_cases_flagged']} of "
-                     f"{s['aa_case_comparisons']} case comparisons flagged regressed/improved")
+                     f"{s['aa_case_comparisons']} case comparisons flagged regressed/improved, "
+                     f"{s['aa_cases_inconclusive']} inconclusive")
     if s["slow_comparisons"]:
         lines.append(f"  slowdown: {s['slow_probe_cases_detected']} of {s['slow_probe_cases']} slowed probe cases "
                      f"detected (detection rate {s['detection_rate']:.0%}), "
-                     f"{s['slow_probe_cases_called_improved']} called improved; "
+                     f"{s['slow_probe_cases_called_improved']} called improved, "
+                     f"{s['slow_probe_cases_inconclusive']} inconclusive, "
+                     f"{s['slow_probe_cases_called_unchanged']} called unchanged (missed); "
                      f"{s['slow_comparisons_with_a_false_regression']} of {s['slow_comparisons']} comparisons also "
                      f"called an unchanged case regressed; {s['unchanged_cases_in_slow_runs_flagged']} of "
                      f"{s['unchanged_cases_in_slow_runs']} unchanged cases flagged")
