@@ -31,7 +31,7 @@ for _path in (ROOT, Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from reference import SNIPPETS, cell, md_table  # noqa: E402  (docs/gen/reference.py)
+from reference import SNIPPETS, cell, md_table, with_root_on_path  # noqa: E402  (docs/gen/reference.py)
 
 #: Set to 1 to build with absent measured tables (the page says what to run instead of failing).
 ALLOW_ENV = "ATTENTION_BENCH_DOCS_UNMEASURED"
@@ -87,8 +87,9 @@ def placeholders(text: str) -> Iterator[tuple[str, str]]:
 
 
 def _without_fences(text: str) -> str:
-    """The text with fenced code blocks blanked (an example placeholder in a code block is no placeholder)."""
-    return re.sub(r"(?ms)^([ \t]*)(```|~~~).*?^\1\2[ \t]*$", lambda m: "\n" * m.group(0).count("\n"), text)
+    """The text with fenced code blocks blanked, of the same length (a placeholder shown in a code block is
+    no placeholder)."""
+    return re.sub(r"(?ms)^([ \t]*)(```|~~~).*?^\1\2[ \t]*$", lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
 
 
 def scan(docs_dir: Path) -> dict[str, list[str]]:
@@ -115,6 +116,7 @@ def producer(name: str) -> str:
 
 def load(name: str, data_dir: Path = DATA_DIR) -> dict[str, Any]:
     """The table ``name``, checked (FileNotFoundError when absent, ValueError when malformed)."""
+    with_root_on_path()
     from benchmarks import docdata
 
     path = data_dir / f"{name}.json"

@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+def with_root_on_path() -> None:
+    """Put the repository root on sys.path (for ``benchmarks``, which is not installed): MkDocs restores
+    sys.path after loading a hook, so a hook's modules ensure it when they import, not at load time."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
 GENERATED_NOTE = ("*Generated from {source} at every docs build (`docs/gen/reference.py`): "
                   "edit the declaration, not this page.*")
 
@@ -345,13 +352,14 @@ def missing_help() -> list[str]:
 
 
 def tolerances_snippet() -> str:
-    from harness.measure.reference import TOLERANCE
+    from harness.measure import reference as ref
 
     rows = []
-    for dtype, tol in TOLERANCE.items():
-        a, r = (tol if isinstance(tol, (tuple, list)) else (tol, ""))[:2]
-        rows.append([code(dtype), _number(a), _number(r)])
-    return md_table(["dtype", "max abs error", "relative error"], rows)
+    for dtype, (a, r) in ref.TOLERANCE.items():
+        grad = ref.GRAD_TOLERANCE_FACTOR.get(dtype, ref.DEFAULT_GRAD_TOLERANCE_FACTOR)
+        rows.append([code(dtype), _number(a), _number(r), f"×{_number(grad)}"])
+    return (md_table(["dtype", "max abs error", "relative error", "gradients' relative error"], rows) +
+            "\n\n*The tolerances of `harness/measure/reference.py`, generated at every docs build.*")
 
 
 def families_snippet() -> str:
@@ -362,7 +370,7 @@ def families_snippet() -> str:
 
 
 def gpu_plan_snippet() -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    with_root_on_path()
     from benchmarks import gpu_plan
 
     p = gpu_plan.plan()
@@ -373,6 +381,17 @@ def gpu_plan_snippet() -> str:
             "\n\n*Computed from `benchmarks/gpu_plan.py` at every docs build: the timeouts are the plan's, the "
             "predictions its cost model's (`python benchmarks/gpu_plan.py --costs` lists every figure of the model "
             "with its source). They are predictions, not measurements.*")
+
+
+def run_size_snippet() -> str:
+    """The files of the committed nightly baseline and their sizes (what one night adds to the history)."""
+    run = ROOT / "results" / "baseline" / "nightly-cpu"
+    files = sorted(f for f in run.iterdir() if f.is_file())
+    rows = [[code(f.name), f"{f.stat().st_size / 1024:.0f} KiB"] for f in files]
+    total = sum(f.stat().st_size for f in files)
+    rows.append(["total", f"{total / 1024:.0f} KiB"])
+    return (md_table(["file", "size"], rows) +
+            "\n\n*The files of `results/baseline/nightly-cpu/` (the committed baseline), sized at every docs build.*")
 
 
 #: Generated pages: path under docs/ -> function returning its Markdown.
@@ -388,6 +407,7 @@ SNIPPETS: dict[str, Callable[[], str]] = {
     "tolerances": tolerances_snippet,
     "families": families_snippet,
     "gpu-plan": gpu_plan_snippet,
+    "run-size": run_size_snippet,
 }
 
 
