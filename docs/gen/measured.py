@@ -139,8 +139,8 @@ def number(x: Any) -> str:
     if isinstance(x, float):
         if not math.isfinite(x):
             return "–"
-        if x.is_integer() and abs(x) < 1e6:
-            return str(int(x))
+        if x.is_integer() and abs(x) < 1e15:
+            return number(int(x))
         return f"{x:.4g}"
     return cell(x)
 
