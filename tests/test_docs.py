@@ -256,3 +256,36 @@ def test_the_site_builds_strict(tmp_path):
     cli = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
     assert "bench compare" in cli and "--fail-on-regression" in cli
     assert (tmp_path / "site" / "reference" / "measured" / "index.html").is_file()
+
+
+def test_the_tutorial_script_runs_the_tutorials_blocks_and_installs_as_the_readme_does():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.tutorial import TUTORIAL, steps
+
+    blocks = [block for _, block in steps(TUTORIAL.read_text())]
+    assert blocks[0].startswith("git clone")  # replaced by a clone of this repository
+    install = "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ."
+    assert blocks[1] == install and install in (ROOT / "README.md").read_text()
+    assert any(b.startswith("bench run suites/quick.toml") for b in blocks)
+    assert any(b.startswith("bench compare") for b in blocks)
+
+
+def test_the_detector_writes_its_docs_table(tmp_path):
+    import argparse
+    import json
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import detector
+
+    stage = {"aa_comparisons_with_a_regression": 1, "aa_comparisons": 3, "aa_cases_flagged": 4,
+             "aa_case_comparisons": 96, "slow_probe_cases_detected": 30, "slow_probe_cases": 36,
+             "slow_probe_cases_called_improved": 0, "unchanged_cases_in_slow_runs_flagged": 2,
+             "unchanged_cases_in_slow_runs": 60}
+    figures = {"screen": stage, "confirm": dict(stage, aa_comparisons_with_a_regression=0),
+               "probe_ratio_slow_median": 1.14, "probe_ratio_aa_median": 0.99}
+    args = argparse.Namespace(rounds=8, suite=ROOT / "suites" / "nightly-cpu.toml", probe_lengths="512,1024",
+                              extra=0.15)
+    detector.write_docs_table(tmp_path, figures, args, ["naive", "flash"])
+    doc = json.loads((tmp_path / "detector.json").read_text())
+    assert doc["name"] == "detector" and len(doc["rows"]) == 2 and doc["rows"][1][1] == "0 of 3"
+    assert doc["command"].startswith("python ")
