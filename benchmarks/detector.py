@@ -294,7 +294,8 @@ def write_docs_table(directory: Path, figures: dict, args, probes: list[str]) ->
         s = figures[stage]
         rows.append([name, f"{s['aa_comparisons_with_a_regression']} of {s['aa_comparisons']}",
                      f"{s['aa_cases_flagged']} of {s['aa_case_comparisons']}",
-                     f"{s['slow_probe_cases_detected']} of {s['slow_probe_cases']}", s["slow_probe_cases_called_improved"],
+                     f"{s['slow_probe_cases_detected']} of {s['slow_probe_cases']}",
+                     s["slow_probe_cases_called_improved"],
                      f"{s['unchanged_cases_in_slow_runs_flagged']} of {s['unchanged_cases_in_slow_runs']}"])
     notes = [f"Suite {Path(args.suite).name} plus probes {', '.join(probes)} at L = {args.probe_lengths}; "
              f"{args.extra:.0%} extra work at B.",
@@ -303,7 +304,8 @@ def write_docs_table(directory: Path, figures: dict, args, probes: list[str]) ->
     write_tables(directory, [{"name": "detector", "title": "False alarms and detections of bench compare",
                               "columns": ["verdicts from", "A/A comparisons with a case called regressed",
                                           "A/A case comparisons flagged", "slowed probe cases called regressed",
-                                          "slowed probe cases called improved", "unchanged cases in slowed runs flagged"],
+                                          "slowed probe cases called improved",
+                                          "unchanged cases in slowed runs flagged"],
                               "rows": rows, "notes": notes}])
 
 

@@ -1,6 +1,7 @@
 """Fidelity: does `bench` report the time a user would measure, and does it repeat?
 
-    python benchmarks/fidelity.py [--rounds 3] [--min-run-time 2] [--threads N[,N...]] [--spread-suite suites/quick.toml --spread-runs 3] [--json [DIR]]
+    python benchmarks/fidelity.py [--rounds 3] [--min-run-time 2] [--threads N[,N...]]
+        [--spread-suite suites/quick.toml --spread-runs 3] [--json [DIR]]
 
 Part 1, against the reference timer. For each case below, every round runs, in fresh processes
 and in alternating order, (a) ``bench run`` on a one-case suite (the harness as a user runs it,

@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
                 ["total in-process", round(sum(inproc), 1), "s"], ["total isolated", round(sum(isolated), 1), "s"],
                 ["per-case overhead, median", round(statistics.median(overhead) * 1e3, 1), "ms"],
                 ["per-case overhead, mean", round(statistics.mean(overhead) * 1e3, 1), "ms"]]
-        write_tables(args.json, [{"name": "isolation", "title": f"Cost of running cases in a worker process ({suite.name})",
+        title = f"Cost of running cases in a worker process ({suite.name})"
+        write_tables(args.json, [{"name": "isolation", "title": title,
                                   "columns": ["what", "value", "unit"], "rows": rows,
                                   "notes": ["Every case run in-process and through the reusable worker, alternating "
                                             "which goes first; overhead is isolated minus in-process wall time."]}])

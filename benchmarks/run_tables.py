@@ -156,7 +156,8 @@ def decode_table(runs: list[Path]) -> dict[str, Any]:
              f"Target: the fastest variant reaches at least 50% of that bandwidth: met in {met} of {shapes} shapes."]
     if all(r[5] is None for r in rows):
         notes.append("No calibration: run bench calibrate --threads 1 before the suite for the % columns.")
-    return {"name": "decode", "title": "Decoding against a KV cache: the fastest variant per shape, at the longest cache",
+    return {"name": "decode",
+            "title": "Decoding against a KV cache: the fastest variant per shape, at the longest cache",
             "columns": ["shape", "kv_len", "fastest", "ms", "K/V GB/s", "% of copy bandwidth", "sdpa ms",
                         "sdpa % of bandwidth", "sdpa ÷ fastest"],
             "rows": rows, "notes": notes, "source": _source(runs)}
@@ -285,7 +286,8 @@ def processes_table(runs: list[Path]) -> dict[str, Any]:
         for (_, _, a), (_, _, b) in itertools.combinations(items, 2):
             common = a.index.intersection(b.index)
             for cid in common:
-                ratio = max(a.at[cid, "time_ms"], b.at[cid, "time_ms"]) / min(a.at[cid, "time_ms"], b.at[cid, "time_ms"])
+                ta, tb = a.at[cid, "time_ms"], b.at[cid, "time_ms"]
+                ratio = max(ta, tb) / min(ta, tb)
                 moved.append(ratio)
                 if ratio > 1.25:
                     big += 1
@@ -298,7 +300,8 @@ def processes_table(runs: list[Path]) -> dict[str, Any]:
                         "pairs moved > 25%", "of those flagged unstable"],
             "rows": out, "notes": ["Each pair of runs with the same process count is compared case by case: the ratio "
                                    "of the slower to the faster median time.",
-                                   "Runs in the order given: alternate the counts (1 2 3 3 2 1) so drift of the machine "
+                                   "Runs in the order given: alternate the counts (1 2 3 3 2 1) so drift of the "
+                                   "machine "
                                    "affects each alike."], "source": _source(runs)}
 
 

@@ -73,7 +73,8 @@ def main() -> int:
           f"over {len(times)} builds; site {size / 2**20:.1f} MiB, pages {', '.join(pages)}")
     if args.json:
         rows = [["nightly runs in the history", args.runs], ["cases per run", len(timed_cases_of(args.source))],
-                ["builds timed", len(times)], ["median build, s (process start included)", round(statistics.median(times), 1)],
+                ["builds timed", len(times)],
+                ["median build, s (process start included)", round(statistics.median(times), 1)],
                 ["fastest build, s", round(min(times), 1)], ["slowest build, s", round(max(times), 1)],
                 ["site size, MiB", round(size / 2**20, 1)]]
         write_tables(args.json, [{"name": "site-build", "title": "bench site on a long history",

@@ -105,7 +105,8 @@ def _row(info: dict, time_ratio: float, mem_ratio: float, mem_limit: float | Non
     lo, hi = info["ratios"]
     return [info["label"], info["case"], round(info["a_ms"], 2), round(info["b_ms"], 2), round(time_ratio, 3),
             f"{lo:.2f}–{hi:.2f}", f"≤ {info['limit']}× ({'met' if time_ratio <= info['limit'] else 'missed'})",
-            round(mem_ratio, 3), f"≤ {mem_limit}× ({'met' if mem_ratio <= mem_limit else 'missed'})" if mem_limit else ""]
+            round(mem_ratio, 3),
+            f"≤ {mem_limit}× ({'met' if mem_ratio <= mem_limit else 'missed'})" if mem_limit else ""]
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ with that flag; CI (``.ci/run``) builds without it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import posixpath
@@ -65,7 +64,8 @@ PRODUCERS: dict[str, str] = {
     "varlen": f"bench run suites/varlen.toml -o {RUNS}/varlen && {_RT} {RUNS}/varlen --table varlen --json",
     "layers": f"bench run suites/layers-4096.toml -o {RUNS}/layers-4096 && "
               f"{_RT} {RUNS}/layers-4096 --table layers --json",
-    "profile": f"bench run suites/quick.toml --profile -o {RUNS}/profile && {_RT} {RUNS}/profile --table profile --json",
+    "profile": f"bench run suites/quick.toml --profile -o {RUNS}/profile && "
+               f"{_RT} {RUNS}/profile --table profile --json",
     "site-build": "python benchmarks/site_build.py --json",
     "detector": "python benchmarks/detector.py --aa 3 --slow 3 --extra 0.15 --probe naive,flash --docs-json",
     "executors": f"pip install -e '.[ray]' && bench run suites/quick.toml -o {RUNS}/executor-process-1 && "

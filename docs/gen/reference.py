@@ -16,7 +16,6 @@ plan) that a hand-written page embeds with ``{{ generated("<name>") }}`` on a li
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -306,7 +305,8 @@ def cli_page() -> str:
     from harness.cli import common
 
     found = commands()
-    out = ["# Command line", "", GENERATED_NOTE.format(source="the argument parser (`harness.cli.main.build_parser()`)"),
+    source = "the argument parser (`harness.cli.main.build_parser()`)"
+    out = ["# Command line", "", GENERATED_NOTE.format(source=source),
            "", "`bench COMMAND ...` and `python -m harness COMMAND ...` are the same program. "
            "`bench --version` prints the version.", ""]
     out += [_exit_status(common.__doc__ or ""), ""]
