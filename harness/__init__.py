@@ -5,7 +5,7 @@ Public API (imported lazily, so ``bench --help`` does not pay for torch)::
     from harness import register_variant, get_variant, list_variants, Param, Supports
     from harness import attention_flops, pair_flops, Case, masks
 
-Layers (see the README's Architecture section): ``harness.core`` (the vocabulary: cases,
+Layers (see docs/architecture.md): ``harness.core`` (the vocabulary: cases,
 registry, masks, FLOP rules, result schema), ``harness.measure`` (timing, memory, FLOPs,
 accuracy, the machine), ``harness.engine`` (suite → cases → executor → worker → rows → store),
 ``harness.regression`` (history, statistics, verdicts, compare, confirm, change points),

@@ -30,7 +30,7 @@ def register(sub) -> None:
     res.add_argument("run_dir", help="run directory")
     res.add_argument("--trust-plugins", action="store_true",
                      help="also import plugins the recorded suite names that are not this checkout's code "
-                          "(listed first; see the README's 'Sharing results safely')")
+                          "(listed first; see docs/how-to/sharing-results.md)")
     res.set_defaults(handler=cmd_resume)
 
     for p in (run, res):

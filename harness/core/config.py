@@ -214,7 +214,7 @@ def setting(default: Any, help: str, **spec: Any) -> Any:
     return dataclasses.field(default=default, metadata={"key": dict(spec, help=help)})
 
 
-#: ``[timing] processes`` by default: see harness.engine.lifecycle.run_cases and the README.
+#: ``[timing] processes`` by default: see harness.engine.lifecycle.run_cases and the docs.
 DEFAULT_PROCESSES = 2
 
 @dataclass(frozen=True)
