@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 #: ``Supports(**ALL)``: every attention feature (the readable references, naive and tiled, take them all).
-ALL = dict(softcap=True, alibi=True, sinks=True, v_head_dim=True, window=True, prefix_lm=True, document=True)
+ALL = dict(softcap=True, alibi=True, sinks=True, v_head_dim=True, sliding_window=True, prefix_lm=True,
+           document=True)
 #: The keyword arguments of the mask features (a window, prefix-LM, documents).
 MASK_KWARGS = ("window_size", "prefix_len", "document_ids")
 #: Every feature keyword argument.

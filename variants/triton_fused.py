@@ -433,7 +433,7 @@ def _working_set(case) -> float:
     exact=True,
     supports=Supports(
         devices={"cuda"}, dtypes={"float16", "bfloat16"}, backward=False, min_head_dim=16, max_head_dim=256,
-        softcap=True, alibi=True, sinks=True, window=True,
+        softcap=True, alibi=True, sinks=True, sliding_window=True,
     ),
     check=_check,
     working_set=_working_set,

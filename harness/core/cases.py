@@ -166,10 +166,10 @@ class Case:
     v_head_dim: int | None = axis(None, help="value (and output) head size when it differs from head_dim (e.g. "
                                   "192/128); empty: head_dim", dtype="int64", ge=1, later=True, feature=True,
                                   label=lambda c: f"Dv{c['v_head_dim']}" if c["v_head_dim"] is not None else "")
-    window: int | None = axis(None, help="sliding window w: a query at position p sees keys p−w ≤ j ≤ p+w (j ≤ p "
+    sliding_window: int | None = axis(None, help="sliding window w: a query at position p sees keys p−w ≤ j ≤ p+w (j ≤ p "
                               "when causal), positions aligned to the bottom right; empty: none", dtype="int64",
                               unit="tokens", ge=0, later=True, feature=True,
-                              label=lambda c: f"window={c['window']}" if c["window"] is not None else "")
+                              label=lambda c: f"window={c['sliding_window']}" if c["sliding_window"] is not None else "")
     prefix_lm: int = axis(0, help="prefix-LM: with causal masking every query also sees the first P keys (0: off; "
                           "no effect without causal)", dtype="int64", unit="tokens", ge=0, later=True, feature=True,
                           label=lambda c: f"prefix={c['prefix_lm']}" if c["prefix_lm"] else "")

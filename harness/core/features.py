@@ -12,7 +12,7 @@ sequence for a variable-length batch), the float64 reference computes, in this o
    ``alibi_slopes`` is this bias in both cases.
 3. Masks: key j is visible to query i when all of these hold —
    causal: ``j ≤ p_i`` or, with ``prefix_lm = P`` (> 0), ``j < P`` (the first P keys are seen by
-   every query: the prefix attends bidirectionally); ``window = w``: ``|p_i − j| ≤ w`` (with causal:
+   every query: the prefix attends bidirectionally); ``sliding_window = w``: ``|p_i − j| ≤ w`` (with causal:
    the w keys before the query and itself, FlashAttention's ``window_size=(w, 0)``; without:
    ``(w, w)``); ``document = n`` (> 1): key j lies in the same document as position ``p_i``
    (:func:`document_starts`), the same for every sequence of the batch.
@@ -72,10 +72,10 @@ def document_of(position: int, starts: tuple[int, ...]) -> int:
 
 
 def feature_values(case: Any) -> dict[str, Any]:
-    """The case's mask features that are set: ``window``, ``prefix_lm``, ``document`` (absent when off)."""
+    """The case's mask features that are set: ``sliding_window``, ``prefix_lm``, ``document`` (absent when off)."""
     out = {}
-    if getattr(case, "window", None) is not None:
-        out["window"] = case.window
+    if getattr(case, "sliding_window", None) is not None:
+        out["sliding_window"] = case.sliding_window
     if getattr(case, "prefix_lm", 0):
         out["prefix_lm"] = case.prefix_lm
     if getattr(case, "document", 1) > 1:

@@ -63,7 +63,7 @@ def case_pairs(case: "Case") -> float:
     if mask:
         from harness.core.lengths import case_lengths
 
-        count = functools.partial(features.pairs, causal=case.causal, window=mask.get("window"),
+        count = functools.partial(features.pairs, causal=case.causal, window=mask.get("sliding_window"),
                                   prefix=mask.get("prefix_lm", 0), documents=mask.get("document", 1),
                                   doc_len=case.seq_len)
         q_lens, kv_lens = case_lengths(case)

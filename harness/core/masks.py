@@ -218,7 +218,7 @@ def case_mask(case) -> MaskMod | None:
     q_lens, kv_lens = _case_lengths(case)
     if _features.masked(case):
         docs = document_ids(case.seq_len, case.document) if case.document > 1 else None
-        return feature_mask(q_len, case.seq_len, case.causal, window=case.window, prefix_lm=case.prefix_lm,
+        return feature_mask(q_len, case.seq_len, case.causal, window=case.sliding_window, prefix_lm=case.prefix_lm,
                             document_ids=docs, q_lens=q_lens, kv_lens=kv_lens)
     if case.lengths == "fixed":
         return bottom_right_causal(q_len, case.seq_len) if case.causal else None

@@ -47,7 +47,7 @@ class Supports:
     #: v (and the output) with another head size than q and k
     v_head_dim: bool = False
     #: a sliding window: ``window_size=`` (int, keys on each side, bottom-right aligned positions)
-    window: bool = False
+    sliding_window: bool = False
     #: prefix-LM with causal masking: ``prefix_len=`` (int)
     prefix_lm: bool = False
     #: documents packed per sequence: ``document_ids=`` (int32 (seq_len,) tensor: each key position's document)

@@ -92,8 +92,8 @@ def feature_inputs(case: Case, device, seed: int = 0) -> dict:
     if getattr(case, "sinks", False):
         g = torch.Generator().manual_seed(seed + SINK_SEED_OFFSET)
         extra["sinks"] = torch.randn(case.heads, generator=g).to(device)
-    if getattr(case, "window", None) is not None:
-        extra["window_size"] = int(case.window)
+    if getattr(case, "sliding_window", None) is not None:
+        extra["window_size"] = int(case.sliding_window)
     if getattr(case, "prefix_lm", 0):
         extra["prefix_len"] = int(case.prefix_lm)
     if getattr(case, "document", 1) > 1:

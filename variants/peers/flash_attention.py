@@ -24,8 +24,8 @@ from variants.common import scale_of
 from variants.peers.library import cuda_reasons, load, to_blhd
 
 #: The features each library takes (Supports flags), from its flash_attn_func's arguments.
-FEATURES = {"flash_attn": dict(softcap=True, alibi=True, window=True), "flash_attn3": dict(softcap=True, window=True),
-            "flash_attn4": {}}
+FEATURES = {"flash_attn": dict(softcap=True, alibi=True, sliding_window=True),
+            "flash_attn3": dict(softcap=True, sliding_window=True), "flash_attn4": {}}
 #: variant name -> (module, how to install it, GPUs it runs on (capability -> bool), those GPUs in words, what)
 FLASH_ATTENTION = {
     "flash_attn": (
