@@ -74,8 +74,8 @@ def modify_scores(s: torch.Tensor, pos: torch.Tensor, j: torch.Tensor, *, softca
         s.div_(cap).tanh_()
         t = s.clone() if keep_tanh else None
         s.mul_(cap)
-    if slopes is not None:
-        s.sub_((slopes * log_base) * (pos - j).abs().to(s.dtype))
+    if slopes is not None:  # in place, no score-sized temporary: s −= (slopes·log_base) · |pos − j|
+        s.addcmul_(slopes.to(s.dtype), (pos - j).abs().to(s.dtype), value=-log_base)
     return t
 
 

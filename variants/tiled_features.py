@@ -65,33 +65,42 @@ def _tile(x: torch.Tensor, i0: int, i1: int, scale: float | None = None) -> torc
 
 def forward(q, k, v, block_q: int, block_k: int, scale: float, compute: str, f: TileFeatures):
     """Tiled forward with features. q (N, G, L, D); k (N, Lk, D), v (N, Lk, Dv). Returns out (q's dtype,
-    (N, G, L, Dv)) and the natural log-sum-exp of every row, sinks included (N, G, L) float32."""
+    (N, G, L, Dv)) and the natural log-sum-exp of every row, sinks included (N, G, L) float32. Tiles live
+    in buffers reused across the loop (variants.tiled's: no allocation, no page faults per tile)."""
+    from variants.tiled import _Tiles
+
     N, G, L, D = q.shape
     Lk, Dv = k.shape[1], v.shape[-1]
     low = compute == "input" and q.dtype != _F32
     kf, vf = k.to(_F32), (v if low else v.to(_F32))
     out = q.new_empty(N, G, L, Dv)
     lse = torch.empty(N, G, L, dtype=_F32, device=q.device)
+    tiles = _Tiles(q.device)
     for i0, i1 in _blocks(L, min(block_q, L)):
         rows = G * (i1 - i0)
         qs = _tile(q, i0, i1, scale * _LOG2E)
-        acc = torch.zeros(N, rows, Dv, dtype=_F32, device=q.device)
-        m = torch.full((N, rows, 1), float("-inf"), device=q.device)
-        l = torch.zeros(N, rows, 1, device=q.device)
+        acc = tiles.get("acc", (N, rows, Dv)).zero_()
+        m = tiles.get("m", (N, rows, 1)).fill_(float("-inf"))
+        l = tiles.get("l", (N, rows, 1)).zero_()
+        m_new, m_use = tiles.get("m_new", (N, rows, 1)), tiles.get("m_use", (N, rows, 1))
         for j0, j1 in _blocks(Lk, min(block_k, Lk)):
             keep = f.keep(i0, i1, j0, j1, q.device)
             if keep is not None and not keep.any():
                 continue  # no query of the block sees a key of this tile
-            s = torch.bmm(qs, kf[:, j0:j1].transpose(1, 2))
+            s = torch.bmm(qs, kf[:, j0:j1].transpose(1, 2), out=tiles.get("s", (N, rows, j1 - j0)))
             f.scores(s, i0, i1, j0, j1, keep)
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            m_use = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # no key seen yet: 0
+            torch.maximum(m, s.amax(-1, keepdim=True), out=m_new)
+            torch.nan_to_num(m_new, neginf=0.0, out=m_use)  # no key seen yet (−inf): subtract 0
             p = s.sub_(m_use).exp2_()
-            alpha = (m - m_use).exp2_()
-            l = l * alpha + p.sum(-1, keepdim=True)
-            pv = torch.bmm(p.to(v.dtype), vf[:, j0:j1]).to(_F32) if low else torch.bmm(p, vf[:, j0:j1])
-            acc = acc * alpha + pv
-            m = m_new
+            alpha = m.sub_(m_use).exp2_()  # in m's buffer: m is m_new from here on
+            l.mul_(alpha).add_(p.sum(-1, keepdim=True))
+            pv = tiles.get("pv", (N, rows, Dv), v.dtype if low else _F32)
+            if low:
+                torch.bmm(tiles.get("p_low", (N, rows, j1 - j0), v.dtype).copy_(p), vf[:, j0:j1], out=pv)
+            else:
+                torch.bmm(p, vf[:, j0:j1], out=pv)
+            acc.mul_(alpha).add_(pv)
+            m.copy_(m_new)
         if f.sinks is not None:  # the sink's 2^(σ log2 e) joins the denominator
             sink = f.sinks.expand(N // f.Hkv, -1, -1, i1 - i0, 1).reshape(N, rows, 1) * _LOG2E
             top = torch.maximum(m, sink)
