@@ -147,14 +147,14 @@ if HAS_TRITON:
     @triton.jit
     def _attention_fwd(
         Q, K, V, Out,
-        qk_scale,
+        Slopes, Sinks,  # features' (H,) float32 tensors (read only when switched on below)
+        qk_scale, softcap, window,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         heads, group, seq_len,
         tune_len,  # the autotuner's key (seq_len rounded up to a power of two); unused by the kernel
-        softcap, window, Slopes, Sinks,  # features (read only when switched on below)
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
         SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, WINDOW: tl.constexpr = False,
         SINKS: tl.constexpr = False,
@@ -351,7 +351,7 @@ if HAS_TRITON:
     #: The autotuned kernel: tuned once per (tune_len, HEAD_DIM, CAUSAL, dtypes) per process.
     _attention_fwd_tuned = triton.autotune(
         configs=[_triton_config(INTERPRETER_CONFIG)] if INTERPRETED else [_triton_config(c) for c in CONFIG_SPACE],
-        key=["tune_len", "HEAD_DIM", "CAUSAL", "SOFTCAP", "ALIBI", "WINDOW", "SINKS"],
+        key=["tune_len", "HEAD_DIM", "CAUSAL"],  # a kernel with features takes its shape's tuned config
         prune_configs_by={"early_config_prune": _prune},
         do_bench=_tune_bench,
     )(_attention_fwd)
@@ -379,12 +379,11 @@ def launch(q, k, v, *, causal: bool, config: dict | str | None = None, softcap: 
     dummy = out  # a pointer never read where its feature is off
     args = (
         q, k, v, out,
-        LOG2E / math.sqrt(D),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, H // k.shape[1], L, tune_length(L),
-        float(softcap or 1.0) * LOG2E, int(window_size or 0),
         dummy if alibi_slopes is None else alibi_slopes.float().contiguous(),
         dummy if sinks is None else sinks.float().contiguous(),
+        LOG2E / math.sqrt(D), float(softcap or 1.0) * LOG2E, int(window_size or 0),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, H // k.shape[1], L, tune_length(L),
     )
     switches = {name: True for name, on in (("SOFTCAP", bool(softcap)), ("ALIBI", alibi_slopes is not None),
                                             ("WINDOW", window_size is not None), ("SINKS", sinks is not None)) if on}
