@@ -21,7 +21,7 @@ from harness.core.config import TimingConfig
 from harness.core.flops import attention_flops, case_pairs
 from harness.core.registry import _REGISTRY, RegistryError, register_variant
 from harness.measure.inputs import dense_kv, layout_inputs, make_qkv
-from harness.measure.reference import errors, reference_attention, reference_grads
+from harness.measure.reference import reference_attention, reference_grads
 from tests.runs import measured
 
 FAST = TimingConfig(warmup=0, min_time_s=0.0, min_reps=1, max_reps=2, processes=1)

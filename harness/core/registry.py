@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from harness.core.errors import UserError
-from harness.core.cases import DEVICES, DTYPES, MODES
+from harness.core.cases import DTYPES, MODES
 from harness.core.supports import Supports, feature_reasons, head_dim_range, inference_reasons
 from harness.core.flops import attention_flops
 
