@@ -286,6 +286,8 @@ def _working_set(case) -> float:
     flops=attention_flops,
     supports=Supports(devices={"cpu", "cuda"}, non_square=True, **ALL_FEATURES),
     working_set=_working_set,
+    # which loop ran: the tuned one, or the one that applies features (the report's Cost of features reads it)
+    columns=lambda case: {"tiled_loop": "features" if case.features else "tuned"},
     params={
         "block_q": Param(256, min=1, help="query rows per tile"),
         "block_k": Param(256, min=1, help="keys per tile (one online-softmax step)"),
