@@ -13,6 +13,7 @@ Sections (each left out when the rows hold nothing for it, never drawn empty):
 * throughput — TFLOP/s per variant, % of measured peak and a roofline chart when the rows
   carry calibration columns (``pct_of_peak``, ``arith_intensity``);
 * speed vs. accuracy — relative error against time for approximate variants, Pareto front;
+* cost of features — each attention feature's time over its plain twin's (:mod:`reports.features`);
 * every row in a sortable, filterable table; problems grouped by reason.
 """
 
@@ -46,6 +47,7 @@ from reports.plots import palette, roofline_chart, scaling_chart, speed_accuracy
 from reports.profile import profile_context
 from reports.inference import inference_context
 from reports.layers import layers_context
+from reports.features import features_context
 
 STATUS_ORDER = ["ok", "incorrect", "skipped", "error", "crash", "cuda_error", "timeout", "oom"]
 #: Problems are listed failures first (the ones that need a look), skips last; ``incorrect`` rows have
@@ -314,6 +316,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "profile": profile_context(run_dir, rows),  # None unless the run was made with --profile
         "inference": inference_context(rows[~rows["is_emulated"]], styles),  # None unless decode or varlen rows
         "layers": layers_context(rows),  # None unless the run has attention-layer rows (family "layer")
+        "features": features_context(rows),  # None unless the run has attention-feature rows with plain twins
     }
 
 
