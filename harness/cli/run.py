@@ -147,7 +147,7 @@ def _execute(suite, cases, writer, args, resumed: bool = False) -> int:
     with make_progress(len(cases), verbose=args.verbose, quiet=args.quiet) as progress:
         outcome = execute(suite, cases, writer, progress=progress, isolation=args.isolation,
                           case_timeout_s=args.case_timeout, memory_budget_gib=args.memory_budget_gib,
-                          profile=getattr(args, "profile", None), contention=args.contention)
+                          profile=getattr(args, "profile", None), contention=getattr(args, "contention", None))
     _print_summary(outcome.rows)
     if not args.quiet:  # the headline numbers: variants × lengths per configuration
         from reports.terminal import print_headline
