@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from harness.core import lengths as _lengths
+from harness.core import models as _models
 
 DEVICES = ("cpu", "cuda")
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -150,18 +151,33 @@ class Case:
     lengths: str = axis("fixed", help="per-sequence lengths: fixed, uniform, zipf, or a list (the maximum: seq_len "
                         "or kv_len)", dtype="string", parse=_lengths.parse, list_value=True, later=True,
                         label=lambda c: f"lengths={c['lengths']}" if c["lengths"] != "fixed" else "")
+    # workloads people run (issue 28): a model's geometry from the catalogue, a shared prefix
+    model: str | None = axis(None, help="a model of the catalogue (harness.core.models) whose attention geometry "
+                             "fills heads, kv_heads and head_dim (and an attention layer's d_model)", dtype="string",
+                             choices=_models.NAMES, later=True, label=lambda c: str(c["model"]) if c["model"] else "")
+    prefix: int | None = axis(None, help="tokens at the start of every sequence's context that all the batch's "
+                              "sequences share (one system prompt; empty: none)", dtype="int64", unit="tokens", ge=1,
+                              later=True, label=lambda c: f"prefix={c['prefix']}" if c["prefix"] else "")
 
     @classmethod
     def from_point(cls, variant: str, params: dict[str, Any], point: dict[str, Any]) -> "Case":
         """The case of one point of a suite's sweep (its sweep keys), normalised: ``kv_heads``
         defaults to ``heads``, ``kv_len`` is ``seq_len``, a ``q_len`` equal to it is dropped, and
-        ``page_size`` only belongs to a paged layout."""
+        ``page_size`` only belongs to a paged layout; a ``model`` fills its geometry and a serving batch
+        (``lengths = "2q512kv4k_14q1kv8k"``) its batch, query and key/value lengths."""
         point = dict(point)
+        if point.get("model"):  # its geometry, and its features where a field carries them and holds its default
+            point.update(_models.case_geometry(point["model"]))
+            for name, value in _models.case_features(point["model"]).items():
+                if name in AXES and point.get(name, DEFAULTS[name]) == DEFAULTS[name] \
+                        and isinstance(value, AXES[name].type):
+                    point[name] = value
         if point.get("kv_heads") is None:
             point["kv_heads"] = point.get("heads", DEFAULTS["heads"])
         kv_len = point.pop("kv_len", None)
         if kv_len is not None:
             point["seq_len"] = kv_len
+        point.update(_lengths.mix_shape(point.get("lengths")) or {})
         if point.get("q_len") == point.get("seq_len"):
             point["q_len"] = None
         if point.get("kv_layout", "contiguous") != "paged":
@@ -244,6 +260,9 @@ DEFAULTS: dict[str, Any] = {
 }
 #: The fields that give a case's head geometry (an attention layer's shape beside its width).
 HEAD_GEOMETRY: tuple[str, ...] = ("heads", "kv_heads", "head_dim")
+#: The fields that give a workload's size: ``harness.dispatch`` matches the others exactly and measures
+#: the distance between workloads over these (the query length is ``q_len``, else ``seq_len``).
+SIZE_AXES: tuple[str, ...] = ("batch", "seq_len", "q_len")
 #: Keys a suite may sweep that are not fields: ``kv_len`` is ``seq_len`` given beside ``q_len`` (a
 #: suite's keys are listed, and swept, in field order with an alias after the field it follows).
 SWEEP_ALIASES: dict[str, tuple[str, Axis]] = {

@@ -151,6 +151,9 @@ class Supports:
     varlen: bool = False
     #: the KV cache layouts it reads: contiguous tensors, or paged pools with a ``block_table``
     kv_layouts: frozenset[str] = frozenset({"contiguous"})
+    #: takes a ``prefix_len`` keyword argument in shared-prefix cases (the first prefix_len keys and values
+    #: of every sequence are the same tokens: cascade attention); other variants run them plainly
+    shared_prefix: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "devices", frozenset(self.devices))
@@ -193,7 +196,10 @@ class Variant:
 
     def with_inputs(self, extra: dict[str, Any]) -> "Variant":
         """This variant with ``extra`` keyword inputs (``q_lens``, ``kv_lens``, ``block_table`` of an
-        inference-shaped case, :func:`harness.measure.inputs.layout_inputs`) passed on every call."""
+        inference-shaped case, :func:`harness.measure.inputs.layout_inputs`) passed on every call;
+        ``prefix_len`` only when it declares ``Supports(shared_prefix=True)``."""
+        if "prefix_len" in extra and not self.supports.shared_prefix:
+            extra = {k: v for k, v in extra.items() if k != "prefix_len"}
         return dataclasses.replace(self, fn=functools.partial(self.fn, **extra)) if extra else self
 
     def not_supported_reasons(self, case: "Case") -> list[str]:
@@ -252,6 +258,7 @@ class Variant:
             "non_square": s.non_square,
             "varlen": s.varlen,
             "kv_layouts": sorted(s.kv_layouts),
+            "shared_prefix": s.shared_prefix,
             "params": {n: p.default for n, p in self.params.items()},
             "description": self.description,
             "source": self.source,

@@ -17,7 +17,9 @@ variable-length batch the padded tensors (padding rows hold random values too) a
 ``kv_lens`` (int32 ``(B,)``); for a paged cache k and v as page pools ``(num_pages, H_kv,
 page_size, D)`` with a ``block_table`` ``(B, max_pages)``, each sequence's pages placed in the
 pool in an order shuffled from the seed (a partly filled last page holds random values past the
-sequence's end). :func:`dense_kv` gives the contiguous cache back for the float64 reference.
+sequence's end). :func:`dense_kv` gives the contiguous cache back for the float64 reference. A
+shared-prefix case (``prefix`` P) draws one prefix of P keys and values for all the batch's sequences
+(:func:`share_prefix`) and tells a variant that can use it its length (``prefix_len``).
 
 Every input starts on a 4 KiB boundary (:func:`aligned_copy`). The allocators
 only promise 64 bytes (CPU) or 512 bytes (CUDA), so where a tensor lands within
@@ -66,19 +68,32 @@ def make_qkv(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
     else:
         raise ValueError(f"unknown inputs kind {case.inputs!r}")
     v = torch.randn(B, Hkv, L, D, generator=g)
+    share_prefix(case, k, v)
     dtype = TORCH_DTYPES[case.dtype]
     return tuple(aligned_copy(x.to(device=case.device, dtype=dtype)) for x in (q, k, v))
+
+
+def share_prefix(case: Case, k: torch.Tensor, v: torch.Tensor) -> None:
+    """A shared-prefix case (``prefix`` P): every sequence's first P keys and values become sequence 0's
+    (in place), as N requests after one system prompt."""
+    p = getattr(case, "prefix", None)
+    if p:
+        for x in (k, v):
+            x[1:, :, :p] = x[:1, :, :p]
 
 
 def layout_inputs(case: Case, k: torch.Tensor, v: torch.Tensor, seed: int = 0):
     """(k, v, extra keyword arguments) as the case's variant receives them: ``k, v, {}`` for a fixed
     contiguous batch; ``q_lens``/``kv_lens`` for a variable-length or paged one; page pools and a
-    ``block_table`` for a paged one (see the module doc)."""
+    ``block_table`` for a paged one (see the module doc); ``prefix_len`` for a shared-prefix case (passed on
+    only to a variant that declares ``Supports(shared_prefix=True)``)."""
+    shared = {"prefix_len": case.prefix} if getattr(case, "prefix", None) else {}
     if case.lengths == "fixed" and case.kv_layout == "contiguous":
-        return k, v, {}
+        return k, v, shared
     q_lens, kv_lens = case_lengths(case)
     extra = {name: torch.tensor(x, dtype=torch.int32, device=k.device) for name, x in
              (("q_lens", q_lens), ("kv_lens", kv_lens))}
+    extra.update(shared)
     if case.kv_layout != "paged":
         return k, v, extra
     ps, B, Hkv, _, D = case.page_size, *k.shape
