@@ -12,7 +12,8 @@ a field added there joins it by itself), whether the rows are attention kernels 
   sparse: :data:`harness.core.registry.PATTERN_FAMILIES`).
 * The **winner** is the candidate with the smallest median time (equal times: the first label in
   alphabetical order); its **ties** are the other candidates whose confidence interval of the median
-  overlaps the winner's (the measurement cannot tell them apart).
+  overlaps the winner's (the measurement cannot tell them apart); ``faster_unstable`` names the rows
+  that were faster but unstable (re-measure them on a quieter machine before believing either).
 * The **baseline** of a workload is the declared one, as the rows record it (``baseline`` column:
   ``register_variant(..., baseline=True)``: sdpa, and padded for variable-length batches), chosen among
   its ``ok``, non-emulated rows by the report's rule (:func:`reports.analysis.baseline_label`: sdpa's
@@ -170,6 +171,8 @@ def winners(rows: pd.DataFrame) -> list[dict[str, Any]]:
             continue
         best = cands.iloc[0].to_dict()
         lo, hi = _interval(best)
+        shaky = group[(group["status"] == "ok") & group["is_unstable"] & ~group["is_emulated"]
+                      & (pd.to_numeric(group["time_ms"], errors="coerce") < float(best["time_ms"]))]
         ties = [r["label"] for r in cands.iloc[1:].to_dict("records") if _interval(r)[0] <= hi]
         record.update(
             label=best["label"], variant=best["variant"], params=decode_params(best["params"]),
@@ -177,7 +180,9 @@ def winners(rows: pd.DataFrame) -> list[dict[str, Any]]:
             rel_err=_plain(best.get("rel_err")), exact=_exact(best.get("exact")), ties=ties,
             runner_up=cands.iloc[1]["label"] if len(cands) > 1 else None,
             runner_up_time_ms=_plain(cands.iloc[1]["time_ms"]) if len(cands) > 1 else None,
-            speedup=(float(base["time_ms"]) / float(best["time_ms"])) if base else None, why="")
+            speedup=(float(base["time_ms"]) / float(best["time_ms"])) if base else None, why="",
+            faster_unstable=[f"{r['label']} {_plain(r['time_ms']):.4g} ms" for r in
+                             shaky.sort_values("time_ms").to_dict("records")])
         out.append(record)
     return sorted(out, key=lambda r: _sort_key(r["workload"]))
 
@@ -277,7 +282,9 @@ def table_text(rows: pd.DataFrame) -> str:
             lines.append(f"{r['workload_label']}: {r['why']}")
             continue
         speed = f"{r['speedup']:.2f}x over {r['baseline']}" if r["speedup"] else r["baseline_why"]
+        speed += " (an unstable time)" if r["speedup"] and r["baseline_stable"] is False else ""
         ties = f"; within noise of {', '.join(r['ties'])}" if r["ties"] else ""
+        ties += f"; faster but unstable: {', '.join(r['faster_unstable'])}" if r["faster_unstable"] else ""
         lines.append(f"{r['workload_label']}: {r['label']} {units.duration_ms(r['time_ms'])} "
                      f"[{units.duration_ms(r['ci_low'])}, {units.duration_ms(r['ci_high'])}], {speed}{ties}")
     fp = fast_p(rows)

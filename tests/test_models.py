@@ -166,11 +166,11 @@ def test_features_a_case_field_carries_are_filled_and_the_rest_reported():
     """Forward-compatible: a feature whose case field exists (here a stand-in field set) is passed on only
     where every layer has it; which layers slide and biases are always reported, never applied."""
     assert models.case_features("gemma-2-9b") == {"softcap": 50.0}  # its window slides on even layers only
-    assert models.case_features("mistral-7b") == {"window": 4096}
+    assert models.case_features("mistral-7b") == {"sliding_window": 4095}  # HF's 4096 counts the query itself
     assert models.case_features("gpt-oss-20b") == {"sinks": True}
     assert models.case_features("deepseek-v3") == {"v_head_dim": 128}
-    left = models.unapplied_features("gemma-2-9b", frozenset({"softcap", "window"}))
-    assert left == {"window": 4096, "window_layers": "even"}
-    assert set(models.unapplied_features("gemma-2-9b", frozenset(AXES))) >= {"softcap", "window"} - set(AXES)
+    left = models.unapplied_features("gemma-2-9b", frozenset({"softcap", "sliding_window"}))
+    assert left == {"sliding_window": 4095, "window_layers": "even"}
+    assert set(models.unapplied_features("gemma-2-9b", frozenset(AXES))) >= {"softcap", "sliding_window"} - set(AXES)
     with pytest.raises(models.ModelError, match="did you mean"):
         models.get("gemma-2-9")

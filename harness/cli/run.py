@@ -30,6 +30,8 @@ def register(sub) -> None:
     model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="default float32 on cpu, bfloat16 on cuda")
     model.add_argument("--batch", type=positive_int, default=1, help="sequences of a prefill or decode case")
+    model.add_argument("--threads", type=positive_int, help="torch threads per case (default 1 on cpu: far steadier "
+                       "on a machine with other load; unset on cuda)")
     run.add_argument("-o", "--output", metavar="DIR", help="run directory (default results/runs/<run_id>)")
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (same suite)")
     run.add_argument("--dry-run", action="store_true", help="check the suite and list its cases; run nothing")
@@ -124,7 +126,7 @@ def _suite_of(args):
 
     budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else default_memory_budget()
     plan = model_suite(args.model, args.workload, device=args.device, dtype=args.dtype, batch=args.batch,
-                       memory_budget=budget)
+                       memory_budget=budget, threads=args.threads)
     for line in plan.chosen:
         print(f"bench run --model: {line}", file=sys.stderr)
     for line in plan.notes:

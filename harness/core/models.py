@@ -273,14 +273,17 @@ def kv_bytes_per_token(model: Model | str, element_bytes: int = 2, layers: int |
 
 
 def features(model: Model | str) -> dict[str, Any]:
-    """The model's attention features beside its shape: ``softcap``, ``window`` (with ``window_layers``),
+    """The model's attention features beside its shape, named as the case fields that carry them:
+    ``softcap``, ``sliding_window`` (with ``window_layers``; in the case's terms, the keys *before* the
+    query: a config's ``sliding_window`` W counts the query itself, transformers' ``kv_idx > q_idx − W``,
+    so W − 1),
     ``sinks``, ``v_head_dim`` where it differs from head_dim, ``attention_bias``."""
     g = (get(model) if isinstance(model, str) else model).geometry
     out: dict[str, Any] = {}
     if g.softcap is not None:
         out["softcap"] = g.softcap
     if g.window is not None:
-        out["window"] = g.window
+        out["sliding_window"] = g.window - 1
         out["window_layers"] = g.window_layers
     if g.sinks:
         out["sinks"] = True
@@ -294,10 +297,10 @@ def features(model: Model | str) -> dict[str, Any]:
 def case_features(model: Model | str) -> dict[str, Any]:
     """The features a case field of the same name can carry for every layer of the model: the soft-cap,
     sinks, the value width, and the window when *every* layer slides (alternating models slide on half
-    their layers: a case names one layer's attention, so sweep ``window`` yourself for those)."""
+    their layers: a case names one layer's attention, so sweep ``sliding_window`` yourself for those)."""
     out = features(model)
     if out.get("window_layers") != "all":
-        out.pop("window", None)
+        out.pop("sliding_window", None)
     out.pop("window_layers", None)
     out.pop("attention_bias", None)
     return out
@@ -315,6 +318,10 @@ def describe(model: Model | str) -> str:
     m = get(model) if isinstance(model, str) else model
     g = m.geometry
     width = f"{g.head_dim}" if g.v_head_dim == g.head_dim else f"{g.head_dim} (values {g.v_head_dim})"
-    extra = ", ".join(f"{k} {v}" for k, v in features(m).items() if k != "v_head_dim")
+    extra = ", ".join(f"{k} {v}" for k, v in features(m).items() if k not in ("v_head_dim", "sliding_window"))
+    if g.window is not None:
+        extra = f"window {g.window} tokens ({'every layer' if g.window_layers == 'all' else 'even layers'})" + \
+            (f", {extra}" if extra else "")
+    extra = extra.replace(", window_layers all", "").replace(", window_layers even", "")
     return (f"{m.name}: {g.heads} heads / {g.kv_heads} KV heads × {width}, d_model {g.d_model}, {g.layers} layers, "
             f"context {g.max_context}" + (f"; {extra}" if extra else "") + f" ({m.source})")

@@ -6,10 +6,10 @@ A model of the catalogue (:mod:`harness.core.models`) and a workload give a suit
   exact kernels that take it (sdpa's backends, the tiled FlashAttention in PyTorch, FlexAttention on
   CUDA, the Triton kernel on CUDA in half precision) and the model's attention layer(s);
 * ``decode``: one new token against caches of 4K to 128K tokens (up to the model's context, and only
-  those whose inputs and float64 check fit the memory budget), sdpa against flash-decoding
-  (``decode_split_k``), and the model's layer(s) attending through each (on the CPU up to
-  :data:`CPU_LAYER_CONTEXT` tokens: building a longer cache by projecting random hidden states takes
-  minutes there);
+  those whose inputs and float64 check fit the memory budget), sdpa (its math backend on the CPU up to
+  :data:`CPU_MATH_CONTEXT`) against flash-decoding (``decode_split_k``), and the model's layer(s)
+  attending through each (on the CPU up to :data:`CPU_LAYER_CONTEXT` tokens: building a longer cache by
+  projecting random hidden states takes minutes there);
 * ``serve``: two serving batches (a chunked-prefill mix and ragged decodes, :data:`SERVING_MIXES`, up to
   :data:`SERVE_CONTEXT` tokens of context) with
   the variants that take per-sequence lengths (``padded``, the declared baseline; ``packed`` one call per
@@ -19,7 +19,8 @@ A model of the catalogue (:mod:`harness.core.models`) and a workload give a suit
 
 Every case names the model (``model = NAME``: its heads, key/value heads and head width). Features the
 cases cannot carry yet (a soft-cap, a sliding window, sinks, a value width other than the key width)
-are listed in :attr:`Plan.notes`. The suite is TOML text (:attr:`Plan.text`), validated like any
+are listed in :attr:`Plan.notes`. On the CPU every case runs on :data:`CPU_THREADS` thread unless
+``threads`` says otherwise. The suite is TOML text (:attr:`Plan.text`), validated like any
 suite file and recorded in the run's ``run.json`` (``bench resume`` reads it back).
 """
 
@@ -38,6 +39,12 @@ DECODE_CONTEXTS = (4096, 8192, 16384, 32768, 65536, 131072)
 #: On the CPU, the layer is measured at decode contexts up to this (its cache is built by projecting
 #: random hidden states of every earlier token, in each worker process).
 CPU_LAYER_CONTEXT = 16384
+#: On the CPU, sdpa's math backend is measured at decode contexts up to this (it repeats K and V for
+#: every query head and materialises the scores: seconds per call and GiB at 128K).
+CPU_MATH_CONTEXT = 16384
+#: Torch threads per case on the CPU unless asked otherwise: one thread is far less sensitive to other
+#: load on the machine than all cores (as suites/decode.toml measures); ``--threads`` to change.
+CPU_THREADS = 1
 #: The longest context of a ``serve`` workload (C), on the CPU and on CUDA, and at most the model's.
 SERVE_CONTEXT = {"cpu": 4096, "cuda": 32768}
 #: Serving batches (harness.core.lengths grammar) for a longest context C: two chunks of C/16 new tokens
@@ -101,7 +108,7 @@ def _layers(model: models.Model, kernels: tuple[str, ...]) -> list[dict[str, Any
 
 
 def model_suite(name: str, workload: str = "decode", *, device: str = "cpu", dtype: str | None = None,
-                batch: int = 1, memory_budget: int = 8 << 30) -> Plan:
+                batch: int = 1, memory_budget: int = 8 << 30, threads: int | None = None) -> Plan:
     """The suite of ``workload`` for catalogue model ``name`` on ``device`` (see the module doc)."""
     model = models.get(name)
     if workload not in WORKLOADS:
@@ -134,7 +141,12 @@ def model_suite(name: str, workload: str = "decode", *, device: str = "cpu", dty
                                     f"memory budget of {memory_budget / 2**30:.1f} GiB (--memory-budget-gib)")
         defaults.update(batch=batch, q_len=1)
         sweep["kv_len"] = contexts
-        variants = [{"name": "sdpa", "backend": sdpa_backends}, {"name": "decode_split_k"}]
+        variants = [{"name": "sdpa", "backend": [b for b in sdpa_backends if b != "math"]}, {"name": "decode_split_k"}]
+        math_contexts = contexts if cuda else [n for n in contexts if n <= CPU_MATH_CONTEXT] or contexts[:1]
+        variants.insert(1, {"name": "sdpa", "backend": "math", "kv_len": math_contexts})
+        if math_contexts != contexts:
+            plan.notes.append(f"sdpa's math backend is measured up to {math_contexts[-1]} tokens of context on the "
+                              "CPU (it repeats K and V per query head and holds every score: seconds and GiB beyond)")
         layer_contexts = contexts if cuda else [n for n in contexts if n <= CPU_LAYER_CONTEXT] or contexts[:1]
         for layer in _layers(model, ("sdpa", "decode_split_k")):
             variants.append({**layer, "kv_len": layer_contexts})
@@ -167,6 +179,10 @@ def model_suite(name: str, workload: str = "decode", *, device: str = "cpu", dty
                           + ", ".join(f"{k} = {v}" for k, v in skipped.items()))
     top = {"name": suite_name, "description": f"{model.name} {workload}: the model's attention geometry "
            f"({model.source}), generated by bench run --model"}
-    timing = {"warmup": 2, "min_time_s": 0.2, "max_time_s": 3.0}
+    timing: dict[str, Any] = {"warmup": 2, "min_time_s": 0.2, "max_time_s": 3.0}
+    threads = threads if threads is not None else (None if cuda else CPU_THREADS)
+    if threads is not None:
+        timing["threads"] = threads
+        plan.chosen.append(f"{threads} thread{'s' if threads != 1 else ''} per case (--threads)")
     plan.text = to_toml(top, {"defaults": defaults, "sweep": sweep, "timing": timing}, variants)
     return plan
