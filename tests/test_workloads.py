@@ -15,7 +15,7 @@ from harness.engine.suite import SuiteError, expand_cases, parse_suite
 from harness.measure import roofline
 from harness.measure.inputs import dense_kv, layout_inputs, make_qkv
 from harness.measure.reference import TOLERANCE, reference_attention
-from tests.runs import bench, measured
+from tests.runs import measured
 
 QUICK = TimingConfig(warmup=0, min_time_s=0, min_reps=1, max_reps=1, processes=1)
 MIX = "2q17kv60_3q1kv90_q5kv33"  # two chunks of 17 new tokens, three decodes, a 5-token extend
@@ -192,33 +192,43 @@ def test_a_serving_batch_sets_the_batch_and_lengths_of_its_case():
 # -- bench run --model ----------------------------------------------------------------------------
 
 
-def test_model_dry_run_lists_the_cases_it_would_run_and_says_what_it_chose():
-    proc = bench("run", "--model", "llama-3.1-8b", "--workload", "decode", "--dry-run", "--memory-budget-gib", "12")
-    assert proc.returncode == 0, proc.stderr
-    cases = proc.stdout.strip().splitlines()
+def _bench(capsys, *args) -> tuple[int, str, str]:
+    """``bench ARGS`` in this process: (exit status, stdout, stderr)."""
+    from harness.cli.main import main
+
+    status = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_model_dry_run_lists_the_cases_it_would_run_and_says_what_it_chose(capsys):
+    status, stdout, stderr = _bench(capsys, "run", "--model", "llama-3.1-8b", "--workload", "decode", "--dry-run",
+                                    "--memory-budget-gib", "12")
+    assert status == 0, stderr
+    cases = stdout.strip().splitlines()
     kernels = [c for c in cases if not c.startswith("gqa")]
     contexts = [4096, 8192, 16384, 32768, 65536, 131072]
     assert len(kernels) == 2 * len(contexts) + 3  # sdpa flash, decode_split_k; sdpa math up to 16K on the CPU
     assert all("H32/8" in c and "D128" in c and "Lq1" in c and c.endswith("causal llama-3.1-8b") for c in cases)
     assert {f"Lkv{n}" for n in contexts} == {w for c in cases for w in c.split() if w.startswith("Lkv")}
     assert sum(c.startswith("gqa(kernel=") for c in cases) == 2 * 3  # the layer, two kernels, up to 16K on CPU
-    assert "llama-3.1-8b: 32 heads / 8 KV heads × 128" in proc.stderr and "decode: 1 new token" in proc.stderr
-    assert "21 cases (dry run" in proc.stderr and "1 thread per case" in proc.stderr
+    assert "llama-3.1-8b: 32 heads / 8 KV heads × 128" in stderr and "decode: 1 new token" in stderr
+    assert "21 cases (dry run" in stderr and "1 thread per case" in stderr
 
 
-def test_model_dry_run_drops_contexts_over_the_memory_budget_and_says_so():
-    proc = bench("run", "--model", "llama-3.1-8b", "--dry-run", "--memory-budget-gib", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert "Lkv131072" not in proc.stdout and "Lkv16384" in proc.stdout
-    assert "context 131072 left out" in proc.stderr
+def test_model_dry_run_drops_contexts_over_the_memory_budget_and_says_so(capsys):
+    status, stdout, stderr = _bench(capsys, "run", "--model", "llama-3.1-8b", "--dry-run", "--memory-budget-gib", "1")
+    assert status == 0, stderr
+    assert "Lkv131072" not in stdout and "Lkv16384" in stdout
+    assert "context 131072 left out" in stderr
 
 
 @pytest.mark.parametrize("args,words", [((), "give a suite file, or --model"),
                                         (("suites/quick.toml", "--model", "gpt2"), "not both"),
                                         (("--model", "llama3"), "did you mean llama-3.1-8b")])
-def test_model_option_mistakes_are_one_line(args, words):
-    proc = bench("run", *args, "--dry-run")
-    assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_model_option_mistakes_are_one_line(capsys, args, words):
+    status, _, stderr = _bench(capsys, "run", *args, "--dry-run")
+    assert status == 2 and words in stderr and len(stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("workload", ["prefill", "serve"])

@@ -145,22 +145,29 @@ def test_a_picked_kernel_is_the_registered_variant_with_its_parameters():
     assert fn(q, k, v, causal=True).shape == q.shape
 
 
-def test_bench_winners_and_the_report_say_which_variant_wins_each_length(tmp_path):
-    """A real run: the text table and the JSON from bench winners, and the report's section."""
-    suite = tmp_path / "w.toml"
-    suite.write_text('name = "w"\n[defaults]\nheads = 4\nkv_heads = 2\nhead_dim = 16\ncausal = true\nq_len = 1\n'
-                     '[sweep]\nkv_len = [64, 256]\n[timing]\nwarmup = 0\nmin_time_s = 0.0\nmin_reps = 2\n'
-                     'max_reps = 3\nprocesses = 1\n[[variant]]\nname = "sdpa"\n[[variant]]\nname = "decode_split_k"\n')
-    run = tmp_path / "run"
-    assert bench("run", suite, "-o", run, "--quiet").returncode == 0
-    text = bench("winners", run, check=True).stdout
-    lines = [line for line in text.splitlines() if "Lkv" in line]
-    assert len(lines) == 2 and "Lkv64" in lines[0] and "Lkv256" in lines[1]
-    assert all(("over sdpa" in line) for line in lines) and "fast_1.5" in text
-    out = tmp_path / "winners.json"
+def test_the_scripts_bench_winners_and_the_report_on_a_real_run(tmp_path, capsys):
+    """A smoke run of the cascade crossover sweep (tiny settings: it runs bench run), then bench winners as
+    JSON, harness.dispatch on it, the text table, the docs table script, and the report's section."""
+    from benchmarks import cascade_crossover, winners_table
+    from harness.engine import store
+    from reports.render import render_report
+
+    run, crossover, table_json = tmp_path / "run", tmp_path / "crossover.json", tmp_path / "winners.json"
+    assert cascade_crossover.main(["--model", "gpt2", "--batch", "3", "--suffix", "8", "--prefixes", "16,64",
+                                   "--quick", "-o", str(run), "--json", str(crossover)]) == 0
+    doc = json.loads(crossover.read_text())
+    assert doc["name"] == "cascade-crossover" and doc["machine"]["cores"] and len(doc["rows"]) <= 2
+    assert doc["columns"][0] == "shared prefix (tokens)" and doc["notes"]
+    text = winners.table_text(store.read_results(run))
+    lines = [line for line in text.splitlines() if "prefix=" in line]
+    assert len(lines) == 2 and "prefix=16" in lines[0] and "prefix=64" in lines[1]
+    assert "fast_1.5" in text
+    out = tmp_path / "dispatch.json"
     assert bench("winners", run, "--format", "json", "-o", out).returncode == 0
     table = dispatch.load(out)
-    assert {e.workload["seq_len"] for e in table.entries} == {64, 256}
-    assert table.pick(q_len=1, kv_len=64).exact
-    html = (run / "report.html").read_text()
+    assert {e.workload["prefix"] for e in table.entries} <= {16, 64}
+    assert not table.entries or table.pick(q_len=1, kv_len=24, prefix=16).exact
+    assert winners_table.main([str(run), "--json", str(table_json), "--name", "winners-smoke"]) == 0
+    assert json.loads(table_json.read_text())["name"] == "winners-smoke"
+    html = render_report(run).read_text()
     assert 'id="winners"' in html and "Best per workload" in html and 'id="fast-p-table"' in html
