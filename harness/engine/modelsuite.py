@@ -11,11 +11,11 @@ A model of the catalogue (:mod:`harness.core.models`) and a workload give a suit
   attending through each (on the CPU up to :data:`CPU_LAYER_CONTEXT` tokens: building a longer cache by
   projecting random hidden states takes minutes there);
 * ``serve``: two serving batches (a chunked-prefill mix and ragged decodes, :data:`SERVING_MIXES`, up to
-  :data:`SERVE_CONTEXT` tokens of context) with
-  the variants that take per-sequence lengths (``padded``, the declared baseline; ``packed`` one call per
-  sequence, and its FlexAttention document mask on CUDA; ``decode_split_k``; ``paged`` over 16-token
-  pages), and shared-prefix decoding: :data:`PREFIX_BATCH` requests after one prompt (a quarter of the
-  context, or nearly all of it), plain (sdpa, split-K) and with ``cascade``.
+  :data:`SERVE_CONTEXT` tokens of context) with the variants that take per-sequence lengths (``padded``,
+  the declared baseline; ``packed`` one call per sequence, and its FlexAttention document mask on CUDA;
+  ``decode_split_k``; ``paged`` over 16-token pages, gathered a chunk at a time), and shared-prefix
+  decoding: :data:`PREFIX_BATCH` requests after one prompt (a quarter of the context, or nearly all of
+  it), plain (sdpa, split-K) and with ``cascade``.
 
 Every case names the model (``model = NAME``: its heads, key/value heads and head width). Features the
 cases cannot carry yet (a soft-cap, a sliding window, sinks, a value width other than the key width)
@@ -165,7 +165,7 @@ def model_suite(name: str, workload: str = "decode", *, device: str = "cpu", dty
         variants = [{"name": "padded", "lengths": list(mixes)},
                     {"name": "packed", "path": packed_paths, "lengths": list(mixes)},
                     {"name": "decode_split_k", "lengths": list(mixes)},
-                    dict(name="paged", path="pages", kv_layout="paged", page_size=16, lengths=list(mixes))]
+                    dict(name="paged", path="gather", kv_layout="paged", page_size=16, lengths=list(mixes))]
         variants += [dict(name=v, batch=PREFIX_BATCH, q_len=1, prefix=p, kv_len=p + suffix)
                      for p in prefixes for v in ("sdpa", "decode_split_k", "cascade")]
         plan.chosen.append(f"serving batches: {', '.join(mixes)} ([count]q<new tokens>kv<context>, _ between)")
