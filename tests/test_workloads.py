@@ -182,6 +182,18 @@ def test_workload_rules_are_one_line_each(text, words):
     assert words in str(info.value)
 
 
+def test_the_shipped_model_suites_load_with_unique_labels():
+    from pathlib import Path
+
+    from harness.engine.suite import load_suite
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "suites" / "models").glob("*.toml"))
+    assert paths
+    for path in paths:
+        cases = expand_cases(load_suite(path))
+        assert len({c.label() for c in cases}) == len(cases), path
+
+
 def test_a_serving_batch_sets_the_batch_and_lengths_of_its_case():
     (case,) = expand_cases(parse_suite('[defaults]\nlengths = "2q512kv4k_14q1kv8k"\ncausal = true\n'
                                        '[[variant]]\nname = "padded"\n'))

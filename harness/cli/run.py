@@ -16,13 +16,13 @@ from harness.cli.common import EXIT_FAILED, EXIT_INCORRECT, EXIT_OK, EXIT_USAGE,
 
 def register(sub) -> None:
     from harness.core.config import RUN, TIMING
+    from harness.core.models import NAMES as MODEL_NAMES  # the catalogue: plain data, no torch
 
     run = sub.add_parser("run", help="run a suite file (or a catalogue model's workload) and write results and a report")
     run.add_argument("suite", nargs="?", help="suite TOML file (or --model instead)")
     model = run.add_argument_group("a model's workload instead of a suite file (harness.core.models)")
-    model.add_argument("--model", metavar="NAME", help="a catalogue model (llama-3.1-8b, llama-3.1-70b, mistral-7b, "
-                       "qwen2.5-7b, gemma-2-9b, deepseek-v3, gpt-oss-20b, gpt2): build a suite of its attention "
-                       "geometry and print what it chose")
+    model.add_argument("--model", metavar="NAME", help=f"a catalogue model ({', '.join(MODEL_NAMES)}): build a suite "
+                       "of its attention geometry and print what it chose")
     model.add_argument("--workload", choices=("prefill", "decode", "serve"), default="decode",
                        help="prefill 1K-8K tokens, decode against 4K-128K cached tokens (as memory allows), or serving "
                             "batches and shared-prefix decoding (default decode)")

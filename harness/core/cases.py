@@ -16,7 +16,10 @@ group by (:func:`axis_names`). Adding a field is one declaration here.
 
 Inference shapes: ``seq_len`` is the key/value length; ``q_len`` the query length when it
 differs (None: the same, self-attention); ``kv_layout`` contiguous or paged (``page_size``
-tokens per page); ``lengths`` fixed, or per-sequence lengths (:mod:`harness.core.lengths`).
+tokens per page); ``lengths`` fixed, or per-sequence lengths (:mod:`harness.core.lengths`), or a
+serving batch whose sequences each have their own query and key/value lengths. Workloads people run:
+``model`` names a catalogue model (:mod:`harness.core.models`) whose geometry fills the head fields;
+``prefix`` is a prompt every sequence of the batch shares (cascade attention reads it once).
 Fields declared ``later`` stay out of the identity (and of the worker protocol and the label)
 while they hold their defaults, so every case that existed before them keeps its ``case_id``.
 """
