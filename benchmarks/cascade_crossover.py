@@ -1,9 +1,8 @@
 """Where cascade attention starts beating plain attention as a shared prefix grows.
 
     python benchmarks/cascade_crossover.py [--model llama-3.1-8b] [--batch 16] [--suffix 256]
-        [--prefixes 64,256,1024,4096,16384] [--device cpu] [--threads 1] [-o RUN_DIR]
-        [--json docs/data/cascade-crossover.json]
-    python benchmarks/cascade_crossover.py --run RUN_DIR --json docs/data/cascade-crossover.json
+        [--prefixes 64,256,1024,4096,16384] [--device cpu] [--threads 1] [-o RUN_DIR] [--json [FILE|DIR]]
+    python benchmarks/cascade_crossover.py --run RUN_DIR --json    # docs/data/cascade-crossover.json
 
 ``--batch`` requests decode one token each after one shared prompt of P tokens (``--prefixes``), each
 with ``--suffix`` tokens of its own (``prefix = P``, ``kv_len = P + suffix``, ``q_len = 1``; the model's
@@ -79,6 +78,15 @@ def crossover_text(cross: dict) -> str:
     return "no prefix length has both a stable cascade time and a stable plain one"
 
 
+def json_path(value: str, name: str) -> Path:
+    """Where ``--json [FILE|DIR]`` writes table ``name``: FILE (a .json path), DIR/<name>.json, or
+    docs/data/<name>.json when no value was given."""
+    if not value:
+        return ROOT / "docs" / "data" / f"{name}.json"
+    path = Path(value)
+    return path if path.suffix == ".json" else path / f"{name}.json"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -90,7 +98,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run: one process, two samples per case")
     ap.add_argument("-o", "--output", default="results/docs/cascade-crossover", help="run directory")
     ap.add_argument("--run", help="read this run instead of running the sweep")
-    ap.add_argument("--json", help="write the table for the docs here (benchmarks/docdata.py)")
+    ap.add_argument("--json", nargs="?", const="", default=None, metavar="FILE|DIR",
+                    help="write the table for the docs (benchmarks/docdata.py): to FILE.json, into DIR, or (no "
+                         "value) into docs/data/")
     args = ap.parse_args(argv)
     from harness.engine import store
 
@@ -113,7 +123,7 @@ def main(argv=None) -> int:
         print(" | ".join(str(x) for x in r))
     summary = crossover_text(cross)
     print(summary)
-    if args.json:
+    if args.json is not None:
         from benchmarks import docdata
 
         meta = store.read_meta(run)
@@ -124,8 +134,9 @@ def main(argv=None) -> int:
                  "Times are medians of stable, correct rows; plain is the faster of sdpa and flash-decoding "
                  "(decode_split_k), which read the prefix once per request."]
         command = "python benchmarks/cascade_crossover.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = docdata.write(args.json, "cascade-crossover", "Cascade attention against plain attention as a "
-                             "shared prefix grows", command, columns, body, notes, source=str(run))
+        path = docdata.write(json_path(args.json, "cascade-crossover"), "cascade-crossover",
+                             "Cascade attention against plain attention as a shared prefix grows", command, columns,
+                             body, notes, source=str(run))
         print(f"wrote {path}")
     return 0
 

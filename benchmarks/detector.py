@@ -155,6 +155,10 @@ def tally(table, slowed: bool) -> dict:
         "probe_detected": int((probes["time_verdict"] == "regressed").sum()) if slowed else 0,
         # the worst miss: a slowed probe called faster (goal: never)
         "probe_improved": int((probes["time_verdict"] == "improved").sum()) if slowed else 0,
+        # the measurement could not decide (said so), or called a slowed probe unchanged (a miss)
+        "probe_inconclusive": int((probes["time_verdict"] == "inconclusive").sum()) if slowed else 0,
+        "probe_unchanged": int((probes["time_verdict"] == "unchanged").sum()) if slowed else 0,
+        "unchanged_inconclusive": int(((table["verdict"] == "inconclusive") & unchanged).sum()),
         "probe_ratios": probes["time_ratio"].dropna().tolist(),
         "flagged": table.loc[flagged, ["label", "verdict", "time_ratio"]].to_dict("records"),
     }
@@ -175,6 +179,10 @@ def summarise(results: list[dict], stage: str) -> dict:
         "slow_probe_cases": sum(t["probe_cases"] for t in slow),
         "slow_probe_cases_detected": sum(t["probe_detected"] for t in slow),
         "slow_probe_cases_called_improved": sum(t["probe_improved"] for t in slow),
+        "slow_probe_cases_inconclusive": sum(t.get("probe_inconclusive", 0) for t in slow),
+        "slow_probe_cases_called_unchanged": sum(t.get("probe_unchanged", 0) for t in slow),
+        "aa_cases_inconclusive": sum(t.get("unchanged_inconclusive", 0) for t in aa),
+        "unchanged_cases_in_slow_runs_inconclusive": sum(t.get("unchanged_inconclusive", 0) for t in slow),
     }
     out["aa_false_alarm_rate"] = out["aa_comparisons_with_a_regression"] / len(aa) if aa else None
     out["detection_rate"] = out["slow_probe_cases_detected"] / out["slow_probe_cases"] if out["slow_probe_cases"] else None
@@ -186,11 +194,14 @@ def describe(name: str, s: dict) -> str:
     if s["aa_comparisons"]:
         lines.append(f"  A/A: {s['aa_comparisons_with_a_regression']} of {s['aa_comparisons']} comparisons reported a "
                      f"regression (false-alarm rate {s['aa_false_alarm_rate']:.0%}); {s['aa_cases_flagged']} of "
-                     f"{s['aa_case_comparisons']} case comparisons flagged regressed/improved")
+                     f"{s['aa_case_comparisons']} case comparisons flagged regressed/improved, "
+                     f"{s['aa_cases_inconclusive']} inconclusive")
     if s["slow_comparisons"]:
         lines.append(f"  slowdown: {s['slow_probe_cases_detected']} of {s['slow_probe_cases']} slowed probe cases "
                      f"detected (detection rate {s['detection_rate']:.0%}), "
-                     f"{s['slow_probe_cases_called_improved']} called improved; "
+                     f"{s['slow_probe_cases_called_improved']} called improved, "
+                     f"{s['slow_probe_cases_inconclusive']} inconclusive, "
+                     f"{s['slow_probe_cases_called_unchanged']} called unchanged (missed); "
                      f"{s['slow_comparisons_with_a_false_regression']} of {s['slow_comparisons']} comparisons also "
                      f"called an unchanged case regressed; {s['unchanged_cases_in_slow_runs_flagged']} of "
                      f"{s['unchanged_cases_in_slow_runs']} unchanged cases flagged")
@@ -211,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="directory for the repository and runs (default: a temporary one, "
                                              "removed); runs already there are reused")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON (after each comparison)")
+    from benchmarks.run_tables import add_json_option
+    add_json_option(p, "--docs-json")
     args = p.parse_args(argv)
     if args.aa < 0 or args.slow < 0 or args.aa + args.slow == 0:
         p.error("--aa and --slow must be >= 0 and not both 0")
@@ -276,9 +289,35 @@ def main(argv: list[str] | None = None) -> int:
         for f in r["confirm"]["flagged"]:
             if r["kind"] == "aa" or not f["label"].startswith(tuple(PROBE_VARIANTS)):
                 print(f"  left flagged after --confirm in {r['run']}: {f['verdict']} {f['label']} ×{f['time_ratio']:.3f}")
+    if args.docs_json:
+        write_docs_table(args.docs_json, figures, args, probes)
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def write_docs_table(directory: Path, figures: dict, args, probes: list[str]) -> None:
+    """The ``detector`` table for the docs (benchmarks/docdata.py): one row per way of reaching verdicts."""
+    from benchmarks.run_tables import write_tables
+
+    rows = []
+    for stage, name in (("screen", "the stored samples alone"), ("confirm", f"--confirm, {args.rounds} rounds")):
+        s = figures[stage]
+        rows.append([name, f"{s['aa_comparisons_with_a_regression']} of {s['aa_comparisons']}",
+                     f"{s['aa_cases_flagged']} of {s['aa_case_comparisons']}",
+                     f"{s['slow_probe_cases_detected']} of {s['slow_probe_cases']}",
+                     s["slow_probe_cases_called_improved"],
+                     f"{s['unchanged_cases_in_slow_runs_flagged']} of {s['unchanged_cases_in_slow_runs']}"])
+    notes = [f"Suite {Path(args.suite).name} plus probes {', '.join(probes)} at L = {args.probe_lengths}; "
+             f"{args.extra:.0%} extra work at B.",
+             f"Probe slowdown measured (median stored ratio): ×{figures['probe_ratio_slow_median']:.3f} slowed, "
+             f"×{figures['probe_ratio_aa_median']:.3f} in the A/A runs."]
+    write_tables(directory, [{"name": "detector", "title": "False alarms and detections of bench compare",
+                              "columns": ["verdicts from", "A/A comparisons with a case called regressed",
+                                          "A/A case comparisons flagged", "slowed probe cases called regressed",
+                                          "slowed probe cases called improved",
+                                          "unchanged cases in slowed runs flagged"],
+                              "rows": rows, "notes": notes}])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Fidelity: does `bench` report the time a user would measure, and does it repeat?
 
-    python benchmarks/fidelity.py [--rounds 3] [--min-run-time 2] [--threads N] [--spread-suite suites/quick.toml --spread-runs 3]
+    python benchmarks/fidelity.py [--rounds 3] [--min-run-time 2] [--threads N[,N...]]
+        [--spread-suite suites/quick.toml --spread-runs 3] [--json [DIR]]
 
 Part 1, against the reference timer. For each case below, every round runs, in fresh processes
 and in alternating order, (a) ``bench run`` on a one-case suite (the harness as a user runs it,
@@ -15,7 +16,9 @@ Part 2, run to run: ``--spread-suite`` is run ``--spread-runs`` times in fresh `
 processes; per case, the spread of the medians across runs (goal: within 10%, or flagged
 unstable by the run itself: the ``stable`` column).
 
-Nothing here asserts; it prints what it measured. Run it on a quiet machine.
+Nothing here asserts; it prints what it measured. Run it on a quiet machine. ``--json`` also writes
+the tables for the docs (``fidelity``: part 1, one row per case and thread count; ``fidelity-spread``:
+part 2) through ``benchmarks/docdata.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_tables import add_json_option, write_tables  # noqa: E402
 
 #: (label, variant, params, seq_len, heads, causal)
 CASES = [
@@ -88,10 +95,11 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values) if values else float("nan")
 
 
-def against_timer(rounds: int, min_run_time: float, tmp: Path, threads: int | None = None) -> None:
+def against_timer(rounds: int, min_run_time: float, tmp: Path, threads: int | None = None) -> list[list]:
     print(f"Part 1: harness vs torch.utils.benchmark, {rounds} fresh processes each, alternating "
           f"(threads: {threads or 'PyTorch default'}; {os.cpu_count()} cores)")
     print(f"{'case':36s} {'harness ms':>11s} {'Timer ms':>10s} {'ratio':>7s} {'h spread':>9s} {'T spread':>9s}  stable")
+    table = []
     for index, (label, variant, params, L, H, causal) in enumerate(CASES):
         suite = tmp / f"case{index}.toml"
         suite.write_text(suite_text(variant, params, L, H, causal, threads))
@@ -113,9 +121,13 @@ def against_timer(rounds: int, min_run_time: float, tmp: Path, threads: int | No
               f"{[bool(x) if x is not None else None for x in stable]}")
         print(f"{'':36s} harness {['%.2f' % x for x in ours]}  Timer {['%.2f' % x for x in ref]}  "
               f"threads {sorted(used)}")
+        flagged = sum(x is not None and not bool(x) for x in stable)
+        table.append([label, ", ".join(sorted({str(n) for _, n in used})), round(mo, 3), round(mr, 3),
+                      round(mo / mr, 3), round(spread(ours), 3), round(spread(ref), 3), f"{flagged} of {len(stable)}"])
+    return table
 
 
-def run_to_run(suite: Path, runs: int, tmp: Path) -> None:
+def run_to_run(suite: Path, runs: int, tmp: Path) -> dict:
     import pandas as pd
 
     print(f"\nPart 2: {suite} in {runs} fresh bench runs")
@@ -144,6 +156,14 @@ def run_to_run(suite: Path, runs: int, tmp: Path) -> None:
     for s, variant, L, causal, dtype, times, unstable in sorted(worst, reverse=True)[:12]:
         print(f"  {s:6.1%} {variant:16s} L={L:<6d} {'causal' if causal else 'non-causal':10s} {dtype:9s} "
               f"{times} {'(flagged unstable)' if unstable else ''}")
+    rows = [["cases within 10% across runs", within], ["beyond 10%, flagged unstable by a run", flagged],
+            ["beyond 10%, not flagged", over]]
+    rows += [[f"worst not flagged: {variant} L={L} {'causal' if causal else 'non-causal'} {dtype}", round(s, 3)]
+             for s, variant, L, causal, dtype, times, unstable in sorted(worst, reverse=True) if not unstable
+             and s > 0.10][:5]
+    return {"name": "fidelity-spread", "title": f"Run to run: {suite.name} in {runs} fresh bench runs",
+            "columns": ["cases", "count (or spread)"], "rows": rows,
+            "notes": ["Spread: (largest − smallest median) / median of a case's times across the runs; ok cases only."]}
 
 
 def main() -> int:
@@ -153,14 +173,38 @@ def main() -> int:
     p.add_argument("--spread-suite", type=Path, help="a suite to run several times (e.g. suites/quick.toml)")
     p.add_argument("--spread-runs", type=int, default=3)
     p.add_argument("--skip-timer", action="store_true", help="only part 2")
-    p.add_argument("--threads", type=int, help="intra-op threads for both sides (default: PyTorch's default)")
+    p.add_argument("--threads", type=_thread_counts, default=[None],
+                   help="intra-op threads for both sides, or several comma-separated (1,2): part 1 runs at each "
+                        "(default: PyTorch's default)")
+    add_json_option(p)
     args = p.parse_args()
+    tables = []
     with tempfile.TemporaryDirectory(prefix="fidelity-") as d:
         if not args.skip_timer:
-            against_timer(args.rounds, args.min_run_time, Path(d), args.threads)
+            rows = []
+            for threads in args.threads:
+                rows += against_timer(args.rounds, args.min_run_time, Path(d), threads)
+            tables.append({"name": "fidelity", "title": "Harness against torch.utils.benchmark.Timer, fresh processes",
+                           "columns": ["case", "threads", "harness ms", "Timer ms", "harness ÷ Timer",
+                                       "harness spread", "Timer spread", "harness runs flagged unstable"],
+                           "rows": rows,
+                           "notes": [f"Medians of {args.rounds} fresh processes each, alternating; spread: (largest − "
+                                     "smallest per-process median) / median."]})
         if args.spread_suite:
-            run_to_run(args.spread_suite.resolve(), args.spread_runs, Path(d))
+            tables.append(run_to_run(args.spread_suite.resolve(), args.spread_runs, Path(d)))
+    if args.json:
+        write_tables(args.json, tables)
     return 0
+
+
+def _thread_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,N,..., got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {text!r}")
+    return counts
 
 
 if __name__ == "__main__":

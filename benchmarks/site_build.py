@@ -5,7 +5,9 @@ committed nightly baseline, results/baseline/nightly-cpu, 20 cases), with the pl
 tests/history_sim.py (one case flat, one 20% step ten runs before the end, one noisy, the rest with 1%
 noise), then times ``bench site`` on it end to end in a fresh process, several times.
 
-    python benchmarks/site_build.py [--runs 100] [--source RUN_DIR] [--repeat 3] [--keep DIR]
+    python benchmarks/site_build.py [--runs 100] [--source RUN_DIR] [--repeat 3] [--keep DIR] [--json [DIR]]
+
+``--json`` also writes the ``site-build`` table for the docs (``benchmarks/docdata.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_tables import add_json_option, write_tables  # noqa: E402
 
 
 def make_history(source: Path, root: Path, runs: int) -> list[str]:
@@ -47,6 +51,7 @@ def main() -> int:
     p.add_argument("--source", type=Path, default=ROOT / "results" / "baseline" / "nightly-cpu")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--keep", type=Path, help="build the history and site here and keep them")
+    add_json_option(p)
     args = p.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="site-build-"))
     t0 = time.perf_counter()
@@ -66,9 +71,25 @@ def main() -> int:
     pages = sorted(f.name for f in (work / "site").glob("*.html"))
     print(f"bench site on {args.runs} runs: median {statistics.median(times):.1f} s, min {min(times):.1f} s "
           f"over {len(times)} builds; site {size / 2**20:.1f} MiB, pages {', '.join(pages)}")
+    if args.json:
+        rows = [["nightly runs in the history", args.runs], ["cases per run", len(timed_cases_of(args.source))],
+                ["builds timed", len(times)],
+                ["median build, s (process start included)", round(statistics.median(times), 1)],
+                ["fastest build, s", round(min(times), 1)], ["slowest build, s", round(max(times), 1)],
+                ["site size, MiB", round(size / 2**20, 1)]]
+        write_tables(args.json, [{"name": "site-build", "title": "bench site on a long history",
+                                  "columns": ["", "value"], "rows": rows,
+                                  "notes": ["A history made from one real run with one planted regression "
+                                            "(tests/history_sim.py); each build is a fresh bench site process."]}])
     if args.keep is None:
         shutil.rmtree(work)
     return 0
+
+
+def timed_cases_of(source: Path) -> list:
+    from tests.history_sim import timed_cases
+
+    return timed_cases(source)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The "Best per workload" table of a run, for the docs.
 
     bench run --model llama-3.1-8b --workload decode -o results/docs/llama-decode
-    python benchmarks/winners_table.py results/docs/llama-decode --json docs/data/winners-llama-decode.json
+    python benchmarks/winners_table.py results/docs/llama-decode --json   # docs/data/winners-llama-decode.json
 
 One row per workload of the run (reports.winners): its context length (and query length, batch and
 level when they vary), the fastest correct, stable variant, its median time and interval, its speed-up
@@ -46,10 +46,21 @@ def rows_of(run: Path) -> tuple[list[list], list[str]]:
     return body, notes
 
 
+def json_path(value: str, name: str) -> Path:
+    """Where ``--json [FILE|DIR]`` writes table ``name``: FILE (a .json path), DIR/<name>.json, or
+    docs/data/<name>.json when no value was given."""
+    if not value:
+        return ROOT / "docs" / "data" / f"{name}.json"
+    path = Path(value)
+    return path if path.suffix == ".json" else path / f"{name}.json"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="run directory")
-    ap.add_argument("--json", help="write the table for the docs here (benchmarks/docdata.py)")
+    ap.add_argument("--json", nargs="?", const="", default=None, metavar="FILE|DIR",
+                    help="write the table for the docs (benchmarks/docdata.py): to FILE.json, into DIR, or (no "
+                         "value) into docs/data/")
     ap.add_argument("--name", default="winners-llama-decode", help="the table's name (docs/data/<name>.json)")
     args = ap.parse_args(argv)
     run = Path(args.run)
@@ -59,7 +70,7 @@ def main(argv=None) -> int:
         print(" | ".join("" if x is None else str(x) for x in r))
     for n in notes:
         print(n)
-    if args.json:
+    if args.json is not None:
         from benchmarks import docdata
         from harness.engine import store
 
@@ -68,8 +79,8 @@ def main(argv=None) -> int:
                  "time is stable (its worker processes agreed); speed-up is the baseline's median over the "
                  "winner's.", *notes]
         command = "python benchmarks/winners_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = docdata.write(args.json, args.name, f"Best per workload: {suite}", command, COLUMNS, body, notes,
-                             source=str(run))
+        path = docdata.write(json_path(args.json, args.name), args.name, f"Best per workload: {suite}", command,
+                             COLUMNS, body, notes, source=str(run))
         print(f"wrote {path}")
     return 0
 

@@ -7,7 +7,7 @@ Public API (imported lazily, so ``bench --help`` does not pay for torch)::
     from harness import models    # the catalogue of real model geometries (harness.core.models)
     from harness import dispatch  # pick the measured winner for a shape (bench winners RUN --format json)
 
-Layers (see the README's Architecture section): ``harness.core`` (the vocabulary: cases,
+Layers (see docs/architecture.md): ``harness.core`` (the vocabulary: cases,
 registry, masks, FLOP rules, result schema), ``harness.measure`` (timing, memory, FLOPs,
 accuracy, the machine), ``harness.engine`` (suite → cases → executor → worker → rows → store),
 ``harness.regression`` (history, statistics, verdicts, compare, confirm, change points),

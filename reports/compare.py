@@ -30,6 +30,7 @@ VERDICT_COLORS = {
     "missing": "#8a6d00",
     "new": "#1a73e8",
     "now passing": "#1f7a3a",
+    "inconclusive": "#a15c00",
     "improved": "#1f9d55",
     "unchanged": "#7b8494",
     "not compared": "#b0b6c2",

@@ -22,6 +22,7 @@ from reports.analysis import GROUP_KEYS, group_title, with_labels
 
 FASTEST = "★"
 UNSTABLE = "~"
+CONTENDED = "!"
 EMULATED = "emulated"
 NEEDED = ("status", "variant", "params", "seq_len", "time_ms")
 
@@ -52,7 +53,9 @@ def _cell(row: dict | None, fastest: bool, verbose: bool) -> str:
         style = "yellow" if status == "skipped" else "bold red"
         return f"[{style}]{esc(status, limit=40)}[/]"
     text = fmt.duration_ms(row["time_ms"])
-    if _unstable(row):
+    if _flag(row, "contended", True):  # other processes took its cores: not this machine's time
+        text += f" [red]{CONTENDED}[/]"
+    elif _unstable(row):
         text += f" [yellow]{UNSTABLE}[/]"
     if _emulated(row):
         text += f" [dim]{EMULATED}[/]"
@@ -109,6 +112,8 @@ def print_headline(rows: pd.DataFrame, console: Console | None = None, verbose: 
         legend = f"median time per call{', peak memory below it' if verbose else ''}; {FASTEST} fastest in its column"
         if "stable" in rows.columns:
             legend += f"; {UNSTABLE} unstable"
+        if "contended" in rows.columns and rows["contended"].map(lambda v: _flag({"c": v}, "c", True)).any():
+            legend += f"; {CONTENDED} contended: other processes took its cores (see contention_note)"
         if "emulated" in rows.columns and rows["emulated"].map(lambda v: _flag({"e": v}, "e", True)).any():
             legend += f"; {EMULATED}: time not a speed result, never fastest"
         console.print(f"[dim]{legend}; other cases by their status[/]")

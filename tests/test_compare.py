@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.core import schema
 from harness.core.stats import bh_adjust, time_test, u_null_cdf
 from harness.engine import store
 from harness.regression.compare import compare_frames, compare_runs
@@ -127,7 +128,7 @@ def test_benjamini_hochberg():
     "shift, cv, n, expected",
     [
         (1.00, 0.01, 30, "unchanged"),  # same distribution, quiet
-        (1.00, 0.20, 30, "unchanged"),  # same distribution, noisy
+        (1.00, 0.20, 30, "inconclusive"),  # same distribution, noisy: the interval cannot rule out 5%
         (1.03, 0.003, 30, "unchanged"),  # a real 3% change: significant, but under the 5% threshold
         (1.10, 0.01, 30, "regressed"),  # 10% slower, quiet
         (1.50, 0.01, 30, "regressed"),
@@ -149,14 +150,14 @@ def test_small_noisy_samples_rarely_call_a_10_percent_change():
     called = 0
     for seed in range(50):
         v = verdicts({"c": {"samples": samples(5, 2.0, 0.3, seed)}}, {"c": {"samples": samples(5, 2.2, 0.3, 100 + seed)}})
-        called += v["c"]["verdict"] != "unchanged"
+        called += v["c"]["verdict"] in ("regressed", "improved")
     assert called <= 10
 
 
 def test_beyond_threshold_but_not_significant_is_explained():
     v = verdicts({"c": {"samples": quantile_samples(5, 2.0, 0.3)}}, {"c": {"samples": quantile_samples(5, 2.6, 0.3)}})["c"]
     assert v["time_ratio"] == pytest.approx(1.3)
-    assert v["verdict"] == "unchanged" and "time +30.0% (not significant" in v["note"]
+    assert v["verdict"] == "inconclusive" and "time +30.0% ×" in v["note"] and "straddles the threshold" in v["note"]
 
 
 def test_false_discovery_control_across_many_null_cases():
@@ -165,7 +166,7 @@ def test_false_discovery_control_across_many_null_cases():
     new = {f"c{i}": {"samples": samples(12, 1.0, 0.05, 5000 + i)} for i in range(200)}
     table = compare_frames(*frames(base), *frames(new), Thresholds(time=0.001))
     assert (table["p_value"] < 0.05).sum() >= 3  # per-case testing would raise false alarms...
-    assert table["verdict"].eq("unchanged").all()  # ...the FDR-controlled verdicts do not
+    assert table["verdict"].isin(["unchanged", "inconclusive"]).all()  # ...the FDR-controlled verdicts do not
 
 
 def test_memory_verdicts():
@@ -222,10 +223,49 @@ def test_status_transitions_and_unpaired_cases():
 
 def test_one_time_rule_symmetric_in_log_space():
     th = Thresholds(time=0.1, alpha=0.05)
-    assert time_verdict(1.1, 0.01, th) == "regressed" and time_verdict(1 / 1.1, 0.01, th) == "improved"
-    assert time_verdict(1.09, 0.01, th) == "unchanged" and time_verdict(1 / 1.09, 0.01, th) == "unchanged"
-    assert time_verdict(1.5, 0.06, th) == "unchanged"  # beyond the threshold, not significant
-    assert time_verdict(1.5, math.nan, th) == "unchanged" and time_verdict(math.nan, 0.01, th) == "unchanged"
+    assert time_verdict(1.1, 0.01, th)[0] == "regressed" and time_verdict(1 / 1.1, 0.01, th)[0] == "improved"
+    # unchanged is a claim: the interval must lie inside the band [1/1.1, 1.1]
+    assert time_verdict(1.09, 0.01, th, 1.02, 1.095) == ("unchanged", "")
+    assert time_verdict(1 / 1.09, 0.01, th, 1 / 1.095, 1 / 1.02) == ("unchanged", "")
+    assert time_verdict(1.09, 0.01, th) == ("inconclusive", "interval")  # no interval: undecided
+    assert time_verdict(1.5, 0.06, th, 0.98, 1.9) == ("inconclusive", "interval")  # not significant, straddles
+    assert time_verdict(1.5, math.nan, th) == ("inconclusive", "interval")
+    assert time_verdict(math.nan, 0.01, th) == ("inconclusive", "interval")
+
+
+@pytest.mark.parametrize("ratio, q, lo, hi, contended, unstable, verdict", [
+    (1.30, 0.001, 1.25, 1.35, False, False, ("regressed", "")),          # a clear regression
+    (1.00, 0.60, 0.98, 1.02, False, False, ("unchanged", "")),           # clear equivalence
+    (1.08, 0.20, 0.97, 1.21, False, False, ("inconclusive", "interval")),  # straddles the 5% band
+    (1.30, 0.001, 1.25, 1.35, True, False, ("inconclusive", "contended")),  # a neighbour's time
+    (1.00, 0.60, 0.98, 1.02, True, False, ("inconclusive", "contended")),
+    (1.30, 0.001, 1.02, 1.60, False, True, ("inconclusive", "unstable")),  # unstable: the whole interval beyond
+    (1.30, 0.001, 1.10, 1.60, False, True, ("regressed", "")),
+    (1.00, 0.60, 0.98, 1.02, False, True, ("unchanged", "")),
+])
+def test_verdicts_say_when_they_could_not_decide(ratio, q, lo, hi, contended, unstable, verdict):
+    assert time_verdict(ratio, q, Thresholds(time=0.05), lo, hi, contended, unstable) == verdict
+
+
+def test_planted_samples_give_each_verdict():
+    """Real samples through the whole rule: a clear slowdown, a clear equivalence, one that straddles."""
+    rng = np.random.default_rng(7)
+    base = 10 * (1 + 0.01 * rng.standard_normal(60))
+
+    def verdict(new, **flags):
+        b, n = schema.empty_row(), schema.empty_row()
+        b.update(case_id="c", variant="naive", status="ok", time_ms=float(np.median(base)), **flags)
+        n.update(case_id="c", variant="naive", status="ok", time_ms=float(np.median(new)))
+        samples = lambda ms: pd.DataFrame({"case_id": "c", "time_ms": ms})  # noqa: E731
+        table = compare_frames(pd.DataFrame([b]), samples(base), pd.DataFrame([n]), samples(new),
+                               Thresholds(time=0.05))
+        return table.iloc[0]["verdict"], table.iloc[0]["doubt"]
+
+    assert verdict(10 * 1.3 * (1 + 0.01 * rng.standard_normal(60))) == ("regressed", "")
+    assert verdict(10 * (1 + 0.01 * rng.standard_normal(60))) == ("unchanged", "")
+    wide = 10 * 1.05 * (1 + 0.3 * rng.standard_normal(8)).clip(0.3)
+    assert verdict(wide) == ("inconclusive", "interval")
+    assert verdict(10 * (1 + 0.01 * rng.standard_normal(60)), contended=True) == ("inconclusive", "contended")
 
 
 def test_comparison_rows_hold_the_declared_identity_columns():
@@ -306,7 +346,7 @@ def test_compare_two_real_runs_end_to_end(real, bench, tmp_path):
     data = json.loads(out)
     assert len(data["cases"]) == 4 and sum(data["counts"].values()) == 4
     assert {c["n_base"] for c in data["cases"]} == {10} and data["warnings"] == []  # 5 samples from each of 2 processes
-    assert all(c["verdict"] in ("unchanged", "regressed", "improved") for c in data["cases"])
+    assert all(c["verdict"] in ("unchanged", "inconclusive", "regressed", "improved") for c in data["cases"])
     assert all(c["mem_ratio"] == pytest.approx(1.0) for c in data["cases"])  # peak memory is deterministic
     page = html.read_text()
     assert "Attention Bench — comparison" in page and page.count("<svg") == 1
@@ -395,7 +435,8 @@ def test_suite_compare_table_in_run_json_sets_the_thresholds(tmp_path):
     assert (c.thresholds.time, c.thresholds.memory) == (0.2, 0.3)
     assert c.thresholds.sources["time_threshold"] == "suite s (NEW)"
     assert compare_runs(a, b, time_threshold=0.07).thresholds.time == 0.07
-    assert c.counts["new"] == 1 and c.counts["unchanged"] == 3
+    # three samples a side give no interval: not "unchanged", which would claim what was not measured
+    assert c.counts["new"] == 1 and c.counts["inconclusive"] == 3 and not c.has_regression
 
 
 def test_a_change_of_shape_is_pointed_out():
@@ -405,7 +446,7 @@ def test_a_change_of_shape_is_pointed_out():
     new = np.concatenate([quantile_samples(14, 1.0, 0.01), quantile_samples(16, 0.5, 0.01)])
     v = verdicts({"c": {"samples": base}}, {"c": {"samples": new}})["c"]
     assert v["time_ratio"] < 0.55 and v["ci_low"] < 1 < v["ci_high"]
-    assert v["verdict"] == "unchanged" and "distribution changed shape" in v["note"]
+    assert v["verdict"] == "unchanged" and "distribution changed shape" in v["note"]  # the shift interval is inside
 
 
 def test_baseline_set_warns_when_confirm_could_not_rerun_it(bench, tmp_path):

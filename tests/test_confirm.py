@@ -7,6 +7,7 @@ BASE recorded at a commit of the flat layout from before the layers (harness/wor
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -139,7 +140,8 @@ def test_confirm_tests_rounds_not_pooled_samples(tmp_path):
     fake = FakeSides(1.0, between=0.08, within=0.001, seed=3)
     confirm(comparison, rounds=8, here=_meta()["environment"], runners=fake, log=lambda s: None)
     row = comparison.cases.set_index("case_id").loc[real_id(0)]
-    assert row["verdict"] == "unchanged" and row["confirm_q"] > 0.05
+    # not a regression; and with rounds 8% apart, 5% cannot be ruled out either: more rounds, then honest doubt
+    assert row["verdict"] == "inconclusive" and row["confirm_q"] > 0.05 and row["confirm_rounds"] == 24
     pooled = FakeSides(1.0, between=0.08, within=0.001, seed=3)
     with pooled({}) as workers:
         r = interleaved_rounds({"case": None}, workers, 8)["case"]
@@ -292,7 +294,9 @@ def test_confirm_across_commits_end_to_end(tmp_path):
                  "--fail-on-regression", "--format", "json", "--no-html")
     assert proc.returncode == 1, proc.stderr
     case = json.loads(proc.stdout)["cases"][0]
-    assert case["verdict"] == "regressed" and "confirmed by interleaved re-run" in case["note"]
+    # the re-run decides: it confirms the stored verdict (or, when the stored runs were contended on a busy
+    # machine and so inconclusive, it finds the regression itself)
+    assert case["verdict"] == "regressed" and re.search(r"(confirmed by|regressed in) interleaved re-run", case["note"])
     # BASE's worker really ran BASE's code: twice the work shows as about twice the time
     assert 1.6 < case["confirm_ratio"] < 2.5
     # and the other way round (NEW older than BASE) it is an improvement, also confirmed: with the
@@ -369,7 +373,9 @@ def test_confirm_reruns_a_baseline_recorded_with_the_flat_layout(tmp_path):
     data = json.loads(proc.stdout)
     assert data["confirm"]["status"] == "done", data["confirm"]
     case = data["cases"][0]
-    assert case["verdict"] == "regressed" and "confirmed by interleaved re-run" in case["note"]
+    # the re-run decides: it confirms the stored verdict (or, when the stored runs were contended on a busy
+    # machine and so inconclusive, it finds the regression itself)
+    assert case["verdict"] == "regressed" and re.search(r"(confirmed by|regressed in) interleaved re-run", case["note"])
     assert 1.6 < case["confirm_ratio"] < 2.5  # each side ran its own commit's probe
 
 

@@ -221,7 +221,8 @@ def _suite(tmp_path, variants, isolation="process"):
     entries = "\n".join(f'[[variant]]\nname = "{v}"\nseq_len = [{16 * (i + 1)}]\n' for i, v in enumerate(variants))
     path = tmp_path / "s.toml"
     path.write_text(f'plugins = ["{PLUGIN}"]\n[defaults]\nheads = 2\nhead_dim = 16\n[timing]\nwarmup = 1\n'
-                    f'min_time_s = 0.0\nmax_reps = 3\nprocesses = 1\n[run]\nisolation = "{isolation}"\n\n{entries}')
+                    f'min_time_s = 0.0\nmax_reps = 3\nprocesses = 1\n[run]\nisolation = "{isolation}"\n'
+                    f'contention = "flag"\n\n{entries}')  # workers counted: no contended round re-run
     return path
 
 

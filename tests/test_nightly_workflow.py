@@ -135,6 +135,8 @@ def test_site_job_builds_uploads_and_publishes_only_when_asked(workflow):
     assert steps[0]["uses"].startswith("actions/checkout") and steps[0]["with"]["fetch-depth"] == 0
     _index(steps, _checks_out_history)
     assert "bench site --history history -o site" in _script(site)
+    docs = steps[_index(steps, lambda s: "mkdocs build" in s.get("run", ""))]
+    assert "--strict --site-dir site/docs" in docs["run"] and docs["continue-on-error"] is True  # beside the results
     upload = _index(steps, lambda s: s.get("uses", "").startswith("actions/upload-artifact"))
     assert steps[upload]["with"]["path"] == "site"
     pages = steps[_index(steps, lambda s: s.get("uses", "").startswith("actions/upload-pages-artifact"))]

@@ -124,8 +124,8 @@ def test_arrow_schema_keeps_an_unconvertible_column_as_inferred():
     assert types == {"reps": "large_string", "input_sets": "int64", "density": "double"}
 
 
-def test_readme_results_list_names_only_declared_columns():
-    text = (ROOT / "README.md").read_text()
+def test_run_directory_page_names_only_declared_columns():
+    text = (ROOT / "docs" / "reference" / "run-directory.md").read_text()
     bullet = text[text.index("- `results.parquet`"):text.index("- `samples.parquet`")]
     named = {t for t in re.findall(r"`([a-z_0-9]+)`", bullet)} - {"results.parquet"}
     undeclared = named - set(schema.BY_NAME)

@@ -60,7 +60,7 @@ def test_unstable_and_failing_cases_are_marked_and_never_fastest(rows):
     fastest = group["time_ms"].idxmin()
     rows.loc[fastest, "status"] = "error"  # the fastest time came from a case that failed
     slowest = group["time_ms"].idxmax()
-    rows["stable"] = True
+    rows["stable"], rows["contended"] = True, False  # whatever the machine running the tests was doing
     rows.loc[slowest, "stable"] = False
     (title, table), _ = headline_tables(rows)
     assert "non-causal" in title

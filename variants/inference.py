@@ -1,6 +1,6 @@
 """Inference-shaped attention: decoding with split-K, variable-length batches (padded, packed).
 
-How these variants receive their inputs (the README's "Writing a variant" says the same):
+How these variants receive their inputs (docs/how-to/inference.md says the same):
 q is ``(B, H, Lq, D)``, k and v ``(B, H_kv, Lk, D)`` with ``Lq`` the case's ``q_len`` and
 ``Lk`` its ``seq_len``/``kv_len``; causal masking is aligned to the bottom right (query i sits
 at position ``Lk - Lq + i``). A variable-length case (``lengths`` not ``fixed``) also passes

@@ -10,7 +10,7 @@
 #   results-history.sh store RUN_DIR HISTORY  copy the run in RUN_DIR into HISTORY/runs/<run_id>/
 #                                             (HISTORY: a checkout of the branch), commit and push
 #
-# Retention: see "History and the results site" in README.md.
+# Retention: see "Retention" in docs/how-to/regressions.md.
 set -euo pipefail
 
 BRANCH="${BENCH_RESULTS_BRANCH:-bench-results}"

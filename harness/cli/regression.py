@@ -46,7 +46,7 @@ def register(sub) -> None:
                      help="interleaved rounds per side for --confirm (default 8)")
     cmp.add_argument("--trust-plugins", action="store_true",
                      help="with --confirm: also import plugins the runs' suites name that are not their commits' "
-                          "code (listed first; see the README's 'Sharing results safely')")
+                          "code (listed first; see docs/how-to/sharing-results.md)")
     cmp.add_argument("--confirm-branch", action="append", default=[], metavar="BRANCH",
                      help="with --confirm: also re-run commits of BRANCH's history (by default only ancestors of "
                           "HEAD are run; a commit only a fetched results branch holds is refused); repeatable")

@@ -43,7 +43,7 @@ def register(sub) -> None:
     res.add_argument("run_dir", help="run directory")
     res.add_argument("--trust-plugins", action="store_true",
                      help="also import plugins the recorded suite names that are not this checkout's code "
-                          "(listed first; see the README's 'Sharing results safely')")
+                          "(listed first; see docs/how-to/sharing-results.md)")
     res.set_defaults(handler=cmd_resume)
 
     for p in (run, res):
@@ -56,6 +56,7 @@ def register(sub) -> None:
                        help=TIMING["processes"].help + f" (default: the suite's [timing] processes, else "
                             f"{TIMING['processes'].default})")
         p.add_argument("--allocator", choices=RUN["allocator"].choices, help=RUN["allocator"].help)
+        p.add_argument("--contention", choices=RUN["contention"].choices, help=RUN["contention"].help)
         p.add_argument("--fail-on-incorrect", action="store_true",
                        help=f"exit status {EXIT_INCORRECT} when any case gives a wrong answer (status incorrect)")
         p.add_argument("-v", "--verbose", action="store_true", help="one line per finished case")
@@ -183,7 +184,7 @@ def _execute(suite, cases, writer, args, resumed: bool = False) -> int:
     with make_progress(len(cases), verbose=args.verbose, quiet=args.quiet) as progress:
         outcome = execute(suite, cases, writer, progress=progress, isolation=args.isolation,
                           case_timeout_s=args.case_timeout, memory_budget_gib=args.memory_budget_gib,
-                          profile=getattr(args, "profile", None))
+                          profile=getattr(args, "profile", None), contention=args.contention)
     _print_summary(outcome.rows)
     if not args.quiet:  # the headline numbers: variants × lengths per configuration
         from reports.terminal import print_headline
@@ -221,6 +222,15 @@ def _print_summary(rows) -> None:
 
     counts = rows["status"].value_counts()
     print(terminal("cases: " + ", ".join(f"{n} {s}" for s, n in counts.items())), file=sys.stderr)
+    if "contended" in rows:
+        import pandas as pd
+
+        busy = int(rows["contended"].map(lambda v: not pd.isna(v) and bool(v)).sum())
+        retried = int(pd.to_numeric(rows.get("discarded_rounds"), errors="coerce").fillna(0).sum()) \
+            if "discarded_rounds" in rows else 0
+        if busy or retried:
+            print(f"contended: {busy} case(s) timed while other processes took their cores (contended = true, stable "
+                  f"= false; see contention_note); {retried} contended round(s) re-run", file=sys.stderr)
     wrong = _incorrect(rows)
     for label, reason in wrong[:MAX_INCORRECT_LINES]:
         print(terminal(f"incorrect: {label}: {reason}"), file=sys.stderr)

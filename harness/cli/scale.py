@@ -26,7 +26,7 @@ def add_run_arguments(run, resume) -> None:
         p.add_argument("--ray-address", metavar="ADDR", help=RUN["ray_address"].help + " (implies --executor ray)")
     run.add_argument("--shard", metavar="I/N", help="run only shard I of N (1..N): a deterministic partition of "
                      "the suite's cases balanced by estimated cost, the same on every machine; bench merge puts "
-                     "the shards' runs back together (see the README's 'Running at scale')")
+                     "the shards' runs back together (see docs/how-to/scale-out.md)")
 
 
 def with_executor(suite, args):

@@ -140,7 +140,7 @@ class Case:
     dtype: str = axis("float32", help="element type of q, k, v: float32, bfloat16 or float16", dtype="string",
                       choices=DTYPES)  # labelled with device: cpu float32
     causal: bool = axis(False, help="causal masking", dtype="bool", label=lambda c: "causal" if c["causal"] else "")
-    inputs: str = axis("gaussian", help="input distribution: gaussian or structured (see the README's Inputs)",
+    inputs: str = axis("gaussian", help="input distribution: gaussian or structured (see docs/explanation/measurement.md)",
                        dtype="string", choices=INPUT_KINDS,
                        label=lambda c: "" if c["inputs"] == "gaussian" else str(c["inputs"]))
     q_len: int | None = axis(None, help="query length when it differs from seq_len (1: decode); in a suite, with "

@@ -214,7 +214,7 @@ def setting(default: Any, help: str, **spec: Any) -> Any:
     return dataclasses.field(default=default, metadata={"key": dict(spec, help=help)})
 
 
-#: ``[timing] processes`` by default: see harness.engine.lifecycle.run_cases and the README.
+#: ``[timing] processes`` by default: see harness.engine.lifecycle.run_cases and the docs.
 DEFAULT_PROCESSES = 2
 
 @dataclass(frozen=True)
@@ -267,6 +267,16 @@ class RunConfig:
         "default", f"default: the workers measure in your environment as it is | thp: {ALLOCATOR_ENV}=1 in the "
         "worker processes (page-aligned, huge-page CPU allocations; needs isolation = process)",
         choices=("default", "thp"))
+    contention: str = setting(
+        "retry", "what to do with a round other processes contended (harness.measure.contention): retry: run it "
+        "again in a fresh process after a short wait, up to contention_retries times, then keep it flagged | flag: "
+        "keep it, flagged (contended = true, stable = false) | wait: before each round wait (up to "
+        "contention_wait_s) for the machine to be quiet, then flag what is still contended",
+        choices=("retry", "flag", "wait"))
+    contention_retries: int = setting(2, "contended rounds re-run per case and round before one is kept flagged", ge=0)
+    contention_wait_s: float = setting(
+        1.0, "retry: seconds to wait before re-running a contended round | wait: longest wait for a quiet machine "
+        "before each round", ge=0)
     profile: bool | list[str] = setting(
         False, "profile every case (true) or those of these variants (an array of names) after timing them: one "
         "call under torch.profiler (harness.measure.profile)", type=object, parse=_profile_setting)

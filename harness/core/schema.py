@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from harness.core.cases import Case
 
 DTYPES = ("string", "int64", "float64", "bool")
-GROUPS = ("identity", "outcome", "time", "stability", "work", "roofline", "telemetry", "memory", "accuracy",
+GROUPS = ("identity", "outcome", "time", "stability", "contention", "work", "roofline", "telemetry", "memory", "accuracy",
           "environment", "record")
 #: The group of a column this schema does not declare (a variant's own).
 EXTRA = "extra"
@@ -102,7 +102,25 @@ COLUMNS: tuple[Column, ...] = (
     _c("stable", "bool", "", "stability",
        "whether the processes' intervals of the median (at least ±2.5%) all overlap; empty with one process"),
     _c("stability_note", "string", "", "stability", "why not stable: the modes, e.g. two modes: 8.4 ms (2 processes) "
-       "and 41.4 ms (1 process)"),
+       "and 41.4 ms (1 process); or the contention that made it so"),
+    # contention (harness.measure.contention): other processes while the case was sampled; the largest
+    # figure of the rounds kept
+    _c("other_cpu_cores", "float64", "cores", "contention", "CPU time other processes used while the case was "
+       "sampled, in cores' worth (system busy time less this worker's and its children's)", report_extra=True),
+    _c("steal_pct", "float64", "%", "contention", "share of the machine's CPU time the hypervisor gave to other "
+       "guests while the case was sampled", report_extra=True),
+    _c("involuntary_switches_per_s", "float64", "1/s", "contention", "involuntary context switches of the "
+       "worker's threads per second of sampling (preemptions)", report_extra=True),
+    _c("cpu_cores", "int64", "", "contention", "cores the worker process may run on (its affinity)"),
+    _c("gpu_other_processes", "int64", "", "contention", "CUDA: other processes with a context on the GPU while "
+       "the case was sampled (NVML)"),
+    _c("contended", "bool", "", "contention", "other processes took cores the worker's threads needed (or the "
+       "hypervisor stole time, or another process used the GPU) in a round that was kept: the time is not the "
+       "machine's; stable is false"),
+    _c("contention_note", "string", "", "contention", "why contended, with the figures, e.g. other processes used "
+       "0.98 of 2 cores while this case ran on 2 threads"),
+    _c("discarded_rounds", "int64", "", "contention", "rounds re-run because they were contended ([run] contention = "
+       "\"retry\"); each is kept in rounds.jsonl"),
     # work
     _c("flops", "float64", "FLOP", "work", "analytic FLOPs of one call (FlashAttention's convention)"),
     _c("tflops_per_s", "float64", "TFLOP/s", "work", "flops over the median time", derived=True),

@@ -53,16 +53,25 @@ START_TIMEOUT_S = 300.0
 
 
 class CircuitBreaker:
-    """Trips after ``limit`` consecutive rows whose status says the device or the worker is gone
-    (:data:`STATUSES`); an ``ok`` row (or any other outcome) resets the count, a ``skipped`` one
-    (nothing ran) neither counts nor resets. ``tripped`` holds the message once it has tripped."""
+    """Ends a run only when the device is really gone. After ``limit`` consecutive rows whose status
+    says the worker died (:data:`STATUSES`) — an ``ok`` row (or any other outcome) resets the count, a
+    ``skipped`` one (nothing ran) neither counts nor resets — it asks: were any of them CUDA cases (or
+    CUDA errors)? If none were, a plugin's kernels are crashing their own cases (they are quarantined,
+    harness.engine.rounds.Quarantine) and the run goes on: a CPU run never aborts for crashes. If some
+    were, it runs ``probe()`` (a tiny sdpa case in a fresh worker: None when it passes, else why not):
+    a passing probe means the GPU is fine and the run goes on; a failing one trips the breaker.
+    ``tripped`` holds the message once it has tripped."""
 
     STATUSES = ("crash", "cuda_error")
 
-    def __init__(self, limit: int = 3):
+    def __init__(self, limit: int = 3, probe: Callable[[], str | None] | None = None,
+                 log: Callable[[str], None] | None = None):
         self.limit = limit
+        self.probe = probe
+        self.log = log or (lambda message: print(message, file=sys.stderr))
         self.streak: list[dict[str, Any]] = []
         self.tripped: str | None = None
+        self.probes = 0
 
     def record(self, row: dict[str, Any]) -> str | None:
         """Count one finished row; the message when this row trips the breaker, else None."""
@@ -71,13 +80,22 @@ class CircuitBreaker:
             self.streak.append(row)
         elif status != "skipped":
             self.streak = []
-        if self.tripped is None and len(self.streak) >= self.limit:
-            kinds = "/".join(sorted({r["status"] for r in self.streak}))
-            self.trip(f"{len(self.streak)} consecutive cases ended in {kinds} (the last: "
-                      f"{str(self.streak[-1].get('reason', ''))[:300]}): the GPU or the worker looks lost, so the run "
-                      "stops here; once it is fixed, bench resume the run")
-            return self.tripped
-        return None
+        if self.tripped is not None or len(self.streak) < self.limit:
+            return None
+        streak, self.streak = self.streak, []
+        kinds = "/".join(sorted({r["status"] for r in streak}))
+        last = str(streak[-1].get("reason", ""))[:300]
+        if not any(r.get("status") == "cuda_error" or str(r.get("device", "")).startswith("cuda") for r in streak):
+            return None  # no device to lose: the crashing variants are quarantined, the others go on
+        self.probes += 1
+        problem = self.probe() if self.probe is not None else "no health probe for this executor"
+        if problem is None:
+            self.log(f"{len(streak)} consecutive cases ended in {kinds}; a health probe (a small sdpa case in a "
+                     "fresh worker) passed, so the GPU is fine and the run goes on")
+            return None
+        self.trip(f"{len(streak)} consecutive cases ended in {kinds} (the last: {last}) and a health probe failed "
+                  f"({problem[:300]}): the GPU looks lost, so the run stops here; once it is fixed, bench resume the run")
+        return self.tripped
 
     def trip(self, message: str) -> None:
         self.tripped = self.tripped or message
@@ -157,7 +175,7 @@ class WorkerPool:
         self.temp_log = False  # log_path is a temporary file of ours (no log_dir)
         self._buffer = b""
         self.started = 0  # workers started so far
-        self.breaker = CircuitBreaker()
+        self.breaker = CircuitBreaker(probe=self.health_probe)
         #: the rows' host and machine_fingerprint columns (harness.engine.lifecycle.make_executor sets this
         #: machine's, harness.engine.rayexec its node's; None: left empty, and the parent needs no torch)
         self.identity: dict[str, str] | None = None
@@ -278,6 +296,10 @@ class WorkerPool:
         return run_sequential(self, cases, rounds, progress=progress, stop=stop)
 
     def run(self, case: Case, on_phase=None, time_only: bool = False) -> CaseResult:
+        """One case in the worker (started if needed); its result, seen by the circuit breaker."""
+        return self._observed(self._run(case, on_phase, time_only))
+
+    def _run(self, case: Case, on_phase, time_only: bool) -> CaseResult:
         if self.proc is None or self.proc.poll() is not None:
             self.kill()
             self._start()
@@ -292,8 +314,8 @@ class WorkerPool:
                     on_phase(reply["phase"])
         except TimeoutError:
             self.kill()
-            return self._observed(self._failed(case, "timeout", f"no result within the case timeout of "
-                                                                f"{self.case_timeout_s:g} s; the worker was killed"))
+            return self._failed(case, "timeout", f"no result within the case timeout of {self.case_timeout_s:g} s; "
+                                "the worker was killed")
         except BrokenPipeError:
             reply = None
         if reply is None:
@@ -303,11 +325,24 @@ class WorkerPool:
             reason = f"worker {describe_exit(returncode)}"
             if tail:
                 reason += f"; stderr: {tail}"
-            return self._observed(self._failed(case, "crash", reason))
+            return self._failed(case, "crash", reason)
         result = CaseResult(reply["row"], reply["samples_s"], restart=reply.get("restart", ""))
         if result.restart:  # the worker said its CUDA state is poisoned (and exits): the next case gets a fresh one
             self.close()
-        return self._observed(result)
+        return result
+
+    def health_probe(self) -> str | None:
+        """Whether the GPU still works: a tiny sdpa case in a fresh worker (None: it ran ``ok``; else why not)."""
+        self.close()
+        probe = Case("sdpa", {"backend": "math"}, device="cuda", batch=1, heads=1, kv_heads=1, seq_len=16, head_dim=16)
+        try:
+            result = self._run(probe, None, True)
+        except Exception as exc:  # the worker could not even start
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            self.close()
+        row = result.row
+        return None if row.get("status") == "ok" else f"{row.get('status')}: {row.get('reason')}"
 
     def _observed(self, result: CaseResult) -> CaseResult:
         result.row.update(self.identity or {})

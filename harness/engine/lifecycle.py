@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from harness.core.cases import Case
     from harness.core.config import RunSettings
     from harness.engine.executors import Executor
+    from harness.engine.rounds import ContentionPolicy
     from harness.engine.store import RunWriter
     from harness.engine.suite import Suite
 
@@ -281,13 +282,42 @@ class _Signals:
 
 
 def run_cases(cases: list["Case"], writer: "RunWriter", executor: "Executor", progress: Any = None,
-              stop: Callable[[], bool] = lambda: False, processes: int = 1) -> int:
+              stop: Callable[[], bool] = lambda: False, processes: int = 1, policy: "ContentionPolicy | None" = None,
+              log: Callable[[str], None] = _stderr) -> int:
     """Run ``cases`` through ``executor`` in ``processes`` rounds (:mod:`harness.engine.rounds`: each
     round in a fresh worker process, each case's final row appended to ``writer`` once its last round
-    has finished), until ``stop()`` says so; returns how many cases got their final row."""
+    has finished; contended rounds handled by ``policy``), until ``stop()`` says so; returns how many
+    cases got their final row."""
     from harness.engine.rounds import Rounds
 
-    return executor.run_cases(cases, Rounds(writer, processes), progress=progress, stop=stop)
+    return executor.run_cases(cases, Rounds(writer, processes, policy, log=log), progress=progress, stop=stop)
+
+
+def contention_policy(suite: "Suite", mode: str | None = None) -> "ContentionPolicy":
+    """The suite's ``[run] contention`` settings (``mode``: the command line's, overriding it)."""
+    from harness.engine.rounds import ContentionPolicy
+
+    return ContentionPolicy(mode=mode or suite.run.contention, retries=suite.run.contention_retries,
+                            wait_s=suite.run.contention_wait_s, threads=suite.timing.threads)
+
+
+def check_machine(threads: int | None, log: Callable[[str], None] = _stderr, seconds: float = 0.5) -> dict[str, Any]:
+    """Before the first case: sample the machine for ``seconds``; when other processes use cores the
+    workers' threads will need, say so in one line naming the busiest (pid, name, % CPU) and the
+    thread count the cases will use. Returns what was seen (for run.json)."""
+    from harness.measure import contention
+
+    cores = contention.cores_available()
+    used, top = contention.busiest(seconds=seconds)
+    threads = threads or cores
+    seen = {"other_cpu_cores": round(used, 3), "cores": cores, "threads": threads,
+            "busiest": [{"pid": p, "name": n, "cpu_pct": round(pct, 1)} for p, n, pct in top[:3]]}
+    if top and threads + used > cores + contention.MARGIN_CORES:
+        pid, name, pct = top[0]
+        log(f"warning: the machine is busy: other processes use {used:.2f} of {cores} cores (busiest: pid {pid} "
+            f"{name!r} at {pct:.0f}% CPU); cases run with {threads} thread{'s' if threads != 1 else ''}, so timings "
+            "may be slowed: contended cases are re-run, then flagged (contended = true)")
+    return seen
 
 
 def execute(suite: "Suite", cases: list["Case"], writer: "RunWriter", *, progress: Any = None,
@@ -305,15 +335,22 @@ def execute(suite: "Suite", cases: list["Case"], writer: "RunWriter", *, progres
     if writer.meta.get("timing", {}).get("processes") != processes:
         writer.meta["timing"] = dict(writer.meta.get("timing") or {}, processes=processes)
         writer.write_meta()
+    mode = executor_options.pop("contention", None)
+    policy = contention_policy(suite, mode)
+    if suite.run.executor != "ray":  # a cluster's nodes are not this machine
+        writer.meta.setdefault("environment", {})["contention"] = dict(
+            check_machine(suite.timing.threads, log), policy=policy.mode, retries=policy.retries)
+        writer.write_meta()
     t0 = time.monotonic()
     with _Signals(log) as signals:
         with make_executor(suite, writer.dir / "logs", run_dir=writer.dir, **executor_options) as executor:
             breaker = executor.breaker  # harness.engine.executors.CircuitBreaker: a lost GPU ends the run
             run_cases(cases, writer, executor, progress=progress,
-                      stop=lambda: signals.received is not None or breaker.tripped is not None, processes=processes)
+                      stop=lambda: signals.received is not None or breaker.tripped is not None, processes=processes,
+                      policy=policy, log=log)
     status = "complete" if signals.received is None else f"interrupted ({signals.received})"
     if breaker.tripped and signals.received is None:
         log(f"\nstopping the run: {breaker.tripped}")
-        status = "aborted (consecutive crash/cuda_error cases)"
+        status = "aborted (consecutive crash/cuda_error cases, health probe failed)"
     return Outcome(status, finish_run(writer, status, time.monotonic() - t0),
                    signals.received or ("circuit breaker" if breaker.tripped else None))

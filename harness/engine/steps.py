@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from harness.core.cases import Case
-from harness.measure import calibrate, flopcount, roofline, telemetry
+from harness.measure import calibrate, contention, flopcount, roofline, telemetry
 from harness.measure.memory import peak_memory_bytes
 from harness.measure.timing import Timing, TimingConfig, time_call
 
@@ -102,13 +102,16 @@ def timed(row: dict[str, Any], case: Case, calls: Sequence[Callable[[], Any]], c
     """Time ``calls`` (rotated) inside an NVML telemetry sampler, then one energy loop of the first;
     fill the row's time columns (this process's statistics of its samples), ``timing_note`` (plus
     ``note``) and telemetry."""
+    probe = contention.Probe()
     with telemetry.Sampler(case.device) as tel:
-        with tel.window("timing"):
+        with tel.window("timing"), probe:  # other processes on the machine while the samples were taken
             measured = time_call(list(calls), config, device=case.device, on_phase=phase)
+        others = tel.other_processes(contention.own_pids())
         tel.measure_energy(calls[0], tokens=case.batch * case.query_len)
     row.update(measured.row_columns())
     add_note(row, "timing_note", note)
     row.update(tel.columns)
+    row.update(probe.columns, gpu_other_processes=others)
     return measured
 
 

@@ -2,10 +2,12 @@
 
 A worker process measures a case and returns what it measured for its process (a *round*: its
 samples and its own statistics of them, peak memory, counted FLOPs, errors, raw telemetry, the
-variant's declared facts such as its analytic ``flops`` and ``min_bytes``, and the machine's
-ceilings from its calibration). The parent turns all of a case's rounds into its final row with
-:func:`final_row`: the processes' times combined (:func:`harness.measure.stability.combine`), then
-every derived column computed once from that combined time by :func:`derive`. Reading a stored
+other processes' use of the machine while it sampled, the variant's declared facts such as its
+analytic ``flops`` and ``min_bytes``, and the machine's ceilings from its calibration). The parent
+turns all of a case's rounds into its final row with :func:`final_row`: the processes' times
+combined (:func:`harness.measure.stability.combine`), their contention combined and judged
+(:func:`harness.measure.contention.combine`: a contended case is not stable), then every derived
+column computed once from that combined time by :func:`derive`. Reading a stored
 run (report, compare, history, site, export) applies :func:`derive` again (:func:`rederive`), so
 every run, old or new, reads consistent: a rate column always agrees with its row's own time.
 
@@ -31,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from harness.core import schema
 from harness.core.cases import is_missing
-from harness.measure import roofline
+from harness.measure import contention, roofline
 from harness.measure.stability import combine
 
 
@@ -139,6 +141,11 @@ def final_row(rounds: Sequence[Mapping[str, Any]], samples_ms: Sequence[Sequence
     timed = [(r, s) for r, s in zip(rounds, samples_ms) if len(s)]
     if timed:
         row.update(combine([r for r, _ in timed], [s for _, s in timed], confidence))
+        row.update(contention.combine([r for r, _ in timed]))
+        if row.get("contended"):  # another process's time is in the samples: not the machine's time
+            row["stable"] = False
+            row["stability_note"] = "; ".join(x for x in (f"contended: {row['contention_note']}",
+                                                          row.get("stability_note")) if x)
     row.update(derive(row))
     return row
 

@@ -400,6 +400,24 @@ class Sampler:
         with self._lock:
             return [r for r in self._records if r["window"] == name]
 
+    def other_processes(self, exclude: set[int]) -> int | None:
+        """How many processes other than ``exclude`` hold a compute or graphics context on the device
+        now (NVML); None when telemetry is not active or NVML cannot say."""
+        if not self.active:
+            return None
+        pids: set[int] = set()
+        known = False
+        for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            fn = getattr(self._nvml, name, None)
+            if fn is None:
+                continue
+            try:
+                pids.update(int(getattr(p, "pid", -1)) for p in fn(self._handle))
+                known = True
+            except Exception:
+                continue
+        return len(pids - set(exclude) - {-1}) if known else None
+
     def _summarise(self) -> dict[str, Any]:
         records = self._in_window("timing")
         if not records:  # no timing window was opened: everything but the energy loop

@@ -56,6 +56,7 @@ from harness.core.cases import label as case_label
 from harness.regression.verdicts import (
     SEVERITY,
     VERDICTS,
+    _flag,
     CompareError,
     Thresholds,
     accuracy_problems,
@@ -68,7 +69,7 @@ from harness.regression.verdicts import (
 DESCRIPTION = ("variant", "params", "exact")
 AXES = tuple(c for c in schema.IDENTITY if c not in ("case_id", "family", *DESCRIPTION))
 #: The columns of an empty comparison.
-COLUMNS = ("case_id", "label", "verdict", "time_verdict", "memory_verdict", "accuracy_verdict", "note",
+COLUMNS = ("case_id", "label", "verdict", "doubt", "time_verdict", "memory_verdict", "accuracy_verdict", "note",
            "time_ratio", "ci_low", "ci_high", "p_value", "q_value", "mem_ratio")
 
 
@@ -108,10 +109,16 @@ def _pair(cid: str, b: dict[str, Any] | None, n: dict[str, Any] | None) -> dict[
         "mem_ratio": math.nan,
         "base_rel_err": (b or {}).get("rel_err", math.nan),
         "new_rel_err": (n or {}).get("rel_err", math.nan),
+        # a side whose timing is in doubt: contended by other processes, or its processes disagreed
+        "base_contended": _flag(b, "contended", True),
+        "new_contended": _flag(n, "contended", True),
+        "base_unstable": _flag(b, "stable", False),
+        "new_unstable": _flag(n, "stable", False),
         "time_verdict": "",
         "memory_verdict": "",
         "accuracy_verdict": "",
         "verdict": "",
+        "doubt": "",
         "note": "",
     }
 

@@ -73,13 +73,18 @@ import pandas as pd
 from harness.core.cases import Case
 from harness.core.stats import TimeTest, bh_adjust, time_test
 from harness.core.units import finite
+from harness.measure import contention
 from harness.measure.environment import PROJECT_ROOT
 from harness.regression.compare import Comparison, sort_by_severity
-from harness.regression.verdicts import CompareError, overall_verdict, time_verdict
+from harness.regression.verdicts import CompareError, interval_text, overall_verdict, time_verdict
 
 #: Interleaved rounds per side, by default. Eight rounds allow a two-sided exact p-value as
 #: small as 2/C(16,8) = 0.00016, enough to survive the FDR adjustment across many suspects.
 DEFAULT_ROUNDS = 8
+#: Cases still inconclusive after their rounds get this many more, up to ``MAX_ROUNDS`` in all.
+EXTRA_ROUNDS, MAX_ROUNDS = 8, 24
+#: A case whose re-run rounds were contended more often than this share is inconclusive (contended).
+CONTENDED_SHARE = 0.25
 #: Also re-run a case the stored samples call unchanged when its ratio is beyond this share of
 #: the threshold (e.g. ±2.5% for a 5% threshold): real changes the stored samples understated.
 SCREEN_SHARE = 0.5
@@ -310,6 +315,17 @@ class Rounds:
     medians: dict[str, list[float]] = field(default_factory=lambda: {"A": [], "B": []})
     samples: dict[str, list[float]] = field(default_factory=lambda: {"A": [], "B": []})
     problems: list[str] = field(default_factory=list)
+    #: rounds (either side) that other processes contended (harness.measure.contention)
+    contended: int = 0
+    notes: set[str] = field(default_factory=set)
+
+    def extend(self, more: "Rounds") -> None:
+        for side in ("A", "B"):
+            self.medians[side] += more.medians[side]
+            self.samples[side] += more.samples[side]
+        self.problems += more.problems
+        self.contended += more.contended
+        self.notes |= more.notes
 
 
 def interleaved_rounds(cases: dict[Any, Any], workers, rounds: int,
@@ -335,6 +351,10 @@ def interleaved_rounds(cases: dict[Any, Any], workers, rounds: int,
                 ms = [x * 1e3 for x in result.samples_s]
                 got.medians[name].append(float(np.median(ms)))
                 got.samples[name].extend(ms)
+                busy, why = contention.judge(result.row)  # a worker of an older commit records none: None
+                if busy:
+                    got.contended += 1
+                    got.notes.add(why)
     return out
 
 
@@ -343,11 +363,11 @@ def interleaved_rounds(cases: dict[Any, Any], workers, rounds: int,
 
 
 def suspects_of(table, threshold: float) -> list:
-    """Cases to re-run: a time verdict of regressed or improved, or a stored ratio beyond
-    ``SCREEN_SHARE`` of the threshold (a real change the stored samples happened to understate)."""
+    """Cases to re-run: a time verdict of regressed, improved or inconclusive, or a stored ratio
+    beyond ``SCREEN_SHARE`` of the threshold (a real change the stored samples happened to understate)."""
     if table.empty:
         return []
-    changed = table["time_verdict"].isin(["regressed", "improved"])
+    changed = table["time_verdict"].isin(["regressed", "improved", "inconclusive"])
     ratio = pd.to_numeric(table["time_ratio"], errors="coerce")
     near = (table["time_verdict"] == "unchanged") & (np.abs(np.log(ratio)) >= SCREEN_SHARE * np.log1p(threshold))
     return table.index[changed | near.fillna(False)].tolist()
@@ -357,6 +377,7 @@ def confirm(
     comparison: Comparison,
     rounds: int = DEFAULT_ROUNDS,
     here: dict[str, Any] | None = None,
+    max_rounds: int = MAX_ROUNDS,
     runners: Callable[[dict[str, Side]], contextlib.AbstractContextManager] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     trust_plugins: bool = False,
@@ -412,35 +433,64 @@ def confirm(
             "message": f"could not re-run: {exc}; verdicts stand as computed from the stored samples",
         }
         return comparison.confirm
-    failures = {i: "; ".join(m.problems) for i, m in measured.items() if m.problems}
-    tests: dict[Any, TimeTest] = {i: time_test(m.medians["A"], m.medians["B"], th.alpha)
-                                  for i, m in measured.items() if i not in failures}
-    q = dict(zip(tests, bh_adjust([t.p_value for t in tests.values()]))) if tests else {}
-    for col in ("confirm_ratio", "confirm_ci_low", "confirm_ci_high", "confirm_q"):
+    total = rounds
+    while True:
+        failures = {i: "; ".join(m.problems) for i, m in measured.items() if m.problems}
+        tests: dict[Any, TimeTest] = {i: time_test(m.medians["A"], m.medians["B"], th.alpha)
+                                      for i, m in measured.items() if i not in failures}
+        q = dict(zip(tests, bh_adjust([t.p_value for t in tests.values()]))) if tests else {}
+        verdicts = {i: time_verdict(t.ratio, q[i], th, t.ci_low, t.ci_high,
+                                    contended=measured[i].contended > CONTENDED_SHARE * 2 * len(measured[i].medians["A"]))
+                    for i, t in tests.items()}
+        undecided = {i: cases[i] for i, (v, doubt) in verdicts.items() if v == "inconclusive" and doubt == "interval"}
+        if not undecided or total >= max_rounds:
+            break
+        more = min(EXTRA_ROUNDS, max_rounds - total)
+        log(f"confirm: {len(undecided)} case(s) still inconclusive after {total} rounds; {more} more rounds")
+        try:
+            with (runners or (lambda s: worker_runners(s, trust=trust_plugins, log=log, branches=branches)))(sides) \
+                    as workers:
+                extra = interleaved_rounds(undecided, workers, more, log)
+        except (CompareError, ValueError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            log(f"confirm: the extra rounds failed ({exc}); the verdicts stand as the first rounds found")
+            break
+        for i, m in extra.items():
+            measured[i].extend(m)
+        total += more
+    for col in ("confirm_ratio", "confirm_ci_low", "confirm_ci_high", "confirm_q", "confirm_rounds"):
         if col not in table:
             table[col] = np.nan
-    tally = {"confirmed": 0, "cleared": 0, "found": 0, "agreed": 0}
+    tally = {"confirmed": 0, "cleared": 0, "found": 0, "agreed": 0, "inconclusive": 0}
     for i in suspects:
         if i in failures:
             table.at[i, "note"] = f"{table.at[i, 'note']}; re-run failed ({failures[i]}), not confirmed either way"
             continue
         t, before = tests[i], table.at[i, "time_verdict"]
+        n_rounds = len(measured[i].medians["A"])
         table.at[i, "confirm_ratio"] = t.ratio
         table.at[i, "confirm_ci_low"] = t.ci_low
         table.at[i, "confirm_ci_high"] = t.ci_high
         table.at[i, "confirm_q"] = q[i]
-        after = time_verdict(t.ratio, q[i], th)
-        ci = f" [{t.ci_low:.3f}, {t.ci_high:.3f}]" if finite(t.ci_low) else ""
-        rerun = f"interleaved re-run ×{t.ratio:.3f}{ci}, q={q[i]:.2g}"
-        if before == after:
+        table.at[i, "confirm_rounds"] = n_rounds
+        after, doubt = verdicts[i]
+        rerun = f"interleaved re-run ({n_rounds} rounds a side) ×{t.ratio:.3f} {interval_text(t.ci_low, t.ci_high)}, " \
+                f"q={q[i]:.2g}"
+        if after == "inconclusive":
+            key = "inconclusive"
+            busy = f"; contended in {measured[i].contended} rounds: {'; '.join(sorted(measured[i].notes))[:200]}" \
+                if doubt == "contended" else ""
+            text = f"still inconclusive after the {rerun}{busy}"
+        elif before == after:
             key = "agreed" if after == "unchanged" else "confirmed"
             text = f"confirmed by {rerun}" if after != "unchanged" else f"{rerun}: unchanged"
         elif after == "unchanged":
-            key, text = "cleared", f"not confirmed by {rerun}"
+            key, text = ("cleared", f"not confirmed by {rerun}") if before != "inconclusive" else \
+                ("cleared", f"decided by {rerun}: unchanged")
         else:
             key, text = "found", f"{after} in {rerun} (the stored samples said {before})"
         tally[key] += 1
         table.at[i, "time_verdict"] = after
+        table.at[i, "doubt"] = doubt
         table.at[i, "verdict"] = overall_verdict(table.loc[i, ["time_verdict", "memory_verdict", "accuracy_verdict"]])
         table.at[i, "note"] = f"{table.at[i, 'note']}; {text}" if table.at[i, "note"] else text
     comparison.cases = sort_by_severity(table)
@@ -450,9 +500,10 @@ def confirm(
         "suspects": len(suspects),
         **tally,
         "failed": len(failures),
-        "message": f"re-ran {len(suspects)} case(s) interleaved, {rounds} rounds per side: "
-                   f"{tally['confirmed']} confirmed, {tally['cleared']} cleared, "
-                   f"{tally['found']} changed beyond the threshold only in the re-run, {tally['agreed']} unchanged"
+        "message": f"re-ran {len(suspects)} case(s) interleaved, {rounds} rounds per side (up to {total} for the "
+                   f"undecided): {tally['confirmed']} confirmed, {tally['cleared']} cleared, "
+                   f"{tally['found']} changed beyond the threshold only in the re-run, {tally['agreed']} unchanged, "
+                   f"{tally['inconclusive']} still inconclusive"
                    + (f", {len(failures)} could not be re-run" if failures else ""),
     }
     return comparison.confirm

@@ -17,6 +17,7 @@ import pandas as pd
 from harness.core import escape, units
 from harness.core.units import finite
 from harness.regression.compare import Comparison
+from harness.regression.verdicts import verdict_text
 from harness.regression.history import RunInfo
 
 #: Rich styles of the verdicts in the terminal table.
@@ -26,6 +27,7 @@ VERDICT_STYLE = {
     "missing": "yellow",
     "new": "cyan",
     "now passing": "green",
+    "inconclusive": "magenta",
     "improved": "green",
     "unchanged": "dim",
     "not compared": "dim",
@@ -52,9 +54,27 @@ def _q(q) -> str:
 
 
 def summary_line(comparison: Comparison) -> str:
-    """``1 regressed, 3 unchanged``: the verdict counts, most severe first."""
-    parts = [f"{n} {v}" for v, n in comparison.counts.items() if n]
+    """``1 regressed, 2 inconclusive (1 contended), 3 unchanged``: the verdict counts, most severe first."""
+    parts = []
+    for v, n in comparison.counts.items():
+        if not n:
+            continue
+        doubts = _doubts(comparison) if v == "inconclusive" else {}
+        extra = ", ".join(f"{k} {d}" for d, k in doubts.items() if d != "interval" and k)
+        parts.append(f"{n} {v}" + (f" ({extra})" if extra else ""))
     return ", ".join(parts) if parts else "no cases"
+
+
+def _doubts(comparison: Comparison) -> dict[str, int]:
+    """How many inconclusive cases were so for each reason (contended, unstable, interval)."""
+    cases = comparison.cases
+    if cases.empty or "doubt" not in cases:
+        return {}
+    return cases.loc[cases["verdict"] == "inconclusive", "doubt"].value_counts().to_dict()
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    return verdict_text(str(r.get("verdict") or ""), str(r.get("doubt") or ""))
 
 
 def _shown(comparison: Comparison, all_cases: bool) -> pd.DataFrame:
@@ -126,11 +146,18 @@ def to_markdown(comparison: Comparison, all_cases: bool = False) -> str:
     if comparison.confirm:
         lines += ["", f"Confirmation: {md(comparison.confirm.get('message', ''))}"]
     shown = _shown(comparison, all_cases)
-    if not shown.empty:
-        lines += ["", "| verdict | case | BASE | NEW | time ratio (95% CI) | q | memory | note |",
+    doubtful = shown["verdict"] == "inconclusive" if not shown.empty else None
+    for title, part in (("", shown[~doubtful] if doubtful is not None else shown),
+                        ("Inconclusive: the measurement could not decide (interval across the threshold, "
+                         "or a contended or unstable side); re-run with `--confirm`, or on a quieter machine",
+                         shown[doubtful] if doubtful is not None else shown.iloc[0:0])):
+        if part.empty:
+            continue
+        lines += [""] + ([f"**{md(title)}**", ""] if title else [])
+        lines += ["| verdict | case | BASE | NEW | time ratio (95% CI) | q | memory | note |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
-        for r in shown.to_dict("records"):
-            cells = (r["verdict"], r["label"], _ms(r["base_time_ms"]), _ms(r["new_time_ms"]), format_ratio_ci(r),
+        for r in part.to_dict("records"):
+            cells = (_verdict(r), r["label"], _ms(r["base_time_ms"]), _ms(r["new_time_ms"]), format_ratio_ci(r),
                      _q(r["q_value"]), units.change(r["mem_ratio"]), str(r["note"]))
             lines.append("| " + " | ".join(md(x) for x in cells) + " |")
     unchanged = c["unchanged"]
@@ -168,7 +195,7 @@ def print_table(comparison: Comparison, all_cases: bool = False) -> None:
     shown = _shown(comparison, all_cases)
     for r in shown.to_dict("records"):
         table.add_row(
-            f"[{VERDICT_STYLE.get(r['verdict'], '')}]{esc(r['verdict'])}[/]", esc(r["label"]),
+            f"[{VERDICT_STYLE.get(r['verdict'], '')}]{esc(_verdict(r))}[/]", esc(r["label"]),
             *map(esc, (_ms(r.get("base_time_ms")), _ms(r.get("new_time_ms")), format_ratio_ci(r),
                        _q(r.get("q_value")), units.change(r.get("mem_ratio")), str(r.get("note") or ""))),
         )

@@ -5,13 +5,21 @@ The one rule, used by :mod:`harness.regression.compare` (stored samples) and
 
 * time: ``regressed`` (``improved``) needs both a significant adjusted p-value
   (q < alpha) and a change beyond the threshold: ratio >= 1 + t (ratio <= 1 / (1 + t);
-  thresholds are symmetric in log space); otherwise ``unchanged``;
+  thresholds are symmetric in log space). ``unchanged`` is a claim too, and needs its own
+  evidence: the confidence interval of the ratio must lie inside the band
+  [1 / (1 + t), 1 + t] (an equivalence test, as TOST). Anything else — an interval that straddles
+  the threshold, or no interval at all (too few samples) — is ``inconclusive``, with the interval
+  ("×0.97–×1.21"): the measurement could not decide, and says so. A case contended on either side
+  (other processes took its cores: harness.measure.contention) is ``inconclusive (contended)``
+  whatever its figures; an unstable one (its processes disagreed) needs its whole interval beyond
+  the threshold to be ``regressed``/``improved``, else (outside the band) it is
+  ``inconclusive (unstable)``;
 * memory: peak memory is one deterministic measurement per case, so it has no samples to
   test: a change beyond the memory threshold, and of at least ``MEMORY_FLOOR_BYTES``, decides;
 * accuracy: an exact variant whose error against the float64 reference (``rel_err``,
   ``grad_rel_err``) grows by more than its dtype's tolerance is ``regressed`` whatever its speed;
-* overall: ``regressed`` if any part regressed, else ``improved`` if any improved, else
-  ``unchanged``;
+* overall: ``regressed`` if any part regressed, else ``inconclusive`` if the time was, else
+  ``improved`` if any improved, else ``unchanged``;
 * status: a case that errors now and did not before is ``now failing``, the reverse ``now
   passing``; measured in one run only and skipped (or absent) in the other, ``missing`` or
   ``new``; measured in neither, ``not compared``.
@@ -23,6 +31,7 @@ checks are declared once in :data:`harness.core.config.COMPARE`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -32,7 +41,11 @@ from harness.core.config import COMPARE
 from harness.engine.store import StoreError
 
 #: Verdicts, most severe first (the order of the terminal table).
-VERDICTS = ("now failing", "regressed", "missing", "new", "now passing", "improved", "unchanged", "not compared")
+VERDICTS = ("now failing", "regressed", "missing", "new", "now passing", "inconclusive", "improved", "unchanged",
+            "not compared")
+#: Why a time verdict is inconclusive: the interval straddles the threshold (or there is none), a side
+#: was contended, a side was unstable.
+DOUBTS = ("interval", "contended", "unstable")
 SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
 #: Statuses that mean the case was attempted and failed (``incorrect``: it ran, and gave a wrong answer).
 FAILED = ("error", "crash", "cuda_error", "timeout", "oom", "incorrect")
@@ -128,14 +141,39 @@ def resolve_thresholds(
 # the rule
 
 
-def time_verdict(ratio: float, q: float, th: Thresholds) -> str:
-    """``regressed``/``improved`` when q < alpha and the ratio is beyond the threshold, else ``unchanged``."""
+def time_verdict(ratio: float, q: float, th: Thresholds, ci_low: float = math.nan, ci_high: float = math.nan,
+                 contended: bool = False, unstable: bool = False) -> tuple[str, str]:
+    """(verdict, doubt): ``regressed``/``improved`` when q < alpha and the ratio is beyond the threshold
+    (an unstable case: its whole interval beyond it); ``unchanged`` when the interval of the ratio lies
+    inside the threshold band; else ``inconclusive`` with why (:data:`DOUBTS`). Contended: inconclusive."""
+    up, down = 1 + th.time, 1 / (1 + th.time)
+    if contended:
+        return "inconclusive", "contended"
     significant = finite(q) and q < th.alpha
-    if finite(ratio) and significant and ratio >= 1 + th.time:
-        return "regressed"
-    if finite(ratio) and significant and ratio <= 1 / (1 + th.time):
-        return "improved"
-    return "unchanged"
+    interval = finite(ci_low) and finite(ci_high)
+    if finite(ratio) and significant and ratio >= up and (not unstable or (interval and ci_low >= up)):
+        return "regressed", ""
+    if finite(ratio) and significant and ratio <= down and (not unstable or (interval and ci_high <= down)):
+        return "improved", ""
+    if interval and down <= ci_low and ci_high <= up:
+        return "unchanged", ""
+    return "inconclusive", "unstable" if unstable else "interval"
+
+
+def interval_text(lo: float, hi: float) -> str:
+    """``×0.97–×1.21`` (or ``no interval``: too few samples)."""
+    return f"×{lo:.3g}–×{hi:.3g}" if finite(lo) and finite(hi) else "no interval (too few samples)"
+
+
+def _flag(row: dict[str, Any] | None, column: str, value: bool) -> bool:
+    """Whether ``row`` holds exactly ``value`` in the boolean ``column`` (empty or absent: no)."""
+    v = (row or {}).get(column)
+    return v is not None and v == v and bool(v) is value
+
+
+def verdict_text(verdict: str, doubt: str = "") -> str:
+    """A verdict as people read it: ``inconclusive (contended)``, ``inconclusive (unstable)``, else as is."""
+    return f"{verdict} ({doubt})" if verdict == "inconclusive" and doubt in ("contended", "unstable") else verdict
 
 
 def memory_verdict(ratio: float, base_bytes: float, new_bytes: float, th: Thresholds) -> str:
@@ -164,7 +202,10 @@ def accuracy_problems(base: dict[str, Any], new: dict[str, Any], tolerance: dict
 def overall_verdict(parts: Iterable[str]) -> str:
     """A measured case's verdict from its time, memory and accuracy verdicts."""
     parts = tuple(parts)
-    return "regressed" if "regressed" in parts else ("improved" if "improved" in parts else "unchanged")
+    for verdict in ("regressed", "inconclusive", "improved"):
+        if verdict in parts:
+            return verdict
+    return "unchanged"
 
 
 def status_verdict(base_status: str | None, new_status: str | None) -> tuple[str, str] | None:
@@ -194,7 +235,7 @@ def decide(rec: dict[str, Any], th: Thresholds, accuracy: list[str] | None = Non
     ``rec`` holds ``base_status``, ``new_status``, ``time_ratio``, ``q_value``, ``ci_low``,
     ``ci_high``, ``mem_ratio``, ``base_mem_bytes``, ``new_mem_bytes`` and ``exact``;
     ``accuracy`` is :func:`accuracy_problems` of the case's two rows."""
-    out = {"time_verdict": "", "memory_verdict": "", "accuracy_verdict": "", "verdict": "", "note": ""}
+    out = {"time_verdict": "", "memory_verdict": "", "accuracy_verdict": "", "verdict": "", "note": "", "doubt": ""}
     by_status = status_verdict(rec["base_status"], rec["new_status"])
     if by_status is not None:
         out["verdict"], out["note"] = by_status
@@ -202,13 +243,17 @@ def decide(rec: dict[str, Any], th: Thresholds, accuracy: list[str] | None = Non
 
     notes = []
     ratio, q = rec["time_ratio"], rec["q_value"]
-    out["time_verdict"] = time_verdict(ratio, q, th)
-    if out["time_verdict"] != "unchanged":
-        notes.append(f"time {units.change(ratio)}")
-    elif finite(ratio) and (ratio >= 1 + th.time or ratio <= 1 / (1 + th.time)):
-        why = "too few samples to test" if not finite(q) else f"not significant, q={q:.2g}"
-        notes.append(f"time {units.change(ratio)} ({why})")
     lo, hi = rec["ci_low"], rec["ci_high"]
+    contended = [side for side in ("base", "new") if rec.get(f"{side}_contended")]
+    unstable = [side for side in ("base", "new") if rec.get(f"{side}_unstable")]
+    out["time_verdict"], out["doubt"] = time_verdict(ratio, q, th, lo, hi, bool(contended), bool(unstable))
+    if out["time_verdict"] in ("regressed", "improved"):
+        notes.append(f"time {units.change(ratio)}")
+    elif out["time_verdict"] == "inconclusive":
+        sides = " and ".join(s.upper() for s in (contended or unstable))
+        why = {"contended": f"{sides} contended by other processes", "unstable": f"{sides} unstable",
+               "interval": "the interval straddles the threshold" if finite(lo) else "too few samples to test"}
+        notes.append(f"time {units.change(ratio)} {interval_text(lo, hi)}: {why[out['doubt']]}")
     if finite(ratio) and finite(lo) and finite(hi) and not lo <= ratio <= hi:
         # the interval is for a uniform shift of the whole distribution; medians moving
         # differently means the shape changed (e.g. a second mode): worth a look either way
