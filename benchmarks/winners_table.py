@@ -3,12 +3,12 @@
     bench run --model llama-3.1-8b --workload decode -o results/docs/llama-decode
     python benchmarks/winners_table.py results/docs/llama-decode --json   # docs/data/winners-llama-decode.json
 
-One row per workload of the run (reports.winners): its context length (and query length, batch and
-level when they vary), the fastest correct, stable variant, its median time and interval, its speed-up
+One row per workload of the run (reports.winners): kernel or layer, its context length, the fastest
+correct, stable variant, its median time and interval, its speed-up
 over the declared baseline (sdpa's flash backend; for layers the layer attending with sdpa), and the
-variants within noise of it (and those faster but unstable); then fast_p per variant in the notes. ``--json`` writes it with
-benchmarks/docdata.py (the machine and date recorded); ``--name`` for another table than
-``winners-llama-decode``.
+variants within noise of it (and those faster but unstable); then fast_p per variant in the notes.
+``--json [FILE|DIR]`` writes it with benchmarks/docdata.py (the machine and date recorded); ``--name``
+for another table than ``winners-llama-decode``.
 """
 
 from __future__ import annotations
