@@ -5,7 +5,7 @@
     python benchmarks/cascade_crossover.py --run RUN_DIR --json    # docs/data/cascade-crossover.json
 
 ``--batch`` requests decode one token each after one shared prompt of P tokens (``--prefixes``), each
-with ``--suffix`` tokens of its own (``prefix = P``, ``kv_len = P + suffix``, ``q_len = 1``; the model's
+with ``--suffix`` tokens of its own (``shared_prefix = P``, ``kv_len = P + suffix``, ``q_len = 1``; the model's
 geometry). Plain attention (sdpa, flash-decoding) reads the prefix once per request; ``cascade`` reads
 it once for all (variants/cascade.py). The script writes that suite, runs it with ``bench run`` (or
 reads ``--run``), and for every P tabulates cascade's time, the best plain time and variant (stable,
@@ -37,7 +37,7 @@ def suite_text(model: str, batch: int, suffix: int, prefixes: list[int], device:
         {"warmup": 2, "min_time_s": 0.2, "max_time_s": 3.0}
     if threads:
         timing["threads"] = threads
-    variants = [dict(name=v, prefix=p, kv_len=p + suffix) for p in prefixes for v in (*PLAIN, "cascade")]
+    variants = [dict(name=v, shared_prefix=p, kv_len=p + suffix) for p in prefixes for v in (*PLAIN, "cascade")]
     defaults = dict(device=device, dtype="float32" if device == "cpu" else "bfloat16", model=model, causal=True,
                     batch=batch, q_len=1)
     top = {"name": "cascade-crossover", "description": f"{batch} requests decoding after a shared prompt, "
@@ -53,7 +53,7 @@ def table(rows) -> tuple[list[list], dict]:
     rows = _prepared(rows)
     good = rows[rows["is_candidate"]]
     out, lengths, ratios = [], [], []
-    for p, g in sorted(good.groupby("prefix"), key=lambda kv: kv[0]):
+    for p, g in sorted(good.groupby("shared_prefix"), key=lambda kv: kv[0]):
         cascade = g[g["variant"] == "cascade"]
         plain = g[g["variant"].isin(PLAIN)].sort_values("time_ms")
         if cascade.empty or plain.empty:

@@ -17,7 +17,8 @@ a field added there joins it by itself), whether the rows are attention kernels 
 * The **baseline** of a workload is the declared one, as the rows record it (``baseline`` column:
   ``register_variant(..., baseline=True)``: sdpa, and padded for variable-length batches), chosen among
   its ``ok``, non-emulated rows by the report's rule (:func:`reports.analysis.baseline_label`: sdpa's
-  flash backend first); for layers, the layer that attends with the declared baseline kernel
+  flash backend first; where no declared baseline ran, its name rules: an sdpa backend, else ``naive``,
+  as for a model feature sdpa does not take); for layers, the layer that attends with the declared baseline kernel
   (``kernel = "sdpa"``). **Speed-up** = baseline time / winner time (1 when the baseline wins; none
   when no baseline ran).
 * **fast_p** of a variant (KernelBench's metric, with "at least p× faster"): the share of the
@@ -126,12 +127,11 @@ def _baseline(group: pd.DataFrame) -> tuple[dict | None, str]:
         row = chosen.sort_values("label").iloc[0].to_dict()
         return row, f"{row['label']} (the layer with the baseline kernel {BASELINE_KERNEL})"
     declared = usable[usable["baseline"].map(_exact)] if "baseline" in usable.columns else usable.iloc[0:0]
-    if declared.empty:
-        return None, "no declared baseline ran"
-    name, why = baseline_label(declared)
+    pool = declared if not declared.empty else usable  # else the name rules over every row: sdpa, naive
+    name, why = baseline_label(pool)
     if name is None:
         return None, why
-    return declared[declared["label"] == name].iloc[0].to_dict(), why
+    return pool[pool["label"] == name].iloc[0].to_dict(), why
 
 
 def _label(values: dict) -> str:

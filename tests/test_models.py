@@ -101,8 +101,10 @@ def test_closed_forms_of_an_entry(name):
 
 
 def _layer_case(name: str, variant: str, params: dict) -> Case:
+    """The layer case of an entry's geometry (its features left out: the closed forms do not depend on them,
+    and the layers take none)."""
     full = {n: p.default for n, p in get_variant(variant).params.items()}
-    return Case.from_point(variant, {**full, **params}, {"model": name, "causal": True})
+    return Case(variant, {**full, **params}, model=name, causal=True, **models.case_geometry(name))
 
 
 @pytest.mark.parametrize("name,variant,params", [(m.name, v, dict(p)) for m in models.CATALOGUE for v, p in m.layers])
@@ -133,8 +135,8 @@ def test_a_layer_of_a_model_whose_width_is_not_heads_times_head_dim_runs_correct
     the model's width and parameters."""
     from harness.core.config import TimingConfig
 
-    case = Case.from_point("gqa", {"kernel": "sdpa"}, {"model": "gpt-oss-20b", "q_len": 1, "kv_len": 24,
-                                                          "causal": True})
+    case = Case("gqa", {"kernel": "sdpa"}, model="gpt-oss-20b", q_len=1, seq_len=24, causal=True,
+                **models.case_geometry("gpt-oss-20b"))  # its sinks left out: the layers take no features
     row = measured(case, TimingConfig(warmup=0, min_time_s=0, min_reps=1, max_reps=1, processes=1))
     assert row["status"] == "ok", row["reason"]
     assert row["d_model"] == 2880 and row["param_count"] == CLOSED["gpt-oss-20b"][0]
@@ -163,14 +165,25 @@ def test_a_model_beside_the_keys_it_fills_is_one_line(text, words):
 
 
 def test_features_a_case_field_carries_are_filled_and_the_rest_reported():
-    """Forward-compatible: a feature whose case field exists (here a stand-in field set) is passed on only
-    where every layer has it; which layers slide and biases are always reported, never applied."""
+    """A feature whose case field exists is filled where every layer has it (and the field holds its default);
+    a window on alternate layers, and biases, are reported as left out, never applied."""
     assert models.case_features("gemma-2-9b") == {"softcap": 50.0}  # its window slides on even layers only
     assert models.case_features("mistral-7b") == {"sliding_window": 4095}  # HF's 4096 counts the query itself
     assert models.case_features("gpt-oss-20b") == {"sinks": True}
     assert models.case_features("deepseek-v3") == {"v_head_dim": 128}
-    left = models.unapplied_features("gemma-2-9b", frozenset({"softcap", "sliding_window"}))
-    assert left == {"sliding_window": 4095, "window_layers": "even"}
-    assert set(models.unapplied_features("gemma-2-9b", frozenset(AXES))) >= {"softcap", "sliding_window"} - set(AXES)
+    assert models.unapplied_features("gemma-2-9b", frozenset(AXES)) == {"sliding_window": 4095, "window_layers": "even"}
+    assert models.unapplied_features("mistral-7b", frozenset(AXES)) == {}
+    assert models.unapplied_features("gpt-oss-20b", frozenset(AXES)) == {
+        "sliding_window": 127, "window_layers": "even", "attention_bias": "qkvo"}
+
+    def fill(name, **point):
+        return Case.from_point("naive", {}, {"model": name, "q_len": 1, "kv_len": 64, "causal": True, **point})
+
+    assert fill("gemma-2-9b").softcap == 50.0 and fill("gemma-2-9b").sliding_window is None
+    assert fill("gemma-2-9b", softcap=30.0).softcap == 30.0  # a value the suite sets wins
+    assert fill("mistral-7b").sliding_window == 4095 and fill("gpt-oss-20b").sinks is True
+    deepseek = fill("deepseek-v3")
+    assert (deepseek.head_dim, deepseek.v_head_dim) == (192, 128) and "Dv128" in deepseek.label()
+    assert fill("llama-3.1-8b").features == {}
     with pytest.raises(models.ModelError, match="did you mean"):
         models.get("gemma-2-9")

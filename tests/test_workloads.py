@@ -108,7 +108,7 @@ def test_a_serving_batch_runs_ok_at_float32_level_and_counts_its_real_pairs_and_
 
 # -- shared prefix ------------------------------------------------------------------------------------
 
-PREFIX = dict(batch=3, q_len=2, kv_len=70, prefix=48)
+PREFIX = dict(batch=3, q_len=2, kv_len=70, shared_prefix=48)
 
 
 def test_a_shared_prefix_is_the_same_tokens_in_every_sequence_and_is_counted_once():
@@ -120,9 +120,9 @@ def test_a_shared_prefix_is_the_same_tokens_in_every_sequence_and_is_counted_onc
     assert not torch.equal(q[1], q[0])
     assert roofline.kv_bytes(case) == 2 * (48 + 3 * 22) * 2 * 16 * 4
     _, _, extra = layout_inputs(case, k, v)
-    assert extra == {"prefix_len": 48}
+    assert extra == {"shared_prefix": 48}
     assert get_variant("sdpa").with_inputs(extra) is get_variant("sdpa")  # only a shared_prefix variant gets it
-    assert get_variant("cascade").with_inputs(extra).fn.keywords == {"prefix_len": 48}
+    assert get_variant("cascade").with_inputs(extra).fn.keywords == {"shared_prefix": 48}
 
 
 @pytest.mark.parametrize("variant,params", [("sdpa", {}), ("naive", {}), ("decode_split_k", {}), ("cascade", {})])
@@ -132,10 +132,10 @@ def test_shared_prefix_decoding_is_right_sequence_by_sequence(variant, params, c
 
 
 @pytest.mark.parametrize("axes", [
-    dict(batch=4, q_len=1, kv_len=300, prefix=256),  # decode: several prefix and suffix chunks
-    dict(batch=2, q_len=5, kv_len=40, prefix=35, heads=4, kv_heads=4),  # queries right after the prefix, MHA
-    dict(lengths="2q3kv40_3q1kv64", prefix=24),  # a serving batch after one prompt
-    dict(batch=3, q_len=1, kv_len=65, prefix=64, heads=8, kv_heads=1),  # multi-query, one suffix token
+    dict(batch=4, q_len=1, kv_len=300, shared_prefix=256),  # decode: several prefix and suffix chunks
+    dict(batch=2, q_len=5, kv_len=40, shared_prefix=35, heads=4, kv_heads=4),  # queries right after the prefix, MHA
+    dict(lengths="2q3kv40_3q1kv64", shared_prefix=24),  # a serving batch after one prompt
+    dict(batch=3, q_len=1, kv_len=65, shared_prefix=64, heads=8, kv_heads=1),  # multi-query, one suffix token
 ])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cascade_equals_plain_attention(axes, causal):
@@ -151,18 +151,41 @@ def test_cascade_equals_plain_attention(axes, causal):
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("features", [dict(softcap=5.0), dict(sinks=True), dict(v_head_dim=8),
+                                      dict(softcap=5.0, sinks=True, v_head_dim=24)])
+def test_cascade_takes_the_position_free_features_and_matches_the_reference(features):
+    """Soft-cap on both levels, sinks in the merge, a value width of its own: against flash-decoding with the
+    same features, and against the float64 reference through a run."""
+    axes = dict(batch=3, q_len=2, kv_len=300, shared_prefix=270, causal=True, **features)
+    case, plain = _case("cascade", **axes), _case("decode_split_k", **axes)
+    assert get_variant("cascade").not_supported_reasons(case) == []
+    q, k, v = make_qkv(case)
+    with torch.no_grad():
+        got = get_variant("cascade").with_inputs(layout_inputs(case, k, v)[2])(q, k, v, causal=True)
+        want = get_variant("decode_split_k").with_inputs(layout_inputs(plain, k, v)[2])(q, k, v, causal=True)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+    row = measured(case, QUICK)
+    assert row["status"] == "ok" and row["rel_err"] < TOLERANCE["float32"][1], row["reason"]
+
+
+def test_cascade_leaves_position_dependent_features_to_plain_attention():
+    reasons = get_variant("cascade").not_supported_reasons(_case("cascade", batch=2, q_len=1, kv_len=64,
+                                                                 shared_prefix=32, sliding_window=8))
+    assert reasons == ["cascade does not take sliding_window = 8"]
+
+
 def test_cascade_in_bfloat16_is_within_its_tolerance():
     _per_sequence_check(_case("cascade", dtype="bfloat16", **PREFIX))
 
 
 def test_cascade_needs_a_shared_prefix():
-    assert "needs a case with prefix set" in " ".join(get_variant("cascade").not_supported_reasons(
+    assert "needs a case with shared_prefix set" in " ".join(get_variant("cascade").not_supported_reasons(
         _case("cascade", q_len=1, kv_len=64)))
 
 
 def test_a_shared_prefix_case_runs_ok_at_float32_level():
     for variant in ("cascade", "sdpa"):
-        row = measured(_case(variant, causal=True, batch=4, q_len=1, kv_len=160, prefix=128), QUICK)
+        row = measured(_case(variant, causal=True, batch=4, q_len=1, kv_len=160, shared_prefix=128), QUICK)
         assert row["status"] == "ok" and row["rel_err"] < TOLERANCE["float32"][1], row["reason"]
 
 
@@ -171,10 +194,10 @@ def test_a_shared_prefix_case_runs_ok_at_float32_level():
 
 @pytest.mark.parametrize("text,words", [
     ('lengths = "2q4kv8_q1kv9"\nbatch = 3', "sets batch, q_len and kv_len itself: leave out batch"),
-    ('prefix = 100\nq_len = 1\nkv_len = 64', "prefix 100 + q_len 1 exceeds the context 64"),
-    ("prefix = 10", "needs q_len and kv_len"),
-    ('prefix = 10\nlengths = "zipf"\nq_len = 1\nkv_len = 64', "not 'zipf'"),
-    ('prefix = 40\nlengths = "q4kv40"', "leaves no room for the new tokens"),
+    ('shared_prefix = 100\nq_len = 1\nkv_len = 64', "shared_prefix 100 + q_len 1 exceeds the context 64"),
+    ("shared_prefix = 10", "needs q_len and kv_len"),
+    ('shared_prefix = 10\nlengths = "zipf"\nq_len = 1\nkv_len = 64', "not 'zipf'"),
+    ('shared_prefix = 40\nlengths = "q4kv40"', "leaves no room for the new tokens"),
 ])
 def test_workload_rules_are_one_line_each(text, words):
     with pytest.raises(SuiteError) as info:
@@ -243,7 +266,7 @@ def test_model_option_mistakes_are_one_line(capsys, args, words):
     assert status == 2 and words in stderr and len(stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("workload", ["prefill", "serve"])
+@pytest.mark.parametrize("workload", ["prefill", "decode", "serve"])
 def test_every_model_and_workload_builds_a_valid_suite(workload):
     from harness.core import models
     from harness.engine.modelsuite import model_suite

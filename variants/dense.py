@@ -1,4 +1,12 @@
-"""Dense exact attention: the textbook formula and PyTorch's fused SDPA kernels."""
+"""Dense exact attention: the textbook formula and PyTorch's fused SDPA kernels.
+
+Attention features (:mod:`variants.features`): ``naive`` takes all of them (the readable reference:
+scores, softcap, ALiBi, the mask, a softmax whose denominator holds the sink, P·V); ``sdpa`` takes
+what ``scaled_dot_product_attention`` can be given, a boolean mask (window, prefix-LM, documents) or a
+float one (ALiBi as an additive bias, -inf where masked), built once per shape and reused as a model
+builds it once for all its layers; softcap and sinks act between QKᵀ and the softmax's sum, where
+SDPA has no hook. A float mask can move SDPA to another backend: ``sdpa_backend_used`` says which ran.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import Param, Supports, register_variant
+from variants import features as feat
 from variants.common import causal_sdpa_kwargs, group_queries, scale_of, ungroup
 
 
@@ -16,15 +25,40 @@ def _dense_working_set(case) -> float:
     return 2 * scores + mask
 
 
+def _naive_features(q, k, v, causal, softcap=None, alibi_slopes=None, sinks=None, **masks):
+    """``naive`` with attention features, step by step (harness.core.features gives the order)."""
+    L, Hkv, Lk = q.shape[2], k.shape[1], k.shape[2]
+    G = q.shape[1] // Hkv
+    scores = group_queries(q * scale_of(q), Hkv) @ k.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, L, Lk)
+    pos, j = feat.positions(L, Lk, q.device), torch.arange(Lk, device=q.device).view(1, -1)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        scores = scores - alibi_slopes.view(1, Hkv, G, 1, 1).to(scores.dtype) * (pos - j).abs().to(scores.dtype)
+    keep = feat.visible(pos, j, causal, **masks)  # (L, Lk) or None
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:  # the sink's logit joins each row's softmax, its column then dropped
+        sink = sinks.view(1, Hkv, G, 1, 1).to(scores.dtype).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :Lk]
+    if keep is not None:  # a row that sees no key (a window over more queries than keys) gives 0
+        probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)
+    return ungroup(probs @ v.unsqueeze(2))
+
+
 @register_variant(
     "naive",
     family="dense",
     exact=True,
-    supports=Supports(non_square=True),
+    supports=Supports(non_square=True, **feat.ALL),
     working_set=_dense_working_set,
     description="QKᵀ → softmax → ·V, materialising the full L×L score matrix",
 )
-def naive(q, k, v, *, causal):
+def naive(q, k, v, *, causal, **features):
+    if features:
+        return _naive_features(q, k, v, causal, **features)
     B, H, L, D = q.shape
     Lk = k.shape[2]
     qg = group_queries(q * scale_of(q), k.shape[1])  # (B, Hkv, G, L, D)
@@ -59,6 +93,12 @@ def _sdpa_check(case) -> list[str]:
         # torch's memory-efficient kernel takes no enable_gqa: forced alone, SDPA finds no kernel
         return ["sdpa backend 'efficient' does not support grouped-query inputs (kv_heads < heads): "
                 "'No available kernel'"]
+    if backend == "flash" and case.value_dim != case.head_dim:
+        return ["sdpa backend 'flash' needs v of q's head size (PyTorch's flash kernels), not v_head_dim "
+                f"{case.value_dim} with head_dim {case.head_dim}"]
+    if case.softcap or case.sinks:
+        return ["scaled_dot_product_attention has no hook between QKᵀ and the softmax's sum, where a softcap "
+                "(tanh of each score) and sinks (a logit in each denominator) act; naive, tiled and flex take them"]
     if case.device == "cuda":
         if backend in ("flash", "cudnn") and case.dtype == "float32":
             return [f"sdpa backend {backend!r} on CUDA needs float16 or bfloat16, not float32"]
@@ -94,14 +134,15 @@ def _sdpa_working_set(case) -> float:
 _BACKEND_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
 
-def sdpa_backend_used(q, k, v, causal: bool) -> str | None:
+def sdpa_backend_used(q, k, v, causal: bool, attn_mask=None) -> str | None:
     """The backend ``scaled_dot_product_attention`` dispatches these inputs to with no backend
     forced (``torch._fused_sdp_choice``: the dispatcher's own decision); None when unknown."""
     choose = getattr(torch, "_fused_sdp_choice", None)
     if choose is None:
         return None
     try:
-        return _BACKEND_NAMES.get(int(choose(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])))
+        return _BACKEND_NAMES.get(int(choose(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
+                                             enable_gqa=k.shape[1] != q.shape[1])))
     except Exception:
         return None
 
@@ -119,11 +160,51 @@ def _sdpa_columns(case) -> dict:
         grad = case.mode != "fwd"
         q = torch.empty(case.batch, case.heads, case.query_len, case.head_dim, dtype=dtype, device=case.device,
                         requires_grad=grad)
-        k, v = (torch.empty(case.batch, case.kv_heads, case.seq_len, case.head_dim, dtype=dtype, device=case.device,
-                            requires_grad=grad) for _ in range(2))
+        k, v = (torch.empty(case.batch, case.kv_heads, case.seq_len, d, dtype=dtype, device=case.device,
+                            requires_grad=grad) for d in (case.head_dim, case.value_dim))
+        mask = _probe_mask(case, dtype)
     except Exception:
         return {"sdpa_backend_used": None}
-    return {"sdpa_backend_used": sdpa_backend_used(q, k, v, case.causal)}
+    return {"sdpa_backend_used": sdpa_backend_used(q, k, v, case.causal, mask)}
+
+
+def _probe_mask(case, dtype):
+    """An uninitialised mask of the kind the case's features give SDPA (None: the plain causal flag)."""
+    from harness.core import features as core_features
+
+    Lq, Lk = case.query_len, case.seq_len
+    if case.alibi:
+        return torch.empty(1, case.heads, Lq, Lk, dtype=dtype, device=case.device)
+    if core_features.masked(case) or (case.causal and Lq not in (1, Lk)):
+        return torch.empty(Lq, Lk, dtype=torch.bool, device=case.device)
+    return None
+
+
+_MASKS: dict = {}
+
+
+def _feature_mask(q, k, causal, alibi_slopes=None, **masks) -> dict:
+    """``attn_mask`` of the case's features: boolean (Lq, Lk) for masks alone, float (1, H, Lq, Lk) with
+    ALiBi (the bias, -inf where masked); built once per shape and features and kept (two at most)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    held = tuple(masks.get(n) for n in feat.MASK_KWARGS[:2]), masks.get("document_ids"), alibi_slopes
+    key = (Lq, Lk, bool(causal), q.dtype, str(q.device), held[0], id(held[1]), id(held[2]))
+    hit = _MASKS.get(key)
+    if hit is not None:
+        return {"attn_mask": hit[0]}
+    pos, j = feat.positions(Lq, Lk, q.device), torch.arange(Lk, device=q.device).view(1, -1)
+    keep = feat.visible(pos, j, causal, **masks)
+    if alibi_slopes is None:
+        if keep is None:
+            return causal_sdpa_kwargs(q, k, causal)
+        mask = keep
+    else:
+        mask = -(alibi_slopes.view(-1, 1, 1).float() * (pos - j).abs())
+        mask = (mask if keep is None else mask.masked_fill(~keep, float("-inf"))).to(q.dtype).unsqueeze(0)
+    if len(_MASKS) >= 2:
+        _MASKS.clear()
+    _MASKS[key] = (mask, held)  # the tensors named by id stay alive with it
+    return {"attn_mask": mask}
 
 
 @register_variant(
@@ -131,16 +212,18 @@ def _sdpa_columns(case) -> dict:
     family="dense",
     exact=True,
     baseline=True,
-    supports=Supports(non_square=True),
+    supports=Supports(non_square=True, alibi=True, v_head_dim=True, sliding_window=True, prefix_lm=True,
+                      document=True),
     params={"backend": Param("auto", choices=SDPA_BACKENDS, help="kernel forced through sdpa_kernel")},
     check=_sdpa_check,
     working_set=_sdpa_working_set,
     columns=_sdpa_columns,
     description="torch.nn.functional.scaled_dot_product_attention, backend forced by sdpa_kernel",
 )
-def sdpa(q, k, v, *, causal, backend="auto"):
+def sdpa(q, k, v, *, causal, backend="auto", **features):
     gqa = k.shape[1] != q.shape[1]
-    mask = causal_sdpa_kwargs(q, k, causal)  # bottom-right causal when q_len != kv_len
+    # bottom-right causal when q_len != kv_len; the features' boolean or float mask
+    mask = _feature_mask(q, k, causal, **features) if features else causal_sdpa_kwargs(q, k, causal)
     if backend == "auto":
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **mask)
     from torch.nn.attention import sdpa_kernel

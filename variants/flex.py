@@ -39,6 +39,9 @@ BlockMask has ceil(Lq/tile) rows of ceil(Lk/tile) tiles. The other masks need eq
 :func:`compiled_call`, :func:`tile_layout` and :func:`ordered_blocks` serve the inference
 variants (paged caches, packed sequences) too.
 
+Attention features (:mod:`harness.core.features`), with ``mask = "none"``: a score_mod and a
+mask_mod with its BlockMask, :mod:`variants.flex_features`.
+
 Limits: PyTorch's FlexAttention has no backward on the CPU (inference only),
 and needs ``torch.compile`` to work (on the CPU: an x86 CPU with AVX2 and a C++
 compiler; on CUDA: Triton). Both are probed once, lazily, by ``check``; a case
@@ -60,6 +63,7 @@ from torch.nn.attention.flex_attention import and_masks
 from harness import attention_flops, masks
 from harness import pair_flops
 from harness import Param, Supports, register_variant
+from variants import features as feat
 from variants.local import window_pairs
 
 try:  # the block-sparse layouts are optional (another module)
@@ -117,7 +121,9 @@ def _mask_mod(key: tuple, seq_len: int, device: str, q_len: int | None = None):
 
 
 def _case_mask(case):
-    """The reference's mask_mod: the very function the kernel applies."""
+    """The reference's mask_mod: the very function the kernel applies (with features: the case's mask)."""
+    if case.features and case.params.get("mask", "none") == "none":
+        return masks.case_mask(case)
     return _mask_mod(_mask_key(case.params, case.causal), case.seq_len, case.device, case.q_len)
 
 
@@ -143,7 +149,11 @@ def _columns(case) -> dict:
     """``density``: attended pairs / the pairs dense attention with the same causality attends
     (``L(L+1)/2`` when causal: the real triangle, so mask "none" has density 1)."""
     if case.params["mask"] == "none":
-        return {"density": 1.0}
+        if not case.features:
+            return {"density": 1.0}
+        from harness.core.flops import case_pairs, pair_count
+
+        return {"density": case_pairs(case) / pair_count(case.query_len, case.seq_len, False)}
     L = case.seq_len
     dense = L * (L + 1) / 2 if case.causal else float(L * L)
     return {"density": _pairs(case) / dense}
@@ -267,8 +277,8 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
-def compiled_call(q, k, v, block_mask, enable_gqa: bool):
-    """The compiled flex_attention of (q, k, v) under ``block_mask``."""
+def compiled_call(q, k, v, block_mask, enable_gqa: bool, score_mod=None):
+    """The compiled flex_attention of (q, k, v) under ``block_mask`` (and ``score_mod``)."""
     # one specialisation per shape/dtype/mask: raise the recompile limit, and fail rather than
     # silently fall back to eager flex_attention (dense scores) if it is ever hit
     with torch._dynamo.config.patch(
@@ -276,7 +286,7 @@ def compiled_call(q, k, v, block_mask, enable_gqa: bool):
         accumulated_recompile_limit=RECOMPILE_LIMIT,
         fail_on_recompile_limit_hit=True,
     ):
-        return _compiled()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+        return _compiled()(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def _run(q, k, v, *, causal: bool, params: dict):
@@ -353,6 +363,8 @@ def _check(case) -> list[str]:
         reasons.append("FlexAttention's CUDA kernel needs tile 128 or 256 (a multiple of its BLOCK_M/BLOCK_N)")
     if getattr(case, "q_len", None) is not None and case.params.get("mask", "none") != "none":
         reasons.append(f"flex mask {case.params['mask']!r} needs q_len == kv_len; mask 'none' takes other lengths")
+    if getattr(case, "features", None) and case.params.get("mask", "none") != "none":
+        reasons.append(f"flex mask {case.params['mask']!r} takes no attention features (mask 'none' takes them all)")
     if not reasons:
         why = unavailable(case.device)
         if why:
@@ -391,7 +403,8 @@ for _name, _default in PATTERN_DEFAULTS.items():
     family="compiled",
     exact=True,
     flops=_flops,
-    supports=Supports(devices={"cpu", "cuda"}, dtypes={"float32", "bfloat16", "float16"}, non_square=True),
+    supports=Supports(devices={"cpu", "cuda"}, dtypes={"float32", "bfloat16", "float16"}, non_square=True,
+                      **feat.ALL),
     params=_PARAMS,
     check=_check,
     mask=_case_mask,
@@ -401,5 +414,10 @@ for _name, _default in PATTERN_DEFAULTS.items():
     "sparse patterns)",
 )
 def flex(q, k, v, *, causal, mask="none", window=256, tile=128, **pattern_params):
+    features, pattern_params = feat.split(pattern_params)
+    if features:
+        from variants.flex_features import run_features
+
+        return run_features(q, k, v, causal=causal, tile=tile, features=features)
     params = dict(pattern_params, mask=mask, window=window, tile=tile)
     return _run(q, k, v, causal=causal, params=params)

@@ -16,6 +16,9 @@ output rows of padding queries must be zero. Paged caches are :mod:`variants.pag
   (:func:`auto_splits`): on CUDA enough chunks for two work items per multiprocessor over the
   ``B·H_kv`` key/value heads (flash-decoding's reason to split); on the CPU chunks whose scores
   fit in 1 MiB of cache; at least 256 keys a chunk (``splits`` column: the number used).
+  Attention features (:mod:`variants.features`): softcap and ALiBi modify each chunk's scores,
+  the window, prefix-LM and documents join each chunk's mask, and the sinks join the combination as
+  one more partial of log-sum-exp σ_h and output 0; v may have another head size.
 * ``padded``: the naive variable-length baseline: PyTorch SDPA over the padded batch with a
   boolean mask of each sequence's keys (and causality). It computes every padded pair: its
   ``flops`` are those of the padded batch, ``useful_flops`` those of the real pairs, and
@@ -42,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import Param, Supports, attention_flops, register_variant
+from variants import features as feat
 from variants.common import causal_sdpa_kwargs, scale_of
 
 _F32 = torch.float32
@@ -66,12 +70,18 @@ def inference_variant(name: str, **kw):
 
 
 def visible(Lq: int, Lk: int, causal: bool, q_lens=None, kv_lens=None, start: int = 0, stop: int | None = None,
-            device=None):
+            device=None, **masks):
     """Boolean ``(B or 1, 1, Lq, stop - start)``: which of the keys ``start .. stop`` (default: all
     ``Lk``) each query row sees, or None when every row sees all of them. Causal is bottom-right
     aligned, per sequence when lengths are given; a padding query row (``i >= q_lens[b]``) sees its
-    sequence's keys, so no row is empty (its output is zeroed by :func:`zero_padding_rows`)."""
+    sequence's keys, so no row is empty (its output is zeroed by :func:`zero_padding_rows`).
+    ``masks``: the mask features' keyword arguments (window, prefix, documents)."""
     stop = Lk if stop is None else stop
+    if masks:
+        pos = feat.positions(Lq, Lk, device, q_lens, kv_lens).view(-1, 1, Lq, 1)
+        j = torch.arange(start, stop, device=device).view(1, 1, 1, -1)
+        keep = feat.visible(pos, j, causal, **masks)
+        return keep if q_lens is None else keep & (j < kv_lens.view(-1, 1, 1, 1).long())
     if q_lens is None and (not causal or stop - 1 <= Lk - Lq):  # the first query already sees them all
         return None
     i = torch.arange(Lq, device=device).view(1, 1, -1, 1)
@@ -124,14 +134,17 @@ def _splits(case) -> int:
     return auto_splits(case.batch * case.kv_heads, case.seq_len, case.group_size * case.query_len, case.device)
 
 
-def partial_attention(qg, kc, vc, mask, shape):
+def partial_attention(qg, kc, vc, mask, shape, mods=None, keys=None):
     """One split: the partial output of queries ``qg`` (N, G·Lq, D), already scaled, against the keys
     ``kc``/``vc`` (N, c, D) of one chunk, normalised by its own softmax sum, and its log-sum-exp
     (N, G·Lq, 1), −inf where no key of the chunk is visible. ``mask``: (B|1, 1, Lq, c) or None;
-    ``shape`` = (B, H_kv, G, Lq)."""
+    ``shape`` = (B, H_kv, G, Lq); ``mods(scores (B, H_kv, G, Lq, c), keys)``: the score features
+    (:func:`score_mods`) for the chunk's key positions ``keys``."""
     B, Hkv, G, Lq = shape
     acc = qg.dtype
     s = torch.bmm(qg, kc.to(acc).transpose(1, 2))  # (N, G·Lq, c)
+    if mods is not None:
+        mods(s.view(B, Hkv, G, Lq, -1), keys)
     if mask is not None:  # rows (b, hkv, g, i)
         s.view(B, Hkv, G, Lq, -1).masked_fill_(~mask.unsqueeze(2), float("-inf"))
     m = s.amax(-1, keepdim=True)
@@ -148,33 +161,61 @@ def grouped_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return (q.to(acc) * scale_of(q)).reshape(B * kv_heads, (H // kv_heads) * Lq, D)
 
 
-def split_k_partials(q, k, v, causal: bool, splits: int, q_lens=None, kv_lens=None):
-    """The per-split partial outputs ``(S, N, G·Lq, D)`` (each normalised by its own softmax sum)
+def score_mods(q, Lk: int, Hkv: int, q_lens=None, kv_lens=None, softcap=None, alibi_slopes=None):
+    """``mods(scores, keys)`` applying softcap and ALiBi in place to scores ``(B, H_kv, G, Lq, c)`` of
+    key positions ``keys`` (c,), or None when neither is set."""
+    if not softcap and alibi_slopes is None:
+        return None
+    Lq = q.shape[2]
+    pos = feat.positions(Lq, Lk, q.device, q_lens, kv_lens).view(-1, 1, 1, Lq, 1)
+    slopes = None if alibi_slopes is None else alibi_slopes.view(1, Hkv, -1, 1, 1)
+    return lambda s, keys: feat.modify_scores(s, pos, keys.view(1, 1, 1, 1, -1), softcap=softcap, slopes=slopes)
+
+
+def split_k_partials(q, k, v, causal: bool, splits: int, q_lens=None, kv_lens=None, **features):
+    """The per-split partial outputs ``(S, N, G·Lq, Dv)`` (each normalised by its own softmax sum)
     and log-sum-exps ``(S, N, G·Lq, 1)`` (−inf where a split has no visible key), in float32
-    (float64 for float64 inputs)."""
+    (float64 for float64 inputs). ``features``: softcap, ALiBi and mask features (not the sinks)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     qg = grouped_queries(q, Hkv)
-    kf, vf = k.reshape(B * Hkv, Lk, D), v.reshape(B * Hkv, Lk, D)
+    kf, vf = k.reshape(B * Hkv, Lk, D), v.reshape(B * Hkv, Lk, v.shape[-1])
+    mods = score_mods(q, Lk, Hkv, q_lens, kv_lens, features.get("softcap"), features.get("alibi_slopes"))
     chunk = -(-Lk // splits)
     outs, lses = [], []
     for j0 in range(0, Lk, chunk):
         j1 = min(j0 + chunk, Lk)
-        mask = visible(Lq, Lk, causal, q_lens, kv_lens, j0, j1, device=q.device)
-        o, lse = partial_attention(qg, kf[:, j0:j1], vf[:, j0:j1], mask, (B, Hkv, H // Hkv, Lq))
+        mask = visible(Lq, Lk, causal, q_lens, kv_lens, j0, j1, device=q.device, **feat.mask_kwargs(features))
+        o, lse = partial_attention(qg, kf[:, j0:j1], vf[:, j0:j1], mask, (B, Hkv, H // Hkv, Lq), mods,
+                                   torch.arange(j0, j1, device=q.device))
         outs.append(o)
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)
 
 
-def combine_splits(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
-    """The exact softmax output from split partials: ``Σ_s exp(lse_s − lse) · out_s``."""
-    lse = torch.logsumexp(lses, dim=0, keepdim=True)
+def sink_partial(sinks, lses: torch.Tensor, shape) -> torch.Tensor:
+    """The sinks as one more split's log-sum-exp ``(1, N, G·Lq, 1)`` (its output is 0): σ of each row's
+    head; ``shape`` = (B, H_kv, G, Lq)."""
+    B, Hkv, G, Lq = shape
+    return sinks.to(lses.dtype).view(1, 1, Hkv, G, 1, 1).expand(1, B, Hkv, G, Lq, 1).reshape(1, B * Hkv, G * Lq, 1)
+
+
+def combine_splits(outs: torch.Tensor, lses: torch.Tensor, sink_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """The exact softmax output from split partials: ``Σ_s exp(lse_s − lse) · out_s``; ``sink_lse``
+    (:func:`sink_partial`) joins ``lse`` with no output of its own. A row with no visible key: 0."""
+    every = lses if sink_lse is None else torch.cat([lses, sink_lse])
+    lse = torch.logsumexp(every, dim=0, keepdim=True)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     return (torch.exp(lses - lse) * outs).sum(0)
+
+
+#: The features the decode variants take (decode_split_k; paged's gather and pages paths).
+DECODE_FEATURES = dataclasses.replace(VARLEN, **feat.ALL)
 
 
 @inference_variant(
     "decode_split_k",
+    supports=DECODE_FEATURES,
     params={"splits": Param("auto", choices=SPLIT_CHOICES,
                             help="key chunks, each a partial output and log-sum-exp, combined exactly")},
     working_set=lambda case: float(4 * case.batch * case.heads * case.query_len
@@ -182,12 +223,13 @@ def combine_splits(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
     columns=lambda case: {"splits": _splits(case)},
     description="flash-decoding in PyTorch: K/V split into chunks, partial outputs and LSEs combined exactly",
 )
-def decode_split_k(q, k, v, *, causal, splits="auto", q_lens=None, kv_lens=None):
+def decode_split_k(q, k, v, *, causal, splits="auto", q_lens=None, kv_lens=None, sinks=None, **features):
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     n = auto_splits(B * Hkv, Lk, H // Hkv * Lq, str(q.device)) if splits == "auto" else min(int(splits), Lk)
-    outs, lses = split_k_partials(q, k, v, causal, n, q_lens, kv_lens)
-    out = combine_splits(outs, lses).view(B, k.shape[1], H // k.shape[1], Lq, D).reshape(B, H, Lq, D)
+    outs, lses = split_k_partials(q, k, v, causal, n, q_lens, kv_lens, **features)
+    sink = None if sinks is None else sink_partial(sinks, lses, (B, Hkv, H // Hkv, Lq))
+    out = combine_splits(outs, lses, sink).view(B, Hkv, H // Hkv, Lq, Dv).reshape(B, H, Lq, Dv)
     return zero_padding_rows(out.to(q.dtype), q_lens)
 
 

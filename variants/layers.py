@@ -395,6 +395,10 @@ def _mla_check(case) -> list[str]:
     mla = models.mla_dims(case)
     want = {"kv_lora_rank": mla.kv_lora_rank, "rope_dim": mla.qk_rope_head_dim, "q_lora_rank": mla.q_lora_rank} \
         if mla else {}
+    v_dim = getattr(case, "v_head_dim", None)
+    if v_dim is not None and (mla is None or v_dim != mla.v_head_dim):
+        reasons.append(f"mla's value width is head_dim, or the v_head_dim of the MLA model the case names "
+                       f"(model = deepseek-v3: 128), not v_head_dim {v_dim}")
     if any(case.params[k] != v for k, v in want.items()):
         reasons.append(f"model {case.model} has {', '.join(f'{k} = {v}' for k, v in want.items())}; the case sets "
                        f"{', '.join(f'{k} = {case.params[k]}' for k in want)}")
@@ -425,7 +429,7 @@ for _name, _what, _gqa in (("mha", "multi-head attention layer (kv_heads = heads
 
 @register_variant(
     "mla", **_LAYER, flops=MLA.flops, columns=MLA.columns, working_set=MLA.working_set,
-    supports=Supports(gqa=False, **_SUPPORTS), check=_mla_check,
+    supports=Supports(gqa=False, v_head_dim=True, **_SUPPORTS), check=_mla_check,
     params={"kv_lora_rank": Param(512, min=1, help="latent (cached) width r"),
             "rope_dim": Param(64, min=2, help="decoupled RoPE key/query width (shared key, cached)"),
             "q_lora_rank": Param(0, min=0, help="query down-projection rank (0: full-rank query projection)"),

@@ -30,6 +30,11 @@ after some traffic; its last page may be partly filled (the rest holds random va
   once per step for all layers; its build is in ``first_call_ms``). Skipped where FlexAttention
   does not compile, and on CUDA for pages that are not a multiple of 128 tokens (the page is the
   BlockMask's KV block, which FlexAttention's CUDA kernel tiles by 128, as ``flex``'s own tile).
+
+Attention features (``gather`` and ``pages``; :mod:`variants.features`): softcap and ALiBi modify the
+scores of each chunk or page at its logical key positions, the window, prefix-LM and documents join
+its mask, the sinks join the combination (gather: one more partial of log-sum-exp σ_h; pages: the
+sequence's maximum and denominator); the value pool may have another head size. ``flex``: none.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ import threading
 import torch
 
 from harness import Param
-from variants.inference import (VARLEN, combine_splits, grouped_queries, inference_variant, partial_attention, visible,
-                                zero_padding_rows)
+from variants import features as feat
+from variants.inference import (DECODE_FEATURES, combine_splits, grouped_queries, inference_variant, partial_attention,
+                                score_mods, sink_partial, visible, zero_padding_rows)
 
 _F32 = torch.float32
 PATHS = ("gather", "pages", "flex")
@@ -65,26 +71,32 @@ def gather_pages(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     return out.view(B, pages, Hkv, ps, D).transpose(1, 2).reshape(B, Hkv, pages * ps, D)
 
 
-def _gather(q, k_pool, v_pool, causal, block_table, kv_lens, q_lens):
+def _gather(q, k_pool, v_pool, causal, block_table, kv_lens, q_lens, sinks=None, **features):
     B, H, Lq, D = q.shape
     P, Hkv, ps, _ = k_pool.shape
-    G, pages = H // Hkv, block_table.shape[1]
-    row = B * Hkv * ps * D * k_pool.element_size() * 2  # bytes of one page of every sequence, K and V
+    G, pages, Dv = H // Hkv, block_table.shape[1], v_pool.shape[-1]
+    row = B * Hkv * ps * (D + Dv) * k_pool.element_size()  # bytes of one page of every sequence, K and V
     per = min(pages, max(-(-GATHER_MIN_TOKENS // ps), GATHER_CHUNK_BYTES // row))
     qg = grouped_queries(q, Hkv)
     heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
-    pools = (k_pool.view(P * Hkv, ps, D), v_pool.view(P * Hkv, ps, D))  # one (page, head) block per row
+    pools = (k_pool.view(P * Hkv, ps, D), v_pool.view(P * Hkv, ps, Dv))  # one (page, head) block per row
+    # logical positions: kv_lens are per sequence, so the length of the table is a bound only (lengths mask)
+    mods = score_mods(q, pages * ps, Hkv, q_lens, kv_lens, features.get("softcap"), features.get("alibi_slopes"))
+    masks = feat.mask_kwargs(features)
     outs, lses = [], []
     for p0 in range(0, pages, per):
         table = block_table[:, p0:p0 + per].long()
         n = table.shape[1] * ps
         ids = (table.view(B, 1, -1) * Hkv + heads).reshape(-1)  # (b, head, page) order: (B, H_kv, n, D)
-        kc, vc = (x.index_select(0, ids).view(B * Hkv, n, D) for x in pools)
-        mask = visible(Lq, n, causal, q_lens, kv_lens, p0 * ps, p0 * ps + n, device=q.device)
-        o, lse = partial_attention(qg, kc, vc, mask, (B, Hkv, G, Lq))
+        kc, vc = (x.index_select(0, ids).view(B * Hkv, n, x.shape[-1]) for x in pools)
+        mask = visible(Lq, n, causal, q_lens, kv_lens, p0 * ps, p0 * ps + n, device=q.device, **masks)
+        o, lse = partial_attention(qg, kc, vc, mask, (B, Hkv, G, Lq), mods,
+                                   torch.arange(p0 * ps, p0 * ps + n, device=q.device))
         outs.append(o)
         lses.append(lse)
-    return combine_splits(torch.stack(outs), torch.stack(lses)).view(B, H, Lq, D)
+    lses = torch.stack(lses)
+    sink = None if sinks is None else sink_partial(sinks, lses, (B, Hkv, G, Lq))
+    return combine_splits(torch.stack(outs), lses, sink).view(B, H, Lq, Dv)
 
 
 def page_owners(block_table, kv_lens, num_pages: int, page_size: int):
@@ -101,27 +113,40 @@ def page_owners(block_table, kv_lens, num_pages: int, page_size: int):
     return owner, logical
 
 
-def _pages(q, k_pool, v_pool, causal, block_table, kv_lens, q_lens):
+def _pages(q, k_pool, v_pool, causal, block_table, kv_lens, q_lens, sinks=None, softcap=None, alibi_slopes=None,
+           **masks):
     P, Hkv, ps, D = k_pool.shape
     B, H, Lq, _ = q.shape
-    G = H // Hkv
+    G, Dv = H // Hkv, v_pool.shape[-1]
     owner, logical = page_owners(block_table, kv_lens, P, ps)
     qg = grouped_queries(q, Hkv).view(B, Hkv, G * Lq, D)
     s = torch.matmul(qg[owner], k_pool.to(qg.dtype).transpose(-1, -2))  # (P, Hkv, G·Lq, ps)
     j = logical.view(-1, 1) * ps + torch.arange(ps, device=q.device)  # (P, ps) logical key positions
     kl, ql = kv_lens.long()[owner].view(-1, 1, 1), q_lens.long()[owner].view(-1, 1, 1)
     keep = (j.unsqueeze(1) < kl) & (logical >= 0).view(-1, 1, 1)  # (P, 1, ps)
-    if causal:
-        i = torch.arange(Lq, device=q.device).view(1, -1, 1)
-        keep = keep & (i + (kl - ql) >= j.unsqueeze(1))  # (P, Lq, ps)
+    pos = torch.arange(Lq, device=q.device).view(1, -1, 1) + (kl - ql)  # (P, Lq, 1): the queries' positions
+    if softcap or alibi_slopes is not None:
+        slopes = None if alibi_slopes is None else alibi_slopes.view(1, Hkv, G, 1, 1)
+        feat.modify_scores(s.view(P, Hkv, G, Lq, ps), pos.view(P, 1, 1, Lq, 1), j.view(P, 1, 1, 1, ps),
+                           softcap=softcap, slopes=slopes)
+    if masks:
+        keep = keep & feat.visible(pos, j.unsqueeze(1), causal, **masks)  # (P, Lq, ps)
+    elif causal:
+        keep = keep & (pos >= j.unsqueeze(1))  # (P, Lq, ps)
     s.view(P, Hkv, G, Lq, ps).masked_fill_(~keep.view(P, 1, 1, -1, ps), float("-inf"))
     page_max = s.amax(-1, keepdim=True)
     top = s.new_full((B, Hkv, G * Lq, 1), float("-inf"))
     top.scatter_reduce_(0, owner.view(-1, 1, 1, 1).expand_as(page_max), page_max, "amax")
+    sink = None if sinks is None else sink_partial(sinks, top, (B, Hkv, G, Lq))[0].view(B, Hkv, G * Lq, 1)
+    if sink is not None or masks:
+        top = top if sink is None else torch.maximum(top, sink)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row that sees no key
     p = s.sub_(top[owner]).exp_()  # exp(S - the sequence's max): masked keys give 0
     l = s.new_zeros(B, Hkv, G * Lq, 1).index_add_(0, owner, p.sum(-1, keepdim=True))
-    out = s.new_zeros(B, Hkv, G * Lq, D).index_add_(0, owner, torch.matmul(p, v_pool.to(s.dtype)))
-    return out.div_(l).view(B, Hkv, G, Lq, D).reshape(B, H, Lq, D)
+    if sink is not None:
+        l += (sink - top).exp()  # the sink's term of the denominator
+    out = s.new_zeros(B, Hkv, G * Lq, Dv).index_add_(0, owner, torch.matmul(p, v_pool.to(s.dtype)))
+    return out.div_(l.clamp_min(torch.finfo(l.dtype).tiny)).view(B, Hkv, G, Lq, Dv).reshape(B, H, Lq, Dv)
 
 
 _BLOCK_MASKS: dict = {}
@@ -189,6 +214,8 @@ def _flex(q, k_pool, v_pool, causal, block_table, kv_lens, q_lens):
 def _check(case) -> list[str]:
     if case.params.get("path") != "flex":
         return []
+    if case.features:
+        return ["paged path 'flex' takes no attention features (gather and pages take them)"]
     from variants import flex
 
     reasons = []
@@ -218,13 +245,13 @@ def _working_set(case) -> float:
 
 @inference_variant(
     "paged",
-    supports=dataclasses.replace(VARLEN, kv_layouts={"paged"}),
+    supports=dataclasses.replace(DECODE_FEATURES, kv_layouts={"paged"}),
     params={"path": Param("gather", choices=PATHS, help="gather pages then SDPA, attend page by page in pool "
                           "order (no copy), or FlexAttention over the pool")},
     check=_check,
     working_set=_working_set,
     description="attention over a paged KV cache (block table, shuffled pool pages): gather, page-wise or flex",
 )
-def paged(q, k, v, *, causal, block_table, kv_lens, q_lens, path="gather"):
+def paged(q, k, v, *, causal, block_table, kv_lens, q_lens, path="gather", **features):
     run = {"gather": _gather, "pages": _pages, "flex": _flex}[path]
-    return zero_padding_rows(run(q, k, v, causal, block_table, kv_lens, q_lens).to(q.dtype), q_lens)
+    return zero_padding_rows(run(q, k, v, causal, block_table, kv_lens, q_lens, **features).to(q.dtype), q_lens)

@@ -28,6 +28,10 @@ statistics and the output accumulator stay float32; with ``compute = "float32"``
 (tiles, accumulators and statistics) is float32 and the output is rounded once. The backward is
 float32 in both.
 
+Attention features (softcap, ALiBi, sinks, v_head_dim, window, prefix-LM, documents): the same
+loops with each feature in its tile, :mod:`variants.tiled_features`; a call without features runs
+the loops below, untouched.
+
 CPU performance notes: scores are kept in base 2 (q is pre-scaled by
 scale·log2 e) because ``exp2`` is about 3× cheaper than ``exp`` in PyTorch's CPU
 kernels; tiles live in buffers reused across the loop (no allocation or page
@@ -46,6 +50,8 @@ import torch
 from harness.core.cases import DTYPE_BYTES
 from harness import attention_flops
 from harness import Param, Supports, register_variant
+from variants import tiled_features
+from variants.features import ALL as ALL_FEATURES
 
 _F32 = torch.float32
 _LOG2E = math.log2(math.e)
@@ -221,17 +227,24 @@ def flash_backward(q, k, v, out, lse, dout, causal: bool, block_q: int, block_k:
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, block_q, block_k, scale, compute):
-        out, lse = flash_forward(q, k, v, causal, block_q, block_k, scale, compute)
+    def forward(ctx, q, k, v, causal, block_q, block_k, scale, compute, features=None):
+        if features is None:
+            out, lse = flash_forward(q, k, v, causal, block_q, block_k, scale, compute)
+        else:
+            out, lse = tiled_features.forward(q, k, v, block_q, block_k, scale, compute, features)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.config = (causal, block_q, block_k, scale)
+        ctx.features = features
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = flash_backward(q, k, v, out, lse, dout, *ctx.config)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        if ctx.features is None:
+            dq, dk, dv = flash_backward(q, k, v, out, lse, dout, *ctx.config)
+        else:
+            dq, dk, dv = tiled_features.backward(q, k, v, out, lse, dout, *ctx.config[1:], ctx.features)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def _working_set(case) -> float:
@@ -271,8 +284,10 @@ def _working_set(case) -> float:
     family="memory_efficient",
     exact=True,
     flops=attention_flops,
-    supports=Supports(devices={"cpu", "cuda"}, non_square=True),
+    supports=Supports(devices={"cpu", "cuda"}, non_square=True, **ALL_FEATURES),
     working_set=_working_set,
+    # which loop ran: the tuned one, or the one that applies features (the report's Cost of features reads it)
+    columns=lambda case: {"tiled_loop": "features" if case.features else "tuned"},
     params={
         "block_q": Param(256, min=1, help="query rows per tile"),
         "block_k": Param(256, min=1, help="keys per tile (one online-softmax step)"),
@@ -285,14 +300,18 @@ def _working_set(case) -> float:
     },
     description="FlashAttention in PyTorch: tiled online softmax, O(L·D) memory, LSE-recomputing backward",
 )
-def tiled(q, k, v, *, causal, block_q=256, block_k=256, compute="input"):
+def tiled(q, k, v, *, causal, block_q=256, block_k=256, compute="input", **features):
     B, H, L, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
     scale = 1.0 / math.sqrt(D)
     qg = q.reshape(B * Hkv, H // Hkv, L, D)
-    kg, vg = k.reshape(B * Hkv, k.shape[2], D), v.reshape(B * Hkv, v.shape[2], D)
+    kg, vg = k.reshape(B * Hkv, k.shape[2], D), v.reshape(B * Hkv, v.shape[2], Dv)
+    feats = tiled_features.TileFeatures(Hkv, H // Hkv, L, k.shape[2], causal, **features) \
+        if features or Dv != D else None
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        out = _FlashAttention.apply(qg, kg, vg, causal, block_q, block_k, scale, compute)
+        out = _FlashAttention.apply(qg, kg, vg, causal, block_q, block_k, scale, compute, feats)
+    elif feats is not None:
+        out, _ = tiled_features.forward(qg, kg, vg, block_q, block_k, scale, compute, feats)
     else:
         out, _ = flash_forward(qg, kg, vg, causal, block_q, block_k, scale, compute)
-    return out.reshape(B, H, L, D)
+    return out.reshape(B, H, L, Dv)

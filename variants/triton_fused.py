@@ -43,6 +43,13 @@ Triton's interpreter (``TRITON_INTERPRET=1``, set before this module is imported
 one small config, and :func:`launch` accepts CPU tensors: that is how the tests check the
 kernel without a GPU.
 
+Attention features (:mod:`harness.core.features`), each a ``tl.constexpr`` switch, so a kernel
+without them compiles exactly as before: ``SOFTCAP`` (``c·tanh(s/c)`` on the base-2 scores, tanh
+from ``exp2``), ``ALIBI`` (``−m_h·|i − j|``, the head's slope loaded once), ``WINDOW`` (only the key
+blocks of the band ``|i − j| ≤ w`` are visited, all of them masked, and a row's running maximum may
+stay −inf until its first visible key, so a finite stand-in is subtracted), ``SINKS`` (the head's
+``2^(σ·log2 e − m)`` joins the denominator at the end). Equal query and key lengths only.
+
 Capabilities: CUDA only, float16 / bfloat16 (float32 accumulation), head_dim a
 power of two in 16..256, forward only (no backward kernel), causal or not, any
 length (the last blocks are masked), grouped-query attention. The module imports
@@ -78,13 +85,20 @@ MAX_GRID_Y = 65535
 if HAS_TRITON:
 
     @triton.jit
+    def _tanh(x):
+        """tanh from exp2 (saturates to ±1 where exp2 overflows or underflows)."""
+        return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+    @triton.jit
     def _attend(
         acc, m_i, l_i, q,  # running state of this query block, and its query tile (BLOCK_M, D)
         k_ptrs, v_ptrs,  # pointers to key block 0: (D, BLOCK_N) transposed view, and (BLOCK_N, D)
         stride_kn, stride_vn,
         offs_m, offs_n,
         lo, hi, seq_len, qk_scale,
+        softcap, slope, window,  # features: cap and slope in base-2 units, window in keys (when switched on)
         MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+        SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, WINDOW: tl.constexpr = False,
     ):
         """Online-softmax update of (acc, m, l) over key blocks [lo, hi) (lo a multiple of BLOCK_N)."""
         k_ptrs += lo * stride_kn
@@ -97,16 +111,27 @@ if HAS_TRITON:
             else:
                 k = tl.load(k_ptrs)
             s = tl.dot(q, k) * qk_scale  # (BLOCK_M, BLOCK_N) float32, in log2 units
+            if SOFTCAP:
+                s = softcap * _tanh(s / softcap)
+            if ALIBI:
+                s = s - slope * tl.abs(offs_m[:, None] - cols[None, :]).to(tl.float32)
             if MASKED:
                 keep = cols[None, :] < seq_len
                 if CAUSAL:
                     keep = keep & (offs_m[:, None] >= cols[None, :])
+                if WINDOW:
+                    keep = keep & (offs_m[:, None] - cols[None, :] <= window) & (cols[None, :] - offs_m[:, None] <= window)
                 s = tl.where(keep, s, float("-inf"))
-            # every row has seen at least one visible key by now (key 0 is in the first block
-            # and visible to every row), so m_new is finite and no 2^(-inf - -inf) NaN can occur
+            # without a window every row has seen at least one visible key by now (key 0 is in the
+            # first block and visible to every row), so m_new is finite and no 2^(-inf - -inf) NaN can
+            # occur; with one a row's first visible key may come later: subtract 0 until then
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
+            if WINDOW:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_use = m_new
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if MASKED:
                 v = tl.load(v_ptrs, mask=cols[:, None] < seq_len, other=0.0)
@@ -122,7 +147,8 @@ if HAS_TRITON:
     @triton.jit
     def _attention_fwd(
         Q, K, V, Out,
-        qk_scale,
+        Slopes, Sinks,  # features' (H,) float32 tensors (read only when switched on below)
+        qk_scale, softcap, window,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -130,6 +156,8 @@ if HAS_TRITON:
         heads, group, seq_len,
         tune_len,  # the autotuner's key (seq_len rounded up to a power of two); unused by the kernel
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+        SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, WINDOW: tl.constexpr = False,
+        SINKS: tl.constexpr = False,
     ):
         """One program: query rows [start_m·BLOCK_M, +BLOCK_M) of one (batch, head)."""
         if CAUSAL:  # heaviest query blocks (they see the most keys) first
@@ -154,6 +182,9 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Slopes + h) * 1.4426950408889634  # base-2 units
         # keys this block can see: [0, hi); of those, [0, lo) need no mask at all
         if CAUSAL:
             hi = tl.minimum((start_m + 1) * BLOCK_M, seq_len)
@@ -161,15 +192,24 @@ if HAS_TRITON:
         else:
             hi = seq_len
             lo = (seq_len // BLOCK_N) * BLOCK_N
+        start = 0
+        if WINDOW:  # the band only, every block masked
+            start = (tl.maximum(start_m * BLOCK_M - window, 0) // BLOCK_N) * BLOCK_N
+            hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + window)
+            lo = start
         acc, m_i, l_i = _attend(
             acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
-            0, lo, seq_len, qk_scale, MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
+            start, lo, seq_len, qk_scale, softcap, slope, window, MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
+            SOFTCAP=SOFTCAP, ALIBI=ALIBI,
         )
         acc, m_i, l_i = _attend(
             acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
-            lo, hi, seq_len, qk_scale, MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
+            lo, hi, seq_len, qk_scale, softcap, slope, window, MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
+            SOFTCAP=SOFTCAP, ALIBI=ALIBI, WINDOW=WINDOW,
         )
 
+        if SINKS:  # the head's sink joins the denominator: 2^(σ·log2 e − m)
+            l_i = l_i + tl.math.exp2(tl.load(Sinks + h) * 1.4426950408889634 - m_i)
         out = acc / l_i[:, None]
         o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < seq_len)
@@ -311,18 +351,20 @@ if HAS_TRITON:
     #: The autotuned kernel: tuned once per (tune_len, HEAD_DIM, CAUSAL, dtypes) per process.
     _attention_fwd_tuned = triton.autotune(
         configs=[_triton_config(INTERPRETER_CONFIG)] if INTERPRETED else [_triton_config(c) for c in CONFIG_SPACE],
-        key=["tune_len", "HEAD_DIM", "CAUSAL"],
+        key=["tune_len", "HEAD_DIM", "CAUSAL"],  # a kernel with features takes its shape's tuned config
         prune_configs_by={"early_config_prune": _prune},
         do_bench=_tune_bench,
     )(_attention_fwd)
 
 
-def launch(q, k, v, *, causal: bool, config: dict | str | None = None):
+def launch(q, k, v, *, causal: bool, config: dict | str | None = None, softcap: float | None = None,
+           alibi_slopes=None, sinks=None, window_size: int | None = None):
     """Run the kernel: q (B, H, L, D), k and v (B, H_kv, L, D) -> out (B, H, L, D).
 
     ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner; ``"fixed"`` takes
     :func:`fixed_config`'s. CUDA tensors, or CPU tensors under Triton's interpreter (the tests'
-    path; the variant declares CUDA only).
+    path; the variant declares CUDA only). Features: ``softcap``, ``alibi_slopes`` and ``sinks``
+    (float32 (H,)), ``window_size`` (keys on each side).
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
@@ -334,17 +376,23 @@ def launch(q, k, v, *, causal: bool, config: dict | str | None = None):
             seq_len=L, head_dim=D, causal=bool(causal), element_bytes=q.element_size(),
             shared_memory=_shared_memory(q.device), compute_capability=_capability(q.device))
     out = torch.empty_like(q)
+    dummy = out  # a pointer never read where its feature is off
     args = (
         q, k, v, out,
-        LOG2E / math.sqrt(D),
+        dummy if alibi_slopes is None else alibi_slopes.float().contiguous(),
+        dummy if sinks is None else sinks.float().contiguous(),
+        LOG2E / math.sqrt(D), float(softcap or 1.0) * LOG2E, int(window_size or 0),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, H // k.shape[1], L, tune_length(L),
     )
+    switches = {name: True for name, on in (("SOFTCAP", bool(softcap)), ("ALIBI", alibi_slopes is not None),
+                                            ("WINDOW", window_size is not None), ("SINKS", sinks is not None)) if on}
     if config is None:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attention_fwd_tuned[grid](*args, HEAD_DIM=D, CAUSAL=bool(causal))
+        _attention_fwd_tuned[grid](*args, HEAD_DIM=D, CAUSAL=bool(causal), **switches)
     else:
-        _attention_fwd[(triton.cdiv(L, config["BLOCK_M"]), B * H)](*args, HEAD_DIM=D, CAUSAL=bool(causal), **config)
+        _attention_fwd[(triton.cdiv(L, config["BLOCK_M"]), B * H)](*args, HEAD_DIM=D, CAUSAL=bool(causal), **config,
+                                                                   **switches)
     return out
 
 
@@ -383,11 +431,12 @@ def _working_set(case) -> float:
     family="fused",
     exact=True,
     supports=Supports(
-        devices={"cuda"}, dtypes={"float16", "bfloat16"}, backward=False, min_head_dim=16, max_head_dim=256
+        devices={"cuda"}, dtypes={"float16", "bfloat16"}, backward=False, min_head_dim=16, max_head_dim=256,
+        softcap=True, alibi=True, sinks=True, sliding_window=True,
     ),
     check=_check,
     working_set=_working_set,
     description="our FlashAttention-2-style fused forward kernel in Triton (online softmax, causal skipping, GQA)",
 )
-def triton_attention(q, k, v, *, causal):
-    return launch(q, k, v, causal=causal, config="fixed" if tune_mode() == "fixed" else None)
+def triton_attention(q, k, v, *, causal, **features):
+    return launch(q, k, v, causal=causal, config="fixed" if tune_mode() == "fixed" else None, **features)

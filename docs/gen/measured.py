@@ -73,6 +73,8 @@ PRODUCERS: dict[str, str] = {
                  f"bench run suites/quick.toml -o {RUNS}/executor-process-2 && {_RT} {RUNS}/executor-process-1 "
                  f"{RUNS}/executor-ray {RUNS}/executor-process-2 --table executors --json",
     "targets": "python benchmarks/targets.py --json",
+    "feature-cost": f"bench run suites/features.toml --processes 3 -o {RUNS}/features && "
+                    f"python benchmarks/feature_cost.py {RUNS}/features --json docs/data/feature-cost.json",
     "contention": "python benchmarks/contention.py --json",
     "contention-overhead": "python benchmarks/contention.py --json",
     "winners-llama-decode": f"bench run --model llama-3.1-8b --workload decode -o {RUNS}/llama-decode && "

@@ -253,6 +253,7 @@ def _incorrect(rows) -> list[tuple[str, str]]:
 
 
 def cmd_list(args) -> int:
+    from harness.core.cases import FEATURES
     from harness.core.registry import list_variants
     from harness.engine.plugins import load_plugin
 
@@ -266,7 +267,8 @@ def cmd_list(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"{len(variants)} attention variants", show_lines=False)
-    for col in ("name", "family", "exact", "devices", "dtypes", "causal", "GQA", "backward", "head_dim", "params"):
+    for col in ("name", "family", "exact", "devices", "dtypes", "causal", "GQA", "backward", "head_dim", "features",
+                "params"):
         table.add_column(col)
     for v in variants:
         causal = "both" if v["causal"] and v["non_causal"] else ("only" if v["causal"] else "no")
@@ -274,7 +276,9 @@ def cmd_list(args) -> int:
         table.add_row(
             v["name"], v["family"], "yes" if v["exact"] else "approx", ",".join(v["devices"]),
             ",".join(d.replace("float", "f") for d in v["dtypes"]), causal,
-            "yes" if v["gqa"] else "no", "yes" if v["backward"] else "no", v["head_dim"], params,
+            "yes" if v["gqa"] else "no", "yes" if v["backward"] else "no", v["head_dim"],
+            ("all" if set(v["features"]) == set(FEATURES) else ",".join(v["features"]))
+            + (" +score_mod" if v["score_mod"] else ""), params,
         )
     Console(width=200).print(table)
     return EXIT_OK

@@ -19,7 +19,7 @@ differs (None: the same, self-attention); ``kv_layout`` contiguous or paged (``p
 tokens per page); ``lengths`` fixed, or per-sequence lengths (:mod:`harness.core.lengths`), or a
 serving batch whose sequences each have their own query and key/value lengths. Workloads people run:
 ``model`` names a catalogue model (:mod:`harness.core.models`) whose geometry fills the head fields;
-``prefix`` is a prompt every sequence of the batch shares (cascade attention reads it once).
+``shared_prefix`` is a prompt every sequence of the batch shares (cascade attention reads it once).
 Fields declared ``later`` stay out of the identity (and of the worker protocol and the label)
 while they hold their defaults, so every case that existed before them keeps its ``case_id``.
 """
@@ -94,6 +94,9 @@ class Axis:
     #: the label while at its default; absent from older runs' tables (read as its default)
     later: bool = False
     label: Callable[[Mapping[str, Any]], str] | None = None
+    #: an attention feature (harness.core.features): a variant runs a case that sets it only when its
+    #: Supports declares the field of the same name
+    feature: bool = False
 
     @property
     def type(self) -> type:
@@ -154,19 +157,51 @@ class Case:
     lengths: str = axis("fixed", help="per-sequence lengths: fixed, uniform, zipf, or a list (the maximum: seq_len "
                         "or kv_len)", dtype="string", parse=_lengths.parse, list_value=True, later=True,
                         label=lambda c: f"lengths={c['lengths']}" if c["lengths"] != "fixed" else "")
+    # attention features (harness.core.features gives each one's exact definition)
+    softcap: float = axis(0.0, help="tanh logit cap c: each scaled score s becomes c·tanh(s/c) (0: off)",
+                          dtype="float64", ge=0, later=True, feature=True,
+                          label=lambda c: f"softcap={c['softcap']:g}" if c["softcap"] else "")
+    alibi: bool = axis(False, help="ALiBi: add −m_h·|query position − key position| to the scores, m_h the ALiBi "
+                       "paper's slope of head h", dtype="bool", later=True, feature=True,
+                       label=lambda c: "alibi" if c["alibi"] else "")
+    sinks: bool = axis(False, help="attention sinks: one learned logit per head joins each softmax's denominator "
+                       "(gpt-oss); drawn from the suite's seed", dtype="bool", later=True, feature=True,
+                       label=lambda c: "sinks" if c["sinks"] else "")
+    v_head_dim: int | None = axis(None, help="value (and output) head size when it differs from head_dim (e.g. "
+                                  "192/128); empty: head_dim", dtype="int64", ge=1, later=True, feature=True,
+                                  label=lambda c: f"Dv{c['v_head_dim']}" if c["v_head_dim"] is not None else "")
+    sliding_window: int | None = axis(None, help="sliding window w: a query at position p sees keys p−w ≤ j ≤ p+w (j ≤ p "
+                              "when causal), positions aligned to the bottom right; empty: none", dtype="int64",
+                              unit="tokens", ge=0, later=True, feature=True,
+                              label=lambda c: f"window={c['sliding_window']}" if c["sliding_window"] is not None else "")
+    prefix_lm: int = axis(0, help="prefix-LM: with causal masking every query also sees the first P keys (0: off; "
+                          "no effect without causal)", dtype="int64", unit="tokens", ge=0, later=True, feature=True,
+                          label=lambda c: f"prefix={c['prefix_lm']}" if c["prefix_lm"] else "")
+    document: int = axis(1, help="documents packed in each sequence: a query sees only keys of its own document "
+                         "(1: off)", dtype="int64", ge=1, later=True, feature=True,
+                         label=lambda c: f"docs={c['document']}" if c["document"] > 1 else "")
     # workloads people run (issue 28): a model's geometry from the catalogue, a shared prefix
     model: str | None = axis(None, help="a model of the catalogue (harness.core.models) whose attention geometry "
                              "fills heads, kv_heads and head_dim (and an attention layer's d_model)", dtype="string",
                              choices=_models.NAMES, later=True, label=lambda c: str(c["model"]) if c["model"] else "")
-    prefix: int | None = axis(None, help="tokens at the start of every sequence's context that all the batch's "
-                              "sequences share (one system prompt; empty: none)", dtype="int64", unit="tokens", ge=1,
-                              later=True, label=lambda c: f"prefix={c['prefix']}" if c["prefix"] else "")
+    shared_prefix: int | None = axis(None, help="tokens at the start of every sequence's context that all the "
+                                     "batch's sequences share (one system prompt; empty: none)", dtype="int64",
+                                     unit="tokens", ge=1, later=True,
+                                     label=lambda c: f"shared_prefix={c['shared_prefix']}" if c["shared_prefix"] else "")
+
+    def __post_init__(self):
+        for name, ax in AXES.items():  # 30 and 30.0 are one softcap, one case id
+            value = getattr(self, name)
+            if ax.dtype == "float64" and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
 
     @classmethod
     def from_point(cls, variant: str, params: dict[str, Any], point: dict[str, Any]) -> "Case":
         """The case of one point of a suite's sweep (its sweep keys), normalised: ``kv_heads``
-        defaults to ``heads``, ``kv_len`` is ``seq_len``, a ``q_len`` equal to it is dropped, and
-        ``page_size`` only belongs to a paged layout; a ``model`` fills its geometry and a serving batch
+        defaults to ``heads``, ``kv_len`` is ``seq_len``, a ``q_len`` equal to it is dropped,
+        ``page_size`` only belongs to a paged layout, a ``v_head_dim`` equal to ``head_dim`` is dropped,
+        and so is ``prefix_lm`` without causal masking (it changes nothing there); a ``model`` fills its
+        geometry (and its features, where their fields hold their defaults) and a serving batch
         (``lengths = "2q512kv4k_14q1kv8k"``) its batch, query and key/value lengths."""
         point = dict(point)
         if point.get("model"):  # its geometry, and its features where a field carries them and holds its default
@@ -185,6 +220,10 @@ class Case:
             point["q_len"] = None
         if point.get("kv_layout", "contiguous") != "paged":
             point["page_size"] = None
+        if point.get("v_head_dim") is not None and point["v_head_dim"] == point.get("head_dim", DEFAULTS["head_dim"]):
+            point["v_head_dim"] = None  # the value head size is head_dim: the plain case
+        if not point.get("causal", DEFAULTS["causal"]):
+            point["prefix_lm"] = 0  # a non-causal query already sees every key
         return cls(variant=variant, params=params, **point)
 
     @property
@@ -228,6 +267,16 @@ class Case:
         return self.seq_len if self.q_len is None else self.q_len
 
     @property
+    def value_dim(self) -> int:
+        """Head size of v and of the output (``v_head_dim``, else ``head_dim``)."""
+        return self.head_dim if self.v_head_dim is None else self.v_head_dim
+
+    @property
+    def features(self) -> dict[str, Any]:
+        """The attention features this case sets (fields declared ``feature``, away from their defaults)."""
+        return {n: getattr(self, n) for n in FEATURES if getattr(self, n) != DEFAULTS[n]}
+
+    @property
     def inference_shaped(self) -> bool:
         """Queries and keys of different lengths, a paged cache or a variable-length batch."""
         return self.q_len is not None or self.kv_layout != "contiguous" or self.lengths != "fixed"
@@ -261,6 +310,9 @@ DEFAULTS: dict[str, Any] = {
              f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     for f in dataclasses.fields(Case)
 }
+#: The attention features (harness.core.features): each a field declared ``feature``, and a flag of
+#: harness.core.registry.Supports of the same name.
+FEATURES: tuple[str, ...] = tuple(n for n, ax in AXES.items() if ax.feature)
 #: The fields that give a case's head geometry (an attention layer's shape beside its width).
 HEAD_GEOMETRY: tuple[str, ...] = ("heads", "kv_heads", "head_dim")
 #: The fields that give a workload's size: ``harness.dispatch`` matches the others exactly and measures

@@ -12,10 +12,17 @@ prefill, cross-attention) and variable-length batches attend, per sequence, ``q�
 with causal masking (bottom-right aligned) ``q·(kv − q) + q(q+1)/2``, summed over the batch
 (:func:`harness.core.lengths.pairs`); only the square, fixed-length causal case keeps the L²/2
 convention.
+
+Attention features (:mod:`harness.core.features`): the count is the two matmuls', ``2·D`` for q·k and
+``2·Dv`` for p·v per pair (``Dv`` = ``v_head_dim``, else ``D``), as FlashAttention's benchmarks count
+(``--headdim 192-128``); the softmax, a softcap, ALiBi, any score_mod and the sinks are elementwise and
+count nothing, so what they cost shows in the time at equal FLOPs. A window, prefix-LM or documents
+change the pairs: counted exactly, per sequence (the L²/2 convention is only for plain causal).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,8 +38,10 @@ def dense_pairs(seq_len: int, causal: bool) -> float:
 
 
 def pair_flops(case: "Case", pairs: float) -> float:
-    """Forward FLOPs of exact attention over ``pairs`` attended (query, key) pairs per head."""
-    return 4.0 * case.batch * case.heads * case.head_dim * pairs
+    """Forward FLOPs of exact attention over ``pairs`` attended (query, key) pairs per head:
+    ``2·(D + Dv)`` each (``4·D`` when v has q's head size)."""
+    value_dim = getattr(case, "v_head_dim", None) or case.head_dim
+    return 2.0 * case.batch * case.heads * (case.head_dim + value_dim) * pairs
 
 
 def pair_count(q_len: int, kv_len: int, causal: bool) -> float:
@@ -48,6 +57,17 @@ def pair_count(q_len: int, kv_len: int, causal: bool) -> float:
 def case_pairs(case: "Case") -> float:
     """Attended (query, key) pairs per head, averaged over the batch's sequences: the dense
     convention for a square fixed-length case, else the real pairs (see the module doc)."""
+    from harness.core import features
+
+    mask = features.feature_values(case)
+    if mask:
+        from harness.core.lengths import case_lengths
+
+        count = functools.partial(features.pairs, causal=case.causal, window=mask.get("sliding_window"),
+                                  prefix=mask.get("prefix_lm", 0), documents=mask.get("document", 1),
+                                  doc_len=case.seq_len)
+        q_lens, kv_lens = case_lengths(case)
+        return sum(count(q, kv) for q, kv in zip(q_lens, kv_lens)) / case.batch
     if case.lengths == "fixed":
         return pair_count(case.query_len, case.seq_len, case.causal)
     from harness.core.lengths import case_lengths, pairs

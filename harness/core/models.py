@@ -310,7 +310,10 @@ def unapplied_features(model: Model | str, case_fields: tuple[str, ...] | frozen
     """The model's features its cases leave out: those no case field of ``case_fields`` carries, the
     window of an alternating model, which layers slide, and the projections' biases."""
     carried = {k for k in case_features(model) if k in case_fields}
-    return {k: v for k, v in features(model).items() if k not in carried}
+    out = {k: v for k, v in features(model).items() if k not in carried}
+    if "sliding_window" in carried:  # every layer slides: nothing left to say of which
+        out.pop("window_layers", None)
+    return out
 
 
 def describe(model: Model | str) -> str:

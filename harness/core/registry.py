@@ -25,7 +25,9 @@ marks an exact variant the report may compare others with (``sdpa`` declares it)
 
 Optional hooks: ``check(case) -> [reasons]`` for variant-specific limits,
 ``mask(case) -> mask_mod`` for the pattern the float64 reference applies (default:
-causal or none), ``working_set(case) -> bytes`` for the memory-budget check, and
+causal or none, and the case's mask features), ``score_mod(case) -> score_mod`` for the
+FlexAttention-style score modifier it applies (default: the case's softcap and ALiBi, or none),
+``working_set(case) -> bytes`` for the memory-budget check, and
 ``columns(case) -> {name: value}`` for extra row columns (e.g. a sparse pattern's
 ``density``).
 
@@ -47,7 +49,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from harness.core.errors import UserError
-from harness.core.cases import DEVICES, DTYPES, MODES
+from harness.core.cases import DTYPES, MODES
+from harness.core.supports import Supports, feature_reasons, head_dim_range, inference_reasons
 from harness.core.flops import attention_flops
 
 if TYPE_CHECKING:
@@ -133,37 +136,10 @@ class Param:
         return None
 
 
-@dataclass(frozen=True)
-class Supports:
-    """What a variant can run. ``None`` limits mean unlimited."""
-
-    devices: frozenset[str] = frozenset(DEVICES)
-    dtypes: frozenset[str] = frozenset(DTYPES)
-    causal: bool = True
-    non_causal: bool = True
-    gqa: bool = True
-    backward: bool = True
-    min_head_dim: int | None = None
-    max_head_dim: int | None = None
-    #: queries and keys of different lengths (q_len != kv_len), causal aligned to the bottom right
-    non_square: bool = False
-    #: variable-length batches: takes ``q_lens``/``kv_lens`` keyword arguments
-    varlen: bool = False
-    #: the KV cache layouts it reads: contiguous tensors, or paged pools with a ``block_table``
-    kv_layouts: frozenset[str] = frozenset({"contiguous"})
-    #: takes a ``prefix_len`` keyword argument in shared-prefix cases (the first prefix_len keys and values
-    #: of every sequence are the same tokens: cascade attention); other variants run them plainly
-    shared_prefix: bool = False
-
-    def __post_init__(self):
-        object.__setattr__(self, "devices", frozenset(self.devices))
-        object.__setattr__(self, "dtypes", frozenset(self.dtypes))
-        object.__setattr__(self, "kv_layouts", frozenset(self.kv_layouts))
-
-
 FlopFn = Callable[["Case"], float]
 CheckFn = Callable[["Case"], "list[str]"]
 MaskFactory = Callable[["Case"], Any]
+ScoreModFactory = Callable[["Case"], Any]
 BytesFn = Callable[["Case"], float]
 
 
@@ -185,6 +161,8 @@ class Variant:
     columns: Callable[["Case"], dict[str, Any]] | None = None
     baseline: bool = False
     source: str = "builtin"
+    #: ``factory(case) -> score_mod``: the score modifier the float64 reference applies (None: the case's own)
+    score_mod: ScoreModFactory | None = None
     #: the variant's own output tolerances by dtype, (max abs, rel), over the harness's defaults
     #: (harness.measure.reference.TOLERANCE); None: the defaults
     tolerance: dict[str, tuple[float, float]] | None = None
@@ -197,9 +175,9 @@ class Variant:
     def with_inputs(self, extra: dict[str, Any]) -> "Variant":
         """This variant with ``extra`` keyword inputs (``q_lens``, ``kv_lens``, ``block_table`` of an
         inference-shaped case, :func:`harness.measure.inputs.layout_inputs`) passed on every call;
-        ``prefix_len`` only when it declares ``Supports(shared_prefix=True)``."""
-        if "prefix_len" in extra and not self.supports.shared_prefix:
-            extra = {k: v for k, v in extra.items() if k != "prefix_len"}
+        ``shared_prefix`` only when it declares ``Supports(shared_prefix=True)``."""
+        if "shared_prefix" in extra and not self.supports.shared_prefix:
+            extra = {k: v for k, v in extra.items() if k != "shared_prefix"}
         return dataclasses.replace(self, fn=functools.partial(self.fn, **extra)) if extra else self
 
     def not_supported_reasons(self, case: "Case") -> list[str]:
@@ -227,7 +205,8 @@ class Variant:
             reasons.append(f"{self.name} supports head_dim >= {s.min_head_dim}, not {case.head_dim}")
         if case.mode not in MODES:
             reasons.append(f"unknown mode {case.mode}")
-        reasons.extend(_inference_reasons(self.name, s, case))
+        reasons.extend(inference_reasons(self.name, s, case))
+        reasons.extend(feature_reasons(self.name, s, case))
         if self.check is not None:
             reasons.extend(r for r in self.check(case) if r not in reasons)
         return reasons
@@ -239,6 +218,15 @@ class Variant:
         if self.mask is not None:
             return self.mask(case)
         return masks.case_mask(case)
+
+    def reference_score_mod(self, case: "Case"):
+        """The FlexAttention-style score_mod (or None) the float64 reference applies for this variant: its
+        own (``register_variant(score_mod=...)``), else the case's softcap and ALiBi."""
+        from harness.core import masks
+
+        if self.score_mod is not None:
+            return self.score_mod(case)
+        return masks.case_score_mod(case)
 
     def describe(self) -> dict[str, Any]:
         s = self.supports
@@ -254,36 +242,17 @@ class Variant:
             "non_causal": s.non_causal,
             "gqa": s.gqa,
             "backward": s.backward,
-            "head_dim": _head_dim_range(s),
+            "head_dim": head_dim_range(s),
             "non_square": s.non_square,
             "varlen": s.varlen,
             "kv_layouts": sorted(s.kv_layouts),
-            "shared_prefix": s.shared_prefix,
+            "takes_shared_prefix": s.shared_prefix,
+            "features": list(s.features),
+            "score_mod": self.score_mod is not None,
             "params": {n: p.default for n, p in self.params.items()},
             "description": self.description,
             "source": self.source,
         }
-
-
-def _inference_reasons(name: str, s: Supports, case: "Case") -> list[str]:
-    """Why ``case``'s inference shape (q_len, lengths, kv_layout) is beyond what ``s`` declares."""
-    reasons = []
-    if getattr(case, "q_len", None) is not None and not s.non_square:
-        reasons.append(f"{name} needs q_len == kv_len (self-attention of equal lengths), "
-                       f"not q_len={case.q_len}, kv_len={case.seq_len}")
-    if getattr(case, "lengths", "fixed") != "fixed" and not s.varlen:
-        reasons.append(f"{name} does not take variable-length batches (lengths = {case.lengths})")
-    layout = getattr(case, "kv_layout", "contiguous")
-    if layout not in s.kv_layouts:
-        reasons.append(f"{name} reads a {'/'.join(sorted(s.kv_layouts))} KV cache, not a {layout} one")
-    return reasons
-
-
-def _head_dim_range(s: Supports) -> str:
-    lo, hi = s.min_head_dim, s.max_head_dim
-    if lo is None and hi is None:
-        return "any"
-    return f"{lo or 1}..{hi if hi is not None else ''}"
 
 
 def tolerance_problem(tolerance: Any) -> str | None:
@@ -321,12 +290,19 @@ def register_variant(
     baseline: bool = False,
     tolerance: dict[str, tuple[float, float]] | None = None,
     level: str = "kernel",
+    score_mod: ScoreModFactory | None = None,
 ):
     """Decorator: register ``fn`` as attention variant ``name``; returns the :class:`Variant`.
 
     ``tolerance``: ``{dtype: (max abs, rel)}``, the error against the float64 reference beyond
     which an exact variant's answer is ``incorrect``, where the harness's default for that dtype
     does not fit the algorithm (e.g. ``{"bfloat16": (0.05, 0.02)}``).
+
+    ``score_mod``: ``factory(case) -> score_mod(score, b, h, q_idx, kv_idx)``, the FlexAttention-style
+    score modifier the variant applies (attention-gym's ``generate_tanh_softcap(20)``, for one), which
+    the float64 reference then applies too; it replaces the case's own softcap and ALiBi there, as
+    ``mask`` replaces the case's mask. FLOPs count the matmuls only (harness.core.features), so the
+    default ``flops`` holds; declare ``flops=`` to count otherwise.
 
     Raises RegistryError (one line) for an unknown family, a missing ``flops`` where no
     default applies, a non-exact baseline, a malformed ``tolerance``, or a name that is already
@@ -370,6 +346,7 @@ def register_variant(
                 source=_CURRENT_SOURCE[-1],
                 tolerance={d: (float(a), float(r)) for d, (a, r) in tolerance.items()} if tolerance else None,
                 level=level,
+                score_mod=score_mod,
             )
             _REGISTRY[name] = variant
             return variant

@@ -7,7 +7,8 @@ A model of the catalogue (:mod:`harness.core.models`) and a workload give a suit
   CUDA, the Triton kernel on CUDA in half precision) and the model's attention layer(s);
 * ``decode``: one new token against caches of 4K to 128K tokens (up to the model's context, and only
   those whose inputs and float64 check fit the memory budget), sdpa (its math backend on the CPU up to
-  :data:`CPU_MATH_CONTEXT`) against flash-decoding (``decode_split_k``), and the model's layer(s)
+  :data:`CPU_MATH_CONTEXT`) against flash-decoding (``decode_split_k``), ``naive`` too for a model with
+  attention features (the dense baseline that takes them all, where sdpa may not), and the model's layer(s)
   attending through each (on the CPU up to :data:`CPU_LAYER_CONTEXT` tokens: building a longer cache by
   projecting random hidden states takes minutes there);
 * ``serve``: two serving batches (a chunked-prefill mix and ragged decodes, :data:`SERVING_MIXES`, up to
@@ -17,9 +18,10 @@ A model of the catalogue (:mod:`harness.core.models`) and a workload give a suit
   decoding: :data:`PREFIX_BATCH` requests after one prompt (a quarter of the context, or nearly all of
   it), plain (sdpa, split-K) and with ``cascade``.
 
-Every case names the model (``model = NAME``: its heads, key/value heads and head width). Features the
-cases cannot carry yet (a soft-cap, a sliding window, sinks, a value width other than the key width)
-are listed in :attr:`Plan.notes`. On the CPU every case runs on :data:`CPU_THREADS` thread unless
+Every case names the model (``model = NAME``: its heads, key/value heads and head width, and the
+features a case field carries: a soft-cap, sinks, a value width of its own, a window on every layer).
+A variant that does not take one of them is left out of the suite; what is left out, and the features
+no case carries (a window on alternate layers, biases), are listed in :attr:`Plan.notes`. On the CPU every case runs on :data:`CPU_THREADS` thread unless
 ``threads`` says otherwise. The suite is TOML text (:attr:`Plan.text`), validated like any
 suite file and recorded in the run's ``run.json`` (``bench resume`` reads it back).
 """
@@ -107,6 +109,24 @@ def _layers(model: models.Model, kernels: tuple[str, ...]) -> list[dict[str, Any
     return out
 
 
+def _taking(variants: list[dict[str, Any]], features: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+    """The entries whose variant takes every feature the model's cases carry (the others would only be
+    skipped rows); each variant left out is noted with the features it does not take."""
+    from harness.core.registry import get_variant
+
+    carried = [f for f in features if f in AXES]
+    kept, left = [], {}
+    for entry in variants:
+        missing = [f for f in carried if not getattr(get_variant(entry["name"]).supports, f, False)]
+        if missing:
+            left.setdefault(entry["name"], missing)
+        else:
+            kept.append(entry)
+    for name, missing in left.items():
+        plan.notes.append(f"{name} left out: it does not take the model's {', '.join(missing)}")
+    return kept
+
+
 def model_suite(name: str, workload: str = "decode", *, device: str = "cpu", dtype: str | None = None,
                 batch: int = 1, memory_budget: int = 8 << 30, threads: int | None = None) -> Plan:
     """The suite of ``workload`` for catalogue model ``name`` on ``device`` (see the module doc)."""
@@ -128,6 +148,8 @@ def model_suite(name: str, workload: str = "decode", *, device: str = "cpu", dty
         defaults["batch"] = batch
         sweep["seq_len"] = lengths
         variants = [{"name": "sdpa", "backend": sdpa_backends}, {"name": "tiled"}]
+        if models.case_features(model):  # sdpa may not take them: naive, the dense baseline that takes every one
+            variants.append({"name": "naive"})
         if cuda:
             variants += [{"name": "flex"}] + ([{"name": "triton"}] if dtype != "float32" else [])
         variants += _layers(model, ("sdpa",))
@@ -142,6 +164,8 @@ def model_suite(name: str, workload: str = "decode", *, device: str = "cpu", dty
         defaults.update(batch=batch, q_len=1)
         sweep["kv_len"] = contexts
         variants = [{"name": "sdpa", "backend": [b for b in sdpa_backends if b != "math"]}, {"name": "decode_split_k"}]
+        if models.case_features(model):  # sdpa may not take them: naive, the dense baseline that takes every one
+            variants.append({"name": "naive"})
         math_contexts = contexts if cuda else [n for n in contexts if n <= CPU_MATH_CONTEXT] or contexts[:1]
         variants.insert(1, {"name": "sdpa", "backend": "math", "kv_len": math_contexts})
         if math_contexts != contexts:
@@ -166,11 +190,12 @@ def model_suite(name: str, workload: str = "decode", *, device: str = "cpu", dty
                     {"name": "packed", "path": packed_paths, "lengths": list(mixes)},
                     {"name": "decode_split_k", "lengths": list(mixes)},
                     dict(name="paged", path="gather", kv_layout="paged", page_size=16, lengths=list(mixes))]
-        variants += [dict(name=v, batch=PREFIX_BATCH, q_len=1, prefix=p, kv_len=p + suffix)
+        variants += [dict(name=v, batch=PREFIX_BATCH, q_len=1, shared_prefix=p, kv_len=p + suffix)
                      for p in prefixes for v in ("sdpa", "decode_split_k", "cascade")]
         plan.chosen.append(f"serving batches: {', '.join(mixes)} ([count]q<new tokens>kv<context>, _ between)")
         plan.chosen.append(f"shared prefix: {PREFIX_BATCH} requests decoding after a prompt of "
                            f"{' or '.join(map(str, prefixes))} tokens, {suffix} tokens each of their own")
+    variants = _taking(variants, models.case_features(model), plan)
     plan.chosen.insert(0, models.describe(model))
     plan.chosen.append("variants: " + ", ".join(dict.fromkeys(v["name"] for v in variants)) + f"; {device} {dtype}")
     skipped = models.unapplied_features(model, frozenset(AXES))

@@ -125,7 +125,7 @@ def _call_for_mode(variant: Variant, case: Case, q, k, v) -> Callable[[], Any]:
         out = variant(*leaves, causal=case.causal, **case.params)
         grad = make_grad(out)
         return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
-    grad = make_grad(torch.empty_like(q))
+    grad = make_grad(q.new_empty(*q.shape[:-1], v.shape[-1]))  # the output's shape: v's head size
     return lambda: torch.autograd.grad(variant(*leaves, causal=case.causal, **case.params), leaves, grad)
 
 
@@ -135,10 +135,12 @@ def _accuracy(variant: Variant, case: Case, q, k, v, extra: dict | None = None) 
     from harness.measure.reference import correctness_problems
 
     mask = variant.reference_mask(case)
+    # attention features: the score modifier (softcap, ALiBi, a plugin's score_mod) and the sink logits
+    mods = {"score_mod": variant.reference_score_mod(case), "sinks": (extra or {}).get("sinks")}
     rows = check_rows(q.shape[2])
     with torch.no_grad():
         out = variant(q, k, v, causal=case.causal, **case.params)
-        ref = reference_attention(q, *dense_kv(case, k, v, extra or {}), mask, rows)  # a paged cache, gathered
+        ref = reference_attention(q, *dense_kv(case, k, v, extra or {}), mask, rows, **mods)  # a paged cache, gathered
         max_abs, rel = errors(out[:, :, rows.to(out.device)], ref)
     grad_columns: dict[str, float] = {}
     got = want = ()
@@ -147,14 +149,14 @@ def _accuracy(variant: Variant, case: Case, q, k, v, extra: dict | None = None) 
         grad_out = variant(*leaves, causal=case.causal, **case.params)
         grad = make_grad(grad_out)
         got = torch.autograd.grad(grad_out, leaves, grad)
-        want = reference_grads(q, k, v, mask, grad)
+        want = reference_grads(q, k, v, mask, grad, **mods)
         rels = [errors(g, w)[1] for g, w in zip(got, want)]
         grad_columns["grad_rel_err"] = float("nan") if any(r != r for r in rels) else max(rels)
     low = q.dtype  # dense attention computed in the case's own dtype: how far its rounding alone goes
     problems = correctness_problems(
         out, ref, rows, dtype=case.dtype, exact=variant.exact, tolerance=variant.tolerance, grads=got,
-        grads_ref=want, grads_baseline=lambda: reference_grads(q, k, v, mask, grad, dtype=low),
-        baseline=lambda: reference_attention(q, *dense_kv(case, k, v, extra or {}), mask, rows, dtype=low))
+        grads_ref=want, grads_baseline=lambda: reference_grads(q, k, v, mask, grad, dtype=low, **mods),
+        baseline=lambda: reference_attention(q, *dense_kv(case, k, v, extra or {}), mask, rows, dtype=low, **mods))
     return _accuracy_columns(max_abs, rel, problems, **grad_columns)
 
 

@@ -388,20 +388,20 @@ def workload_axes_problems(axes: dict[str, list[Any]]) -> list[tuple[str, str]]:
     if mixes and (given := [k for k in ("batch", *SWEEP_ALIASES, *SIZE_AXES) if k in axes]):
         out.append(("lengths", f"a serving batch ({mixes[0]!r}) sets batch, q_len and kv_len itself: leave out "
                     f"{', '.join(dict.fromkeys(given))}"))
-    for p in (p for p in axes.get("prefix", []) if p):
+    for p in (p for p in axes.get("shared_prefix", []) if p):
         for value in axes.get("lengths", ["fixed"]):
             seqs = lengths.mix(value)
             if value in ("uniform", "zipf"):
-                out.append(("prefix", f"a shared prefix needs lengths fixed, listed or a serving batch, not {value!r}"))
+                out.append(("shared_prefix", f"a shared prefix needs lengths fixed, listed or a serving batch, not {value!r}"))
             elif seqs is not None and any(p + q > kv for q, kv in seqs):
-                out.append(("prefix", f"prefix {p} leaves no room for the new tokens of every sequence of {value!r} "
+                out.append(("shared_prefix", f"shared_prefix {p} leaves no room for the new tokens of every sequence of {value!r} "
                             "(prefix + q_len must be <= kv_len)"))
             elif seqs is None and not axes.get("q_len"):
-                out.append(("prefix", "a shared prefix needs q_len and kv_len: the queries are new tokens after it"))
+                out.append(("shared_prefix", "a shared prefix needs q_len and kv_len: the queries are new tokens after it"))
             elif seqs is None:
                 shortest = min(lengths.explicit(value) or axes.get("kv_len", [DEFAULTS["seq_len"]]))
                 if p + max(axes["q_len"]) > shortest:
-                    out.append(("prefix", f"prefix {p} + q_len {max(axes['q_len'])} exceeds the context {shortest}"))
+                    out.append(("shared_prefix", f"shared_prefix {p} + q_len {max(axes['q_len'])} exceeds the context {shortest}"))
     return out
 
 

@@ -18,8 +18,14 @@ variable-length batch the padded tensors (padding rows hold random values too) a
 page_size, D)`` with a ``block_table`` ``(B, max_pages)``, each sequence's pages placed in the
 pool in an order shuffled from the seed (a partly filled last page holds random values past the
 sequence's end). :func:`dense_kv` gives the contiguous cache back for the float64 reference. A
-shared-prefix case (``prefix`` P) draws one prefix of P keys and values for all the batch's sequences
-(:func:`share_prefix`) and tells a variant that can use it its length (``prefix_len``).
+shared-prefix case (``shared_prefix`` P) draws one prefix of P keys and values for all the batch's
+sequences (:func:`share_prefix`) and tells a variant that can use it its length (``shared_prefix``).
+
+Attention features (:mod:`harness.core.features`) reach a variant as keyword arguments too, only when
+the case sets them (:func:`feature_inputs`): ``softcap`` (float), ``alibi_slopes`` and ``sinks``
+(float32 ``(H,)``: the ALiBi paper's slopes; sink logits drawn standard normal from the seed),
+``window_size`` and ``prefix_len`` (int) and ``document_ids`` (int32 ``(seq_len,)``: each key
+position's document). ``v_head_dim`` is v's last dimension (and the output's).
 
 Every input starts on a 4 KiB boundary (:func:`aligned_copy`). The allocators
 only promise 64 bytes (CPU) or 512 bytes (CUDA), so where a tensor lands within
@@ -67,42 +73,70 @@ def make_qkv(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
         k = 0.5 * torch.randn(B, Hkv, L, D, generator=g) + scale * torch.randn(B, Hkv, L, r, generator=g) @ basis
     else:
         raise ValueError(f"unknown inputs kind {case.inputs!r}")
-    v = torch.randn(B, Hkv, L, D, generator=g)
+    v = torch.randn(B, Hkv, L, getattr(case, "value_dim", D), generator=g)
     share_prefix(case, k, v)
     dtype = TORCH_DTYPES[case.dtype]
     return tuple(aligned_copy(x.to(device=case.device, dtype=dtype)) for x in (q, k, v))
 
 
 def share_prefix(case: Case, k: torch.Tensor, v: torch.Tensor) -> None:
-    """A shared-prefix case (``prefix`` P): every sequence's first P keys and values become sequence 0's
+    """A shared-prefix case (``shared_prefix`` P): every sequence's first P keys and values become sequence 0's
     (in place), as N requests after one system prompt."""
-    p = getattr(case, "prefix", None)
+    p = getattr(case, "shared_prefix", None)
     if p:
         for x in (k, v):
             x[1:, :, :p] = x[:1, :, :p]
 
 
+#: Offset of the sinks' generator from the suite's seed (the inputs use the seed itself, pages seed + 1..3).
+SINK_SEED_OFFSET = 7
+
+
+def feature_inputs(case: Case, device, seed: int = 0) -> dict:
+    """The keyword arguments of the case's attention features that are set (see the module doc)."""
+    from harness.core import masks
+
+    extra: dict = {}
+    if getattr(case, "softcap", 0):
+        extra["softcap"] = float(case.softcap)
+    if getattr(case, "alibi", False):
+        extra["alibi_slopes"] = masks.alibi_slopes(case.heads, device)
+    if getattr(case, "sinks", False):
+        g = torch.Generator().manual_seed(seed + SINK_SEED_OFFSET)
+        extra["sinks"] = torch.randn(case.heads, generator=g).to(device)
+    if getattr(case, "sliding_window", None) is not None:
+        extra["window_size"] = int(case.sliding_window)
+    if getattr(case, "prefix_lm", 0):
+        extra["prefix_len"] = int(case.prefix_lm)
+    if getattr(case, "document", 1) > 1:
+        extra["document_ids"] = masks.document_ids(case.seq_len, case.document, device)
+    return extra
+
+
 def layout_inputs(case: Case, k: torch.Tensor, v: torch.Tensor, seed: int = 0):
     """(k, v, extra keyword arguments) as the case's variant receives them: ``k, v, {}`` for a fixed
     contiguous batch; ``q_lens``/``kv_lens`` for a variable-length or paged one; page pools and a
-    ``block_table`` for a paged one (see the module doc); ``prefix_len`` for a shared-prefix case (passed on
-    only to a variant that declares ``Supports(shared_prefix=True)``)."""
-    shared = {"prefix_len": case.prefix} if getattr(case, "prefix", None) else {}
+    ``block_table`` for a paged one (see the module doc); its features' (:func:`feature_inputs`); and
+    ``shared_prefix`` for a shared-prefix case (passed on only to a variant that declares
+    ``Supports(shared_prefix=True)``)."""
+    features = feature_inputs(case, k.device, seed)
+    if getattr(case, "shared_prefix", None):
+        features["shared_prefix"] = int(case.shared_prefix)
     if case.lengths == "fixed" and case.kv_layout == "contiguous":
-        return k, v, shared
+        return k, v, features
     q_lens, kv_lens = case_lengths(case)
     extra = {name: torch.tensor(x, dtype=torch.int32, device=k.device) for name, x in
              (("q_lens", q_lens), ("kv_lens", kv_lens))}
-    extra.update(shared)
+    extra.update(features)
     if case.kv_layout != "paged":
         return k, v, extra
-    ps, B, Hkv, _, D = case.page_size, *k.shape
+    ps, B, Hkv = case.page_size, k.shape[0], k.shape[1]
     pages = [-(-n // ps) for n in kv_lens]
     order = torch.randperm(sum(pages), generator=torch.Generator().manual_seed(seed + 1)).to(k.device)
     table = torch.zeros(B, max(pages), dtype=torch.int32, device=k.device)
     pools = []
     for i, x in enumerate((k, v)):
-        junk = torch.Generator().manual_seed(seed + 2 + i)
+        junk, D = torch.Generator().manual_seed(seed + 2 + i), x.shape[-1]
         pool = aligned_copy(torch.randn(sum(pages), Hkv, ps, D, generator=junk)
                             .to(device=k.device, dtype=k.dtype))  # unwritten slots: random, never zero
         start = 0
@@ -124,8 +158,9 @@ def dense_kv(case: Case, k: torch.Tensor, v: torch.Tensor, extra: dict) -> tuple
         return k, v
     table = extra["block_table"].long()
     B, pages = table.shape
-    _, Hkv, ps, D = k.shape
-    return tuple(x[table].transpose(1, 2).reshape(B, Hkv, pages * ps, D)[:, :, :case.seq_len] for x in (k, v))
+    _, Hkv, ps, _ = k.shape
+    return tuple(x[table].transpose(1, 2).reshape(B, Hkv, pages * ps, x.shape[-1])[:, :, :case.seq_len]
+                 for x in (k, v))
 
 
 def aligned_copy(x: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:

@@ -6,6 +6,11 @@ mask: causal for causal cases, the window or sparse pattern for patterned
 variants, and full (or causal) softmax attention for approximations, whose
 error is then their approximation error.
 
+Attention features (:mod:`harness.core.features`) enter as a FlexAttention-style ``score_mod``
+applied to the scaled scores before the mask (softcap, ALiBi, or a variant's own), and ``sinks``:
+one logit per query head that joins each row's softmax denominator with no value attached. With
+``v`` of another head size than ``q`` and ``k`` the output has v's.
+
 For long sequences the forward check uses an evenly spaced subset of query rows
 (every row's output is independent of the others, so a row subset is an exact
 check of those rows) to bound the reference's O(rows·L) memory.
@@ -23,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from harness.core.masks import MaskMod, batch_head_mask
+from harness.core.masks import MaskMod, ScoreMod, apply_score_mod, batch_head_mask
 
 #: At most this many query rows are checked in the forward pass.
 MAX_CHECK_ROWS = 2048
@@ -50,39 +55,50 @@ def reference_attention(
     rows: torch.Tensor | None = None,
     chunk: int = 256,
     dtype: torch.dtype = torch.float64,
+    *,
+    score_mod: ScoreMod | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float64 dense attention for query ``rows`` (all if None): shape (B, H, len(rows), D).
+    """Float64 dense attention for query ``rows`` (all if None): shape (B, H, len(rows), Dv).
 
     k and v may be longer or shorter than q (``mask_mod`` sees key indices up to their length); a
     query the mask leaves no key (a padding row of a variable-length batch) has output 0.
+    ``score_mod(score, b, h, q_idx, kv_idx)`` modifies the scaled scores before masking, as in
+    FlexAttention; ``sinks`` (H,) adds ``exp(sinks[h])`` to every softmax denominator of head h.
     ``dtype``: compute in another precision instead (:func:`dtype_baseline`)."""
     B, H, L, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
     k64, v64 = k.to(dtype), v.to(dtype)  # grouped-query K and V are not repeated per query head
     rows = torch.arange(L) if rows is None else rows
     rows = rows.to(q.device)
     chunk = max(1, min(chunk, REFERENCE_CHUNK_ELEMENTS // max(1, B * H * Lk)))
+    sink = None if sinks is None else sinks.to(device=q.device, dtype=dtype).view(1, H, 1, 1)
     outs = []
     for start in range(0, len(rows), chunk):
         r = rows[start : start + chunk]
         n = len(r)
         qr = q[:, :, r].to(dtype).reshape(B, Hkv, G * n, D)  # the G query heads of each key/value head
         s = (qr @ k64.transpose(-1, -2)).view(B, H, n, Lk) / math.sqrt(D)
+        s = apply_score_mod(score_mod, s, r)
         m = batch_head_mask(mask_mod, r, Lk, B, H)  # (B, H, rows, Lk): masks may depend on b and h
         if m is not None:
             s = s.masked_fill(~m, float("-inf"))
-        p = torch.softmax(s, dim=-1)
+        if sink is None:
+            p = torch.softmax(s, dim=-1)
+        else:  # the sink's logit joins the denominator: softmax over [s, σ_h], its column dropped
+            p = torch.softmax(torch.cat([s, sink.expand(B, H, n, 1)], dim=-1), dim=-1)[..., :Lk]
         p = p if m is None else p.masked_fill(~m.any(-1, keepdim=True), 0.0)
-        outs.append((p.reshape(B, Hkv, G * n, Lk) @ v64).view(B, H, n, D))
+        outs.append((p.reshape(B, Hkv, G * n, Lk) @ v64).view(B, H, n, Dv))
     return torch.cat(outs, dim=2)
 
 
-def reference_grads(q, k, v, mask_mod: MaskMod | None, grad_out: torch.Tensor, dtype: torch.dtype = torch.float64):
+def reference_grads(q, k, v, mask_mod: MaskMod | None, grad_out: torch.Tensor, dtype: torch.dtype = torch.float64,
+                    *, score_mod: ScoreMod | None = None, sinks: torch.Tensor | None = None):
     """Float64 gradients (dq, dk, dv) of the reference for upstream gradient ``grad_out`` (``dtype``:
     computed in another precision instead)."""
     q64, k64, v64 = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    out = reference_attention(q64, k64, v64, mask_mod, dtype=dtype)
+    out = reference_attention(q64, k64, v64, mask_mod, dtype=dtype, score_mod=score_mod, sinks=sinks)
     return torch.autograd.grad(out, (q64, k64, v64), grad_out.to(dtype))
 
 

@@ -40,30 +40,37 @@ def min_bytes(x: Case | dict[str, Any], mode: str | None = None) -> float:
 
     ``mode`` overrides the case's own (``"fwd"``: the bytes of q, k, v and the output, what any
     call of the case touches at least)."""
-    h, hkv, d = _get(x, "heads"), _get(x, "kv_heads"), _get(x, "head_dim")
+    h, hkv, d, dv = _get(x, "heads"), _get(x, "kv_heads"), _get(x, "head_dim"), _value_dim(x)
     e = DTYPE_BYTES[_get(x, "dtype")]
     q_tokens, kv_tokens = _tokens(x)
-    q = q_tokens * h * d
-    kv = kv_tokens * hkv * d
+    q, o = q_tokens * h * d, q_tokens * h * dv
+    kv = kv_tokens * hkv * (d + dv)
     if (mode or _get(x, "mode")) == "fwd":
-        elements = q + 2 * kv + q  # q, k, v read; o written
+        elements = q + kv + o  # q, k, v read; o written
     else:
-        elements = 4 * q + 4 * kv  # q, k, v, o, dO read (o written, fwd_bwd); dq, dk, dv written
+        elements = 2 * (q + kv + o)  # q, k, v, o, dO read (o written, fwd_bwd); dq, dk, dv written
     return float(elements * e)
 
 
 def _tokens(x: Case | dict[str, Any]) -> tuple[int, int]:
     """(query tokens, key/value tokens) of all the batch's sequences; a prefix the sequences share
-    (``prefix``) counts once."""
+    (``shared_prefix``) counts once."""
     q_lens, kv_lens = case_lengths(x)
-    prefix = x.get("prefix") if isinstance(x, Mapping) else getattr(x, "prefix", None)
+    prefix = x.get("shared_prefix") if isinstance(x, Mapping) else getattr(x, "shared_prefix", None)
     shared = 0 if is_missing(prefix) or not prefix else int(prefix) * (len(kv_lens) - 1)
     return sum(q_lens), sum(kv_lens) - shared
 
 
+def _value_dim(x: Case | Mapping[str, Any]) -> int:
+    """Head size of v (``v_head_dim``; empty, absent or at its default: ``head_dim``)."""
+    dv = x.get("v_head_dim") if isinstance(x, Mapping) else getattr(x, "v_head_dim", None)
+    return _get(x, "head_dim") if dv is None or dv != dv else int(dv)
+
+
 def kv_bytes(x: Case | dict[str, Any]) -> float:
     """Bytes of the K and V cache one forward call must read: every sequence's real tokens."""
-    return float(2 * _tokens(x)[1] * _get(x, "kv_heads") * _get(x, "head_dim") * DTYPE_BYTES[_get(x, "dtype")])
+    return float(_tokens(x)[1] * _get(x, "kv_heads") * (_get(x, "head_dim") + _value_dim(x))
+                 * DTYPE_BYTES[_get(x, "dtype")])
 
 
 def query_tokens(x: Case | Mapping[str, Any]) -> int:
