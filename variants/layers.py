@@ -2,8 +2,9 @@
 measured on hidden states (B, L, d_model) by harness.engine.layerrun.
 
 Each registered function is a factory ``fn(*, d_model, heads, kv_heads, head_dim, causal, **params)
--> nn.Module`` (and ``model=NAME`` when the case names a catalogue model, harness.models) (float32, CPU, PyTorch's default init; the harness seeds torch before calling it and
-moves the module to the case's device and dtype). Every module has ``forward(x, *, causal,
+-> nn.Module`` (and ``model=NAME`` when the case names a catalogue model, harness.models; float32, CPU,
+PyTorch's default init; the harness seeds torch before calling it and moves the module to the case's
+device and dtype). Every module has ``forward(x, *, causal,
 cache=None) -> (B, Lq, d_model)``, ``make_cache(batch, past_len, *, generator, dtype, device, room=0)``
 (``past_len`` earlier tokens' cache; ``room``: preallocated for as many new ones, :mod:`variants.kvcache`) and
 ``kv_cache_bytes_per_token(element_bytes)``; ``dense = True`` replaces its attention kernel by plain

@@ -21,9 +21,10 @@ A model of the catalogue (:mod:`harness.core.models`) and a workload give a suit
 Every case names the model (``model = NAME``: its heads, key/value heads and head width, and the
 features a case field carries: a soft-cap, sinks, a value width of its own, a window on every layer).
 A variant that does not take one of them is left out of the suite; what is left out, and the features
-no case carries (a window on alternate layers, biases), are listed in :attr:`Plan.notes`. On the CPU every case runs on :data:`CPU_THREADS` thread unless
-``threads`` says otherwise. The suite is TOML text (:attr:`Plan.text`), validated like any
-suite file and recorded in the run's ``run.json`` (``bench resume`` reads it back).
+no case carries (a window on alternate layers, biases), are listed in :attr:`Plan.notes`. On the CPU
+every case runs on :data:`CPU_THREADS` thread unless ``threads`` says otherwise. The suite is TOML
+text (:attr:`Plan.text`), validated like any suite file and recorded in the run's ``run.json``
+(``bench resume`` reads it back).
 """
 
 from __future__ import annotations
