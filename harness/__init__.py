@@ -4,6 +4,8 @@ Public API (imported lazily, so ``bench --help`` does not pay for torch)::
 
     from harness import register_variant, get_variant, list_variants, Param, Supports
     from harness import attention_flops, pair_flops, Case, masks
+    from harness import models    # the catalogue of real model geometries (harness.core.models)
+    from harness import dispatch  # pick the measured winner for a shape (bench winners RUN --format json)
 
 Layers (see docs/architecture.md): ``harness.core`` (the vocabulary: cases,
 registry, masks, FLOP rules, result schema), ``harness.measure`` (timing, memory, FLOPs,
@@ -32,6 +34,8 @@ _PUBLIC = {
     "pair_count": ("harness.core.flops", "pair_count"),
     "Case": ("harness.core.cases", "Case"),
     "masks": ("harness.core.masks", None),
+    "models": ("harness.core.models", None),
+    "dispatch": ("harness.dispatch", None),
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

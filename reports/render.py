@@ -14,6 +14,8 @@ Sections (each left out when the rows hold nothing for it, never drawn empty):
   carry calibration columns (``pct_of_peak``, ``arith_intensity``);
 * speed vs. accuracy — relative error against time for approximate variants, Pareto front;
 * cost of features — each attention feature's time over its plain twin's (:mod:`reports.features`);
+* best per workload — the fastest correct, stable variant per workload, its speed-up over the
+  declared baseline, fast_p per variant (:mod:`reports.winners`);
 * every row in a sortable, filterable table; problems grouped by reason.
 """
 
@@ -48,6 +50,7 @@ from reports.profile import profile_context
 from reports.inference import inference_context
 from reports.layers import layers_context
 from reports.features import features_context
+from reports.winners import context as winners_context
 
 STATUS_ORDER = ["ok", "incorrect", "skipped", "error", "crash", "cuda_error", "timeout", "oom"]
 #: Problems are listed failures first (the ones that need a look), skips last; ``incorrect`` rows have
@@ -317,6 +320,7 @@ def build_context(run_dir: Path) -> dict[str, Any]:
         "inference": inference_context(rows[~rows["is_emulated"]], styles),  # None unless decode or varlen rows
         "layers": layers_context(rows),  # None unless the run has attention-layer rows (family "layer")
         "features": features_context(rows),  # None unless the run has attention-feature rows with plain twins
+        "winners": winners_context(rows),  # None unless some workload has a variant that may win
     }
 
 

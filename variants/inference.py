@@ -256,6 +256,7 @@ def _sdpa_with_mask(q, k, v, causal, q_lens=None, kv_lens=None):
 
 @inference_variant(
     "padded",
+    baseline=True,  # the naive variable-length baseline: what the others are compared with where sdpa cannot run
     flops=_padded_flops,
     columns=_padded_columns,
     working_set=lambda case: float(case.batch * case.query_len * case.seq_len

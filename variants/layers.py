@@ -2,16 +2,18 @@
 measured on hidden states (B, L, d_model) by harness.engine.layerrun.
 
 Each registered function is a factory ``fn(*, d_model, heads, kv_heads, head_dim, causal, **params)
--> nn.Module`` (float32, CPU, PyTorch's default init; the harness seeds torch before calling it and
-moves the module to the case's device and dtype). Every module has ``forward(x, *, causal,
+-> nn.Module`` (and ``model=NAME`` when the case names a catalogue model, harness.models; float32, CPU,
+PyTorch's default init; the harness seeds torch before calling it and moves the module to the case's
+device and dtype). Every module has ``forward(x, *, causal,
 cache=None) -> (B, Lq, d_model)``, ``make_cache(batch, past_len, *, generator, dtype, device, room=0)``
 (``past_len`` earlier tokens' cache; ``room``: preallocated for as many new ones, :mod:`variants.kvcache`) and
 ``kv_cache_bytes_per_token(element_bytes)``; ``dense = True`` replaces its attention kernel by plain
 softmax math (the harness's float64 reference and its same-dtype baseline). Causal masking with a
 cache is aligned to the bottom right, as everywhere in this repository.
 
-Closed forms (d = d_model = H·D, H heads of width D, g key/value heads, e bytes per element of the
-cache dtype = the case's dtype):
+Closed forms (d = d_model = H·D, or the hidden size of the catalogue model a case names with ``model``
+(harness.models: Gemma 2 and gpt-oss have d ≠ H·D, and then q and o are d·H·D each); H heads of width D,
+g key/value heads, e bytes per element of the cache dtype = the case's dtype):
 
 * ``mha`` / ``gqa`` / ``mqa`` (one class; Llama-style, no biases, **no RoPE**: position-free):
   params = 2·d² + 2·d·D·g (MHA, g = H: 4·d²; MQA, g = 1: 2·d² + 2·d·D);
@@ -45,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import Param, RegistryError, Supports, attention_flops, get_variant, pair_count, register_variant
+from harness import Param, RegistryError, Supports, attention_flops, get_variant, models, pair_count, register_variant
 from variants import kvcache
 
 
@@ -151,9 +153,10 @@ class MLADims:
 
     @classmethod
     def of(cls, case) -> "MLADims":
-        p = case.params
-        return cls(case.heads * case.head_dim, case.heads, case.head_dim, case.head_dim, p["rope_dim"],
-                   p["kv_lora_rank"], p["q_lora_rank"])
+        """A case's MLA layer: nope = v = head_dim, or the widths of the MLA model the case names."""
+        p, mla = case.params, models.mla_dims(case)
+        nope, v = (mla.qk_nope_head_dim, mla.v_head_dim) if mla else (case.head_dim, case.head_dim)
+        return cls(models.d_model(case), case.heads, nope, v, p["rope_dim"], p["kv_lora_rank"], p["q_lora_rank"])
 
     def param_count(self) -> int:
         d, H, qk, r = self.d_model, self.heads, self.nope + self.rope, self.kv_rank
@@ -295,11 +298,13 @@ class TextbookSelfAttention(nn.Module):
 
 
 def _d(case) -> int:
-    return case.heads * case.head_dim
+    """d_model: heads · head_dim, or the hidden size of the model the case names (harness.models)."""
+    return models.d_model(case)
 
 
 def gqa_param_count(case) -> int:
-    return 2 * _d(case) ** 2 + 2 * _d(case) * case.head_dim * case.kv_heads
+    """q and o: d·H·D each; k and v: d·g·D each (d = H·D: 2·d² + 2·d·D·g)."""
+    return 2 * _d(case) * case.heads * case.head_dim + 2 * _d(case) * case.head_dim * case.kv_heads
 
 
 def textbook_param_count(case) -> int:
@@ -308,7 +313,7 @@ def textbook_param_count(case) -> int:
 
 def _gqa_parts(case) -> tuple[float, float]:
     T, d = case.batch * case.query_len, _d(case)
-    return 4 * T * d * d + 4 * T * d * case.head_dim * case.kv_heads, attention_flops(case)
+    return 4 * T * d * case.heads * case.head_dim + 4 * T * d * case.head_dim * case.kv_heads, attention_flops(case)
 
 
 def _textbook_parts(case) -> tuple[float, float]:
@@ -388,6 +393,16 @@ def _gqa_check(case) -> list[str]:
 
 def _mla_check(case) -> list[str]:
     reasons = _common_reasons(case)
+    mla = models.mla_dims(case)
+    want = {"kv_lora_rank": mla.kv_lora_rank, "rope_dim": mla.qk_rope_head_dim, "q_lora_rank": mla.q_lora_rank} \
+        if mla else {}
+    v_dim = getattr(case, "v_head_dim", None)
+    if v_dim is not None and (mla is None or v_dim != mla.v_head_dim):
+        reasons.append(f"mla's value width is head_dim, or the v_head_dim of the MLA model the case names "
+                       f"(model = deepseek-v3: 128), not v_head_dim {v_dim}")
+    if any(case.params[k] != v for k, v in want.items()):
+        reasons.append(f"model {case.model} has {', '.join(f'{k} = {v}' for k, v in want.items())}; the case sets "
+                       f"{', '.join(f'{k} = {case.params[k]}' for k in want)}")
     if case.params["kernel"] != "sdpa":
         reasons.append(f"mla attends with keys and values of different widths (and in latent space when absorbed) "
                        f"through torch's SDPA: kernel must be 'sdpa', not {case.params['kernel']!r}")
@@ -401,7 +416,7 @@ _SUPPORTS = dict(non_square=True, backward=False)
 _KERNEL = Param("sdpa", help="the registered exact kernel-level variant the layer attends with (bench list)")
 
 
-def make_gqa(*, d_model, heads, kv_heads, head_dim, causal=False, kernel="sdpa"):
+def make_gqa(*, d_model, heads, kv_heads, head_dim, causal=False, kernel="sdpa", model=None):
     return GroupedQueryAttention(d_model, heads, kv_heads, head_dim, kernel=kernel)
 
 
@@ -415,7 +430,7 @@ for _name, _what, _gqa in (("mha", "multi-head attention layer (kv_heads = heads
 
 @register_variant(
     "mla", **_LAYER, flops=MLA.flops, columns=MLA.columns, working_set=MLA.working_set,
-    supports=Supports(gqa=False, **_SUPPORTS), check=_mla_check,
+    supports=Supports(gqa=False, v_head_dim=True, **_SUPPORTS), check=_mla_check,
     params={"kv_lora_rank": Param(512, min=1, help="latent (cached) width r"),
             "rope_dim": Param(64, min=2, help="decoupled RoPE key/query width (shared key, cached)"),
             "q_lora_rank": Param(0, min=0, help="query down-projection rank (0: full-rank query projection)"),
@@ -425,8 +440,10 @@ for _name, _what, _gqa in (("mha", "multi-head attention layer (kv_heads = heads
     description="DeepSeek-V2 multi-head latent attention: cached low-rank KV latent + decoupled RoPE key",
 )
 def make_mla(*, d_model, heads, kv_heads, head_dim, causal=False, kv_lora_rank=512, rope_dim=64, q_lora_rank=0,
-             absorb="auto", kernel="sdpa"):
-    return MultiHeadLatentAttention(MLADims(d_model, heads, head_dim, head_dim, rope_dim, kv_lora_rank, q_lora_rank),
+             absorb="auto", kernel="sdpa", model=None):
+    mla = models.mla_dims({"model": model})  # an MLA model of the catalogue: its own nope and value widths
+    nope, v = (mla.qk_nope_head_dim, mla.v_head_dim) if mla else (head_dim, head_dim)
+    return MultiHeadLatentAttention(MLADims(d_model, heads, nope, v, rope_dim, kv_lora_rank, q_lora_rank),
                                     absorb=absorb)
 
 
@@ -436,5 +453,5 @@ def make_mla(*, d_model, heads, kv_heads, head_dim, causal=False, kv_lora_rank=5
     params={"fixed": Param(False, help="false: the tutorial's one head of width d_model; true: split into heads")},
     description="the tutorial SelfAttention (one head of width d_model) beside its multi-head fix",
 )
-def make_textbook(*, d_model, heads, kv_heads, head_dim, causal=False, fixed=False):
+def make_textbook(*, d_model, heads, kv_heads, head_dim, causal=False, fixed=False, model=None):
     return TextbookSelfAttention(d_model, heads, fixed=fixed)

@@ -77,6 +77,9 @@ PRODUCERS: dict[str, str] = {
                     f"python benchmarks/feature_cost.py {RUNS}/features --json docs/data/feature-cost.json",
     "contention": "python benchmarks/contention.py --json",
     "contention-overhead": "python benchmarks/contention.py --json",
+    "winners-llama-decode": f"bench run --model llama-3.1-8b --workload decode -o {RUNS}/llama-decode && "
+                            f"python benchmarks/winners_table.py {RUNS}/llama-decode --json",
+    "cascade-crossover": f"python benchmarks/cascade_crossover.py -o {RUNS}/cascade-crossover --json",
 }
 
 

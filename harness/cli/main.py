@@ -17,7 +17,7 @@ from harness.cli.common import EXIT_USAGE, Parser
 
 #: Modules that add subcommands, in the order ``bench --help`` lists them.
 COMMAND_MODULES: list[str] = ["harness.cli.run", "harness.cli.profile", "harness.cli.measure", "harness.cli.regression", "harness.cli.export",
-                             "harness.cli.site", "harness.cli.scale"]
+                             "harness.cli.site", "harness.cli.scale", "harness.cli.winners"]
 
 
 def build_parser() -> Parser:

@@ -16,9 +16,22 @@ from harness.cli.common import EXIT_FAILED, EXIT_INCORRECT, EXIT_OK, EXIT_USAGE,
 
 def register(sub) -> None:
     from harness.core.config import RUN, TIMING
+    from harness.core.models import NAMES as MODEL_NAMES  # the catalogue: plain data, no torch
 
-    run = sub.add_parser("run", help="run a suite file and write results and a report")
-    run.add_argument("suite", help="suite TOML file")
+    run = sub.add_parser("run", help="run a suite file (or a catalogue model's workload) and write results and a report")
+    run.add_argument("suite", nargs="?", help="suite TOML file (or --model instead)")
+    model = run.add_argument_group("a model's workload instead of a suite file (harness.core.models)")
+    model.add_argument("--model", metavar="NAME", help=f"a catalogue model ({', '.join(MODEL_NAMES)}): build a suite "
+                       "of its attention geometry and print what it chose")
+    model.add_argument("--workload", choices=("prefill", "decode", "serve"), default="decode",
+                       help="prefill 1K-8K tokens, decode against 4K-128K cached tokens (as memory allows), or serving "
+                            "batches and shared-prefix decoding (default decode)")
+    model.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model's cases run")
+    model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="default float32 on cpu, bfloat16 on cuda")
+    model.add_argument("--batch", type=positive_int, default=1, help="sequences of a prefill or decode case")
+    model.add_argument("--threads", type=positive_int, help="torch threads per case (default 1 on cpu: far steadier "
+                       "on a machine with other load; unset on cuda)")
     run.add_argument("-o", "--output", metavar="DIR", help="run directory (default results/runs/<run_id>)")
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (same suite)")
     run.add_argument("--dry-run", action="store_true", help="check the suite and list its cases; run nothing")
@@ -73,9 +86,8 @@ def register(sub) -> None:
 def cmd_run(args) -> int:
     from harness.cli.scale import chosen_cases, record_shard
     from harness.engine import lifecycle
-    from harness.engine.suite import load_suite
 
-    suite = _with_options(load_suite(args.suite), args)
+    suite = _with_options(_suite_of(args), args)
     if (problem := lifecycle.option_problem(suite, args.isolation)) is not None:
         print(problem, file=sys.stderr)
         return EXIT_USAGE
@@ -96,6 +108,31 @@ def cmd_run(args) -> int:
     writer = lifecycle.start_run(suite, Path(args.output) if args.output else None, cases)
     record_shard(writer, shard)
     return _execute(suite, cases, writer, args)
+
+
+def _suite_of(args):
+    """The suite file's suite, or the one ``--model`` builds (harness.engine.modelsuite; what it chose is
+    printed); a UserError when neither or both are given."""
+    from harness.core.errors import UserError
+    from harness.engine.suite import load_suite, parse_suite
+
+    if getattr(args, "model", None) is None:
+        if args.suite is None:
+            raise UserError("give a suite file, or --model NAME (bench run --model llama-3.1-8b --workload decode)")
+        return load_suite(args.suite)
+    if args.suite is not None:
+        raise UserError(f"give a suite file or --model, not both ({args.suite}, --model {args.model})")
+    from harness.engine.lifecycle import default_memory_budget
+    from harness.engine.modelsuite import model_suite
+
+    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else default_memory_budget()
+    plan = model_suite(args.model, args.workload, device=args.device, dtype=args.dtype, batch=args.batch,
+                       memory_budget=budget, threads=args.threads)
+    for line in plan.chosen:
+        print(f"bench run --model: {line}", file=sys.stderr)
+    for line in plan.notes:
+        print(f"bench run --model: note: {line}", file=sys.stderr)
+    return parse_suite(plan.text)
 
 
 def select_cases(suite, pattern: str | None):

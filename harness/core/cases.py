@@ -16,7 +16,10 @@ group by (:func:`axis_names`). Adding a field is one declaration here.
 
 Inference shapes: ``seq_len`` is the key/value length; ``q_len`` the query length when it
 differs (None: the same, self-attention); ``kv_layout`` contiguous or paged (``page_size``
-tokens per page); ``lengths`` fixed, or per-sequence lengths (:mod:`harness.core.lengths`).
+tokens per page); ``lengths`` fixed, or per-sequence lengths (:mod:`harness.core.lengths`), or a
+serving batch whose sequences each have their own query and key/value lengths. Workloads people run:
+``model`` names a catalogue model (:mod:`harness.core.models`) whose geometry fills the head fields;
+``shared_prefix`` is a prompt every sequence of the batch shares (cascade attention reads it once).
 Fields declared ``later`` stay out of the identity (and of the worker protocol and the label)
 while they hold their defaults, so every case that existed before them keeps its ``case_id``.
 """
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from harness.core import lengths as _lengths
+from harness.core import models as _models
 
 DEVICES = ("cpu", "cuda")
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -176,6 +180,14 @@ class Case:
     document: int = axis(1, help="documents packed in each sequence: a query sees only keys of its own document "
                          "(1: off)", dtype="int64", ge=1, later=True, feature=True,
                          label=lambda c: f"docs={c['document']}" if c["document"] > 1 else "")
+    # workloads people run (issue 28): a model's geometry from the catalogue, a shared prefix
+    model: str | None = axis(None, help="a model of the catalogue (harness.core.models) whose attention geometry "
+                             "fills heads, kv_heads and head_dim (and an attention layer's d_model)", dtype="string",
+                             choices=_models.NAMES, later=True, label=lambda c: str(c["model"]) if c["model"] else "")
+    shared_prefix: int | None = axis(None, help="tokens at the start of every sequence's context that all the "
+                                     "batch's sequences share (one system prompt; empty: none)", dtype="int64",
+                                     unit="tokens", ge=1, later=True,
+                                     label=lambda c: f"shared_prefix={c['shared_prefix']}" if c["shared_prefix"] else "")
 
     def __post_init__(self):
         for name, ax in AXES.items():  # 30 and 30.0 are one softcap, one case id
@@ -188,13 +200,22 @@ class Case:
         """The case of one point of a suite's sweep (its sweep keys), normalised: ``kv_heads``
         defaults to ``heads``, ``kv_len`` is ``seq_len``, a ``q_len`` equal to it is dropped,
         ``page_size`` only belongs to a paged layout, a ``v_head_dim`` equal to ``head_dim`` is dropped,
-        and so is ``prefix_lm`` without causal masking (it changes nothing there)."""
+        and so is ``prefix_lm`` without causal masking (it changes nothing there); a ``model`` fills its
+        geometry (and its features, where their fields hold their defaults) and a serving batch
+        (``lengths = "2q512kv4k_14q1kv8k"``) its batch, query and key/value lengths."""
         point = dict(point)
+        if point.get("model"):  # its geometry, and its features where a field carries them and holds its default
+            point.update(_models.case_geometry(point["model"]))
+            for name, value in _models.case_features(point["model"]).items():
+                if name in AXES and point.get(name, DEFAULTS[name]) == DEFAULTS[name] \
+                        and isinstance(value, AXES[name].type):
+                    point[name] = value
         if point.get("kv_heads") is None:
             point["kv_heads"] = point.get("heads", DEFAULTS["heads"])
         kv_len = point.pop("kv_len", None)
         if kv_len is not None:
             point["seq_len"] = kv_len
+        point.update(_lengths.mix_shape(point.get("lengths")) or {})
         if point.get("q_len") == point.get("seq_len"):
             point["q_len"] = None
         if point.get("kv_layout", "contiguous") != "paged":
@@ -294,6 +315,9 @@ DEFAULTS: dict[str, Any] = {
 FEATURES: tuple[str, ...] = tuple(n for n, ax in AXES.items() if ax.feature)
 #: The fields that give a case's head geometry (an attention layer's shape beside its width).
 HEAD_GEOMETRY: tuple[str, ...] = ("heads", "kv_heads", "head_dim")
+#: The fields that give a workload's size: ``harness.dispatch`` matches the others exactly and measures
+#: the distance between workloads over these (the query length is ``q_len``, else ``seq_len``).
+SIZE_AXES: tuple[str, ...] = ("batch", "seq_len", "q_len")
 #: Keys a suite may sweep that are not fields: ``kv_len`` is ``seq_len`` given beside ``q_len`` (a
 #: suite's keys are listed, and swept, in field order with an alias after the field it follows).
 SWEEP_ALIASES: dict[str, tuple[str, Axis]] = {

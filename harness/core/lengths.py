@@ -7,7 +7,10 @@ A case's ``lengths`` axis says how long each of its ``batch`` sequences is, with
 * ``uniform``: lengths drawn uniformly from ``lo .. max``;
 * ``zipf``: ``ceil(max / r)`` with the rank ``r`` drawn from a Zipf law, ``P(r) ∝ r^-1.5`` for
   ``r = 1 .. max``: most sequences much shorter than the longest, as in serving traffic;
-* an explicit list ``"100,7,1,512"``: those lengths, repeated in turn to fill the batch.
+* an explicit list ``"100,7,1,512"``: those lengths, repeated in turn to fill the batch;
+* a **serving batch** ``"2q512kv4k_14q1kv8k"``: sequences with their own query *and* key/value
+  lengths (:func:`mix`; some prefilling a chunk, some decoding one token), which also sets the case's
+  batch (the sequences counted), ``q_len`` (the longest query) and ``seq_len`` (the longest context).
 
 Drawn lengths come from a generator seeded by the case's own shape (kind, batch, maximum,
 lower bound), not the suite's seed: the lengths define *what* is measured (its FLOPs, its bytes),
@@ -20,7 +23,17 @@ alignment a sequence shorter than its queries would leave early queries with no 
 
 Query lengths: a self-attention case (``q_len`` unset: prefill) has each sequence's query length
 equal to its key length; otherwise every sequence has ``q_len`` queries (decode, chunked prefill,
-cross-attention), and only the key/value lengths vary.
+cross-attention), and only the key/value lengths vary; a serving batch gives each sequence its own.
+
+**Serving-batch grammar** (vLLM's attention benchmarks' batch specs, ``benchmarks/attention_benchmarks``):
+terms joined by ``_``, each ``[count]q<q_len>[k][kv<kv_len>[k]]``: ``count`` identical sequences
+(default 1) of ``q_len`` new query tokens attending ``kv_len`` tokens of context, the new ones
+included (default ``kv_len = q_len``: a prefill); a ``k`` after a number multiplies it by 1024.
+``"q2k"`` is one 2048-token prefill, ``"8q1kv1k"`` eight decodes of one token against 1024 tokens,
+``"q4kv1k"`` a 4-token extend (speculative verification), ``"2q512kv4k_14q1kv8k"`` two 512-token
+chunks of chunked prefill beside fourteen decodes. ``q_len <= kv_len`` in every term (the queries are
+the newest tokens of their context; causal masking is bottom-right aligned per sequence). Sequences
+keep the order the spec gives.
 
 Pure Python (no torch): the suite validator, the FLOP rules and the roofline columns use it.
 """
@@ -31,6 +44,7 @@ import bisect
 import itertools
 import math
 import random
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -42,7 +56,8 @@ ZIPF_EXPONENT = 1.5
 
 def parse(value: Any) -> tuple[Any, str | None]:
     """(canonical value, None) or (value, problem) for a suite's ``lengths`` value: a kind, a list of
-    positive integers (written back as ``"a,b,c"``), or that comma-separated text."""
+    positive integers (written back as ``"a,b,c"``), that comma-separated text, or a serving batch
+    (:func:`mix`)."""
     if isinstance(value, list):
         if not value or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
             return value, f"expected {', '.join(KINDS)} or a list of positive integers, got {value!r}"
@@ -54,9 +69,56 @@ def parse(value: Any) -> tuple[Any, str | None]:
             return value, None
         if explicit(value) is not None:
             return value, None
+        if "q" in value:
+            spec, problem = mix_problem(value)
+            return value, problem
     close = [k for k in KINDS if isinstance(value, str) and value[:2] == k[:2]]
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return value, f"expected {', '.join(KINDS)} or a list of positive integers, got {value!r}{hint}"
+    return value, (f"expected {', '.join(KINDS)}, a list of positive integers or a serving batch such as "
+                   f"'2q512kv4k_14q1kv8k', got {value!r}{hint}")
+
+
+#: One term of a serving batch: [count]q<q_len>[k][kv<kv_len>[k]] (a ``k`` not followed by ``v``).
+_TERM = re.compile(r"(?P<count>\d+)?q(?P<q>\d+)(?P<qk>k(?!v))?(?:kv(?P<kv>\d+)(?P<kvk>k)?)?")
+
+
+def mix_problem(value: str) -> tuple[list[tuple[int, int]] | None, str | None]:
+    """(the (q_len, kv_len) of every sequence, None), or (None, why ``value`` is not a serving batch)."""
+    seqs: list[tuple[int, int]] = []
+    for term in value.split("_"):
+        m = _TERM.fullmatch(term.strip())
+        if m is None:
+            return None, (f"serving batch {value!r}: term {term!r} is not [count]q<q_len>[k][kv<kv_len>[k]] "
+                          "(e.g. 2q512kv4k_14q1kv8k: 2 chunks of 512 new tokens in 4096 of context, 14 one-token "
+                          "decodes in 8192)")
+        count = int(m["count"] or 1)
+        q = int(m["q"]) * (1024 if m["qk"] else 1)
+        kv = q if m["kv"] is None else int(m["kv"]) * (1024 if m["kvk"] else 1)
+        if count < 1 or q < 1:
+            return None, f"serving batch {value!r}: term {term!r} needs a count and q_len of at least 1"
+        if q > kv:
+            return None, (f"serving batch {value!r}: term {term!r} has q_len {q} > kv_len {kv} (the context holds the "
+                          "new tokens too)")
+        seqs += [(q, kv)] * count
+    return seqs, None
+
+
+def mix(value: Any) -> list[tuple[int, int]] | None:
+    """The (q_len, kv_len) of each sequence of a serving-batch ``lengths`` value, or None for any other
+    value (a kind, a list of lengths, bad text)."""
+    if not isinstance(value, str) or "q" not in value:
+        return None
+    return mix_problem(value)[0]
+
+
+def mix_shape(value: Any) -> dict[str, Any] | None:
+    """The case fields a serving batch sets: ``batch`` (its sequences), ``seq_len`` (the longest context)
+    and ``q_len`` (the longest query; None when that equals ``seq_len``); None for other values."""
+    seqs = mix(value)
+    if not seqs:
+        return None
+    kv, q = max(s[1] for s in seqs), max(s[0] for s in seqs)
+    return dict(batch=len(seqs), seq_len=kv, q_len=None if q == kv else q)
 
 
 def explicit(value: str) -> list[int] | None:
@@ -97,6 +159,9 @@ def case_lengths(case) -> tuple[list[int], list[int]]:
     """(query lengths, key/value lengths) of each sequence of ``case`` (a Case or a row)."""
     get = case.get if isinstance(case, dict) else lambda name, default=None: getattr(case, name, default)
     batch, kv_max, kind = int(get("batch")), int(get("seq_len")), get("lengths") or "fixed"
+    seqs = mix(kind)
+    if seqs is not None:  # a serving batch: each sequence its own query and key/value length
+        return [q for q, _ in seqs], [kv for _, kv in seqs]
     q_len = _int_or_none(get("q_len"))
     lo = q_len if (q_len is not None and get("causal") and q_len < kv_max) else 1
     kv = sequence_lengths(kind, batch, kv_max, lo)

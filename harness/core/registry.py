@@ -174,7 +174,10 @@ class Variant:
 
     def with_inputs(self, extra: dict[str, Any]) -> "Variant":
         """This variant with ``extra`` keyword inputs (``q_lens``, ``kv_lens``, ``block_table`` of an
-        inference-shaped case, :func:`harness.measure.inputs.layout_inputs`) passed on every call."""
+        inference-shaped case, :func:`harness.measure.inputs.layout_inputs`) passed on every call;
+        ``shared_prefix`` only when it declares ``Supports(shared_prefix=True)``."""
+        if "shared_prefix" in extra and not self.supports.shared_prefix:
+            extra = {k: v for k, v in extra.items() if k != "shared_prefix"}
         return dataclasses.replace(self, fn=functools.partial(self.fn, **extra)) if extra else self
 
     def not_supported_reasons(self, case: "Case") -> list[str]:
@@ -243,6 +246,7 @@ class Variant:
             "non_square": s.non_square,
             "varlen": s.varlen,
             "kv_layouts": sorted(s.kv_layouts),
+            "takes_shared_prefix": s.shared_prefix,
             "features": list(s.features),
             "score_mod": self.score_mod is not None,
             "params": {n: p.default for n, p in self.params.items()},

@@ -133,7 +133,7 @@ COLUMNS: tuple[Column, ...] = (
     _c("tokens_per_s", "float64", "tokens/s", "work", "query tokens (all sequences) per second, for "
        "inference-shaped cases (decode: batch·q_len / time)", report_extra=True, derived=True),
     # layers (level = "layer": a whole attention layer on hidden states, harness.engine.layerrun)
-    _c("d_model", "int64", "", "work", "layer width (heads · head_dim) of an attention layer", report_extra=True),
+    _c("d_model", "int64", "", "work", "layer width of an attention layer: heads · head_dim, or a model's hidden size (model = ...)", report_extra=True),
     _c("param_count", "int64", "", "work", "parameters of the layer module (exact, from the module)",
        report_extra=True),
     _c("projection_flops", "float64", "FLOP", "work", "the layer's projection FLOPs (part of flops)",

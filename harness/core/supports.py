@@ -37,6 +37,9 @@ class Supports:
     varlen: bool = False
     #: the KV cache layouts it reads: contiguous tensors, or paged pools with a ``block_table``
     kv_layouts: frozenset[str] = frozenset({"contiguous"})
+    #: takes a ``shared_prefix`` keyword argument in shared-prefix cases (the first shared_prefix keys and
+    #: values of every sequence are the same tokens: cascade attention); other variants run them plainly
+    shared_prefix: bool = False
     # attention features (harness.core.features), each a keyword argument of the call when the case sets it:
     #: tanh logit capping: ``softcap=`` (float)
     softcap: bool = False

@@ -2,8 +2,10 @@
 states, with harness.engine.runner's measurer contract: fill ``row``, return (samples, restart).
 
 The variant's function is a module factory ``fn(*, d_model, heads, kv_heads, head_dim, causal,
-**params)``; it is called with torch seeded from the run's seed (inside ``fork_rng``, so the weights
-are reproducible and nobody else's random state moves), then moved to the case's device and dtype.
+**params)`` (d_model: heads · head_dim, or the hidden size of the catalogue model the case names,
+which it then also receives as ``model=NAME``: harness.core.models); it is called with torch seeded
+from the run's seed (inside ``fork_rng``, so the weights are reproducible and nobody else's random
+state moves), then moved to the case's device and dtype.
 Inputs: hidden states x (B, Lq, d_model) drawn from a unit Gaussian (Lq = ``q_len`` or ``seq_len``);
 with ``q_len`` set, the module's ``make_cache`` builds the cache of the ``seq_len − q_len`` earlier
 tokens (random hidden states through the module's own projections), and the new tokens attend to it
@@ -28,6 +30,7 @@ import torch
 
 from harness.core.cases import Case
 from harness.core.config import RunSettings
+from harness.core.models import d_model
 from harness.core.registry import Variant
 from harness.engine.steps import accuracy_columns, after_timing, cost_columns, timed
 from harness.measure import profile as profiling
@@ -41,8 +44,9 @@ def build_layer(case: Case, variant: Variant, seed: int = 0) -> torch.nn.Module:
     """The case's layer module, its weights drawn from ``seed``, on the case's device and dtype."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = variant.fn(d_model=case.heads * case.head_dim, heads=case.heads, kv_heads=case.kv_heads,
-                            head_dim=case.head_dim, causal=case.causal, **case.params)
+        named = {"model": case.model} if getattr(case, "model", None) else {}  # a catalogue model's layer
+        module = variant.fn(d_model=d_model(case), heads=case.heads, kv_heads=case.kv_heads,
+                            head_dim=case.head_dim, causal=case.causal, **case.params, **named)
     return module.to(device=case.device, dtype=DTYPES[case.dtype]).eval()
 
 
@@ -50,7 +54,7 @@ def layer_inputs(case: Case, module: torch.nn.Module, seed: int = 0) -> tuple[to
     """(x (B, Lq, d_model), the cache of the earlier ``seq_len − q_len`` tokens or None)."""
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[case.dtype]
-    x = torch.randn(case.batch, case.query_len, case.heads * case.head_dim, generator=gen)
+    x = torch.randn(case.batch, case.query_len, d_model(case), generator=gen)
     x = aligned_copy(x.to(device=case.device, dtype=dtype))
     if case.q_len is None:
         return x, None

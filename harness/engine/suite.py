@@ -18,7 +18,7 @@ from typing import Any
 from harness.core.errors import UserError
 from harness.core import lengths
 from harness.core.names import name_problem
-from harness.core.cases import DEFAULTS, Case, sweep_defaults
+from harness.core.cases import DEFAULTS, HEAD_GEOMETRY, SIZE_AXES, SWEEP_ALIASES, Case, sweep_defaults
 from harness.core.registry import RegistryError, get_variant
 from harness.core.config import COMPARE, RUN, SWEEP, TIMING, RunConfig, Table, closest, type_name
 from harness.measure.timing import TimingConfig
@@ -373,6 +373,35 @@ def inference_axes_problems(axes: dict[str, list[Any]]) -> list[tuple[str, str]]
             if min(listed) < q:
                 out.append(("lengths", f"length {min(listed)} is shorter than q_len {q}: with causal bottom-right "
                             "alignment its first queries would see no key"))
+    return out + workload_axes_problems(axes)
+
+
+def workload_axes_problems(axes: dict[str, list[Any]]) -> list[tuple[str, str]]:
+    """(key, message) for each rule a model, a serving batch or a shared prefix breaks in one variant
+    entry's sweep: a model fills the head geometry, a serving batch the batch and lengths (neither beside
+    keys that set them), and a shared prefix leaves room for the queries in every sequence."""
+    out = []
+    if any(axes.get("model", [])) and (given := [k for k in HEAD_GEOMETRY if k in axes]):
+        out.append(("model", f"model fills heads, kv_heads and head_dim from the catalogue: leave out "
+                    f"{', '.join(given)} (or the model)"))
+    mixes = [v for v in axes.get("lengths", []) if lengths.mix(v)]
+    if mixes and (given := [k for k in ("batch", *SWEEP_ALIASES, *SIZE_AXES) if k in axes]):
+        out.append(("lengths", f"a serving batch ({mixes[0]!r}) sets batch, q_len and kv_len itself: leave out "
+                    f"{', '.join(dict.fromkeys(given))}"))
+    for p in (p for p in axes.get("shared_prefix", []) if p):
+        for value in axes.get("lengths", ["fixed"]):
+            seqs = lengths.mix(value)
+            if value in ("uniform", "zipf"):
+                out.append(("shared_prefix", f"a shared prefix needs lengths fixed, listed or a serving batch, not {value!r}"))
+            elif seqs is not None and any(p + q > kv for q, kv in seqs):
+                out.append(("shared_prefix", f"shared_prefix {p} leaves no room for the new tokens of every sequence of {value!r} "
+                            "(prefix + q_len must be <= kv_len)"))
+            elif seqs is None and not axes.get("q_len"):
+                out.append(("shared_prefix", "a shared prefix needs q_len and kv_len: the queries are new tokens after it"))
+            elif seqs is None:
+                shortest = min(lengths.explicit(value) or axes.get("kv_len", [DEFAULTS["seq_len"]]))
+                if p + max(axes["q_len"]) > shortest:
+                    out.append(("shared_prefix", f"shared_prefix {p} + q_len {max(axes['q_len'])} exceeds the context {shortest}"))
     return out
 
 

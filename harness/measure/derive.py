@@ -111,8 +111,11 @@ def attainable_tflops_per_s(r):
 
 
 def tokens_per_joule(r):
-    q_len = _num(r, "q_len")
-    tokens = _num(r, "batch") * (q_len if math.isfinite(q_len) else _num(r, "seq_len"))
+    try:  # the real query tokens (a variable-length or serving batch: per sequence)
+        tokens = roofline.query_tokens(r)
+    except Exception:
+        q_len = _num(r, "q_len")
+        tokens = _num(r, "batch") * (q_len if math.isfinite(q_len) else _num(r, "seq_len"))
     energy = _num(r, "energy_j")
     return _ratio(tokens, energy) if energy > 0 else math.nan
 

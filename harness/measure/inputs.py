@@ -17,7 +17,9 @@ variable-length batch the padded tensors (padding rows hold random values too) a
 ``kv_lens`` (int32 ``(B,)``); for a paged cache k and v as page pools ``(num_pages, H_kv,
 page_size, D)`` with a ``block_table`` ``(B, max_pages)``, each sequence's pages placed in the
 pool in an order shuffled from the seed (a partly filled last page holds random values past the
-sequence's end). :func:`dense_kv` gives the contiguous cache back for the float64 reference.
+sequence's end). :func:`dense_kv` gives the contiguous cache back for the float64 reference. A
+shared-prefix case (``shared_prefix`` P) draws one prefix of P keys and values for all the batch's
+sequences (:func:`share_prefix`) and tells a variant that can use it its length (``shared_prefix``).
 
 Attention features (:mod:`harness.core.features`) reach a variant as keyword arguments too, only when
 the case sets them (:func:`feature_inputs`): ``softcap`` (float), ``alibi_slopes`` and ``sinks``
@@ -72,8 +74,18 @@ def make_qkv(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
     else:
         raise ValueError(f"unknown inputs kind {case.inputs!r}")
     v = torch.randn(B, Hkv, L, getattr(case, "value_dim", D), generator=g)
+    share_prefix(case, k, v)
     dtype = TORCH_DTYPES[case.dtype]
     return tuple(aligned_copy(x.to(device=case.device, dtype=dtype)) for x in (q, k, v))
+
+
+def share_prefix(case: Case, k: torch.Tensor, v: torch.Tensor) -> None:
+    """A shared-prefix case (``shared_prefix`` P): every sequence's first P keys and values become sequence 0's
+    (in place), as N requests after one system prompt."""
+    p = getattr(case, "shared_prefix", None)
+    if p:
+        for x in (k, v):
+            x[1:, :, :p] = x[:1, :, :p]
 
 
 #: Offset of the sinks' generator from the suite's seed (the inputs use the seed itself, pages seed + 1..3).
@@ -104,8 +116,12 @@ def feature_inputs(case: Case, device, seed: int = 0) -> dict:
 def layout_inputs(case: Case, k: torch.Tensor, v: torch.Tensor, seed: int = 0):
     """(k, v, extra keyword arguments) as the case's variant receives them: ``k, v, {}`` for a fixed
     contiguous batch; ``q_lens``/``kv_lens`` for a variable-length or paged one; page pools and a
-    ``block_table`` for a paged one (see the module doc); and its features' (:func:`feature_inputs`)."""
+    ``block_table`` for a paged one (see the module doc); its features' (:func:`feature_inputs`); and
+    ``shared_prefix`` for a shared-prefix case (passed on only to a variant that declares
+    ``Supports(shared_prefix=True)``)."""
     features = feature_inputs(case, k.device, seed)
+    if getattr(case, "shared_prefix", None):
+        features["shared_prefix"] = int(case.shared_prefix)
     if case.lengths == "fixed" and case.kv_layout == "contiguous":
         return k, v, features
     q_lens, kv_lens = case_lengths(case)

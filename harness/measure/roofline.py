@@ -4,7 +4,7 @@
   written once (fwd: q, k, v read, o written; bwd and fwd_bwd: q, k, v, o, dO and
   dq, dk, dv, o counted once each — 4·|q| + 4·|k|). Variable-length and non-square cases
   count real tokens.
-* ``kv_bytes``: the K/V cache a call must read (the real tokens of every sequence).
+* ``kv_bytes``: the K/V cache a call must read (the real tokens of every sequence; a shared prefix once).
 * the machine's figures a worker records beside what it measured (:func:`machine_columns`):
   ``peak_tflops_per_s``, the measured matmul peak (best sample) of the row's dtype and device,
   ``peak_gb_per_s``, the copy bandwidth, and ``roofline_note`` when the calibration does not
@@ -53,9 +53,12 @@ def min_bytes(x: Case | dict[str, Any], mode: str | None = None) -> float:
 
 
 def _tokens(x: Case | dict[str, Any]) -> tuple[int, int]:
-    """(query tokens, key/value tokens) of all the batch's sequences."""
+    """(query tokens, key/value tokens) of all the batch's sequences; a prefix the sequences share
+    (``shared_prefix``) counts once."""
     q_lens, kv_lens = case_lengths(x)
-    return sum(q_lens), sum(kv_lens)
+    prefix = x.get("shared_prefix") if isinstance(x, Mapping) else getattr(x, "shared_prefix", None)
+    shared = 0 if is_missing(prefix) or not prefix else int(prefix) * (len(kv_lens) - 1)
+    return sum(q_lens), sum(kv_lens) - shared
 
 
 def _value_dim(x: Case | Mapping[str, Any]) -> int:
