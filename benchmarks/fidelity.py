@@ -76,7 +76,7 @@ def bench_bin() -> list[str]:
     return [sys.executable, "-m", "harness"]
 
 
-def harness_run(suite: Path, out: Path) -> "pandas.DataFrame":  # noqa: F821
+def harness_run(suite: Path, out: Path) -> pandas.DataFrame:  # noqa: F821
     import pandas as pd
 
     subprocess.run(bench_bin() + ["run", str(suite), "-o", str(out), "-q", "--no-report"], cwd=ROOT,

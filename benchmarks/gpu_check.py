@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ class Check:
 
     def __init__(self, work: Path, out: Path, rehearse: bool, args):
         self.work, self.out, self.rehearse, self.args = work, out, rehearse, args
-        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.started = datetime.now(UTC).isoformat(timespec="seconds")
         self.started_epoch = time.time()
         self.t0 = time.monotonic()
         self.results: list[dict] = []
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         say(f"gpu_check: unknown step {', '.join(unknown)} (steps: {', '.join(s.key for s in gpu_plan.STEPS)})")
         return 2
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     work = Path(args.work) if args.work else (Path(tempfile.mkdtemp(prefix="gpu-check-rehearsal-")) if args.rehearse
                                               else ROOT / "results" / "gpu-check" / stamp)
     out = Path(args.out or os.environ.get("OUT") or work / "out")

@@ -157,10 +157,10 @@ def smoke(ctx, res: Result) -> None:
 
 def step_calibrate(ctx, res: Result) -> None:
     """Rehearsal of ``bench calibrate --device cuda``: the cache file, measured by the fake GPU."""
+    import gpu_fake
+
     from harness.measure import calibrate
     from harness.measure.timing import TimingConfig, time_call
-
-    import gpu_fake
 
     fake = gpu_fake.install()
 
@@ -230,8 +230,8 @@ def step_crosscheck(ctx, res: Result) -> None:
 def step_sweep(ctx, res: Result) -> None:
     import torch
 
-    from harness.core.cases import Case
     from harness.core import masks
+    from harness.core.cases import Case
     from harness.measure.inputs import make_qkv
     from harness.measure.reference import TOLERANCE, check_rows, errors, reference_attention
     from variants import triton_fused as tf
@@ -355,11 +355,10 @@ def memory(ctx, res: Result) -> float:
     """Measured peaks against the variants' estimates (real CUDA only); the largest peak/estimate."""
     import torch
 
-    from harness.engine.runner import cuda_memory_budget
-    from harness.engine.runner import estimated_bytes, run_case
-    from harness.core.cases import Case
     from harness import get_variant
+    from harness.core.cases import Case
     from harness.core.config import RunSettings, TimingConfig
+    from harness.engine.runner import cuda_memory_budget, estimated_bytes, run_case
 
     free, total = torch.cuda.mem_get_info()
     budget = cuda_memory_budget("cuda")

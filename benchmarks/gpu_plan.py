@@ -195,9 +195,7 @@ def smoke_case() -> dict:
 
 def to_case(c: dict):
     """The harness Case of a planned case (torch-free: harness.core.cases)."""
-    from harness.core.cases import Case
-
-    from harness.core.cases import axis_names
+    from harness.core.cases import Case, axis_names
 
     return Case(c["variant"], dict(c["params"]), **{k: c[k] for k in axis_names() if k in c})
 

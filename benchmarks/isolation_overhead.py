@@ -19,11 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.engine.suite import expand_cases  # noqa: E402
+from benchmarks.run_tables import add_json_option, write_tables  # noqa: E402
 from harness.engine.executors import InProcess, WorkerPool  # noqa: E402
 from harness.engine.lifecycle import default_memory_budget, run_settings  # noqa: E402
-from harness.engine.suite import load_suite  # noqa: E402
-from benchmarks.run_tables import add_json_option, write_tables  # noqa: E402
+from harness.engine.suite import (
+    expand_cases,  # noqa: E402
+    load_suite,  # noqa: E402
+)
 
 
 def main(argv: list[str]) -> int:

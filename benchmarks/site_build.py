@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def make_history(source: Path, root: Path, runs: int) -> list[str]:
 
     cases = timed_cases(source)
     factors = planted_factors(cases, runs, flat=cases[0], step=cases[1], noisy=cases[2], step_at=runs - 10)
-    start = datetime(2026, 1, 1, 3, 17, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, 3, 17, tzinfo=UTC)
     ids = []
     for night, f in enumerate(factors):
         when = start + timedelta(days=night)

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.run_tables import add_json_option, write_tables  # noqa: E402
 from harness import get_variant  # noqa: E402
 from harness.core.cases import Case  # noqa: E402
 from harness.measure.inputs import make_qkv  # noqa: E402
 from harness.measure.memory import peak_memory_bytes  # noqa: E402
-from benchmarks.run_tables import add_json_option, write_tables  # noqa: E402
 
 
 def call(name: str, params: dict, case: Case, qkv):

@@ -33,9 +33,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from harness.core.cases import AXES, SIZE_AXES, SWEEP_ALIASES, is_missing
 
@@ -78,7 +79,7 @@ class DispatchTable:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, doc: Mapping[str, Any], source: str = "dispatch table") -> "DispatchTable":
+    def from_dict(cls, doc: Mapping[str, Any], source: str = "dispatch table") -> DispatchTable:
         if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
             raise DispatchError(f"{source}: not a dispatch table (format {FORMAT!r}; write one with "
                                 f"bench winners RUN --format json)")

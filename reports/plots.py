@@ -13,7 +13,7 @@ import io
 import math
 import re
 import zlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import matplotlib
 

@@ -29,10 +29,9 @@ import numpy as np
 import pandas as pd
 
 from harness.core import schema
-from harness.core.cases import axis_names
 from harness.core import units as fmt
+from harness.core.cases import axis_names
 from harness.engine import store
-from reports.templating import environment
 from reports.analysis import (
     GROUP_KEYS,
     baseline_label,
@@ -44,12 +43,13 @@ from reports.analysis import (
     pareto_front,
     with_labels,
 )
+from reports.features import features_context
 from reports.fidelity import emulated, measurement_items, speed_rows, stability_note, unstable
-from reports.plots import palette, roofline_chart, scaling_chart, speed_accuracy_chart
-from reports.profile import profile_context
 from reports.inference import inference_context
 from reports.layers import layers_context
-from reports.features import features_context
+from reports.plots import palette, roofline_chart, scaling_chart, speed_accuracy_chart
+from reports.profile import profile_context
+from reports.templating import environment
 from reports.winners import context as winners_context
 
 STATUS_ORDER = ["ok", "incorrect", "skipped", "error", "crash", "cuda_error", "timeout", "oom"]

@@ -31,8 +31,9 @@ import statistics
 import sys
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import matplotlib
 
@@ -41,8 +42,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from harness.core import safefs  # noqa: E402
-from harness.core.errors import UserError  # noqa: E402
 from harness.core import units as fmt  # noqa: E402
+from harness.core.errors import UserError  # noqa: E402
 from harness.core.escape import terminal  # noqa: E402
 from harness.core.escape import xml as xml_text  # noqa: E402
 from harness.engine import store  # noqa: E402

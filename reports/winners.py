@@ -38,7 +38,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.core.cases import DEFAULTS, axis_names, decode_params, is_missing, label as case_label
+from harness.core.cases import DEFAULTS, axis_names, decode_params, is_missing
+from harness.core.cases import label as case_label
 from harness.core.registry import PATTERN_FAMILIES
 from reports.analysis import baseline_label
 from reports.fidelity import emulated, unstable

@@ -44,7 +44,7 @@ class FakeCuda:
         return call
 
     # -- torch.cuda -----------------------------------------------------------------------------
-    def install(self, monkeypatch) -> "FakeCuda":
+    def install(self, monkeypatch) -> FakeCuda:
         fake = self
 
         class Event:

@@ -43,7 +43,7 @@ class _Ref:
 class _Generator:
     """A submitted task: a Python generator advanced one item at a time."""
 
-    def __init__(self, ray: "FakeRay", fn, args, options: dict[str, Any], node: dict[str, Any]):
+    def __init__(self, ray: FakeRay, fn, args, options: dict[str, Any], node: dict[str, Any]):
         self.ray, self.options, self.node = ray, options, node
         self._gen = fn(*args)
         self._ready: _Ref | None = None
@@ -70,10 +70,10 @@ class _Generator:
 
 
 class _Remote:
-    def __init__(self, ray: "FakeRay", fn, options: dict[str, Any]):
+    def __init__(self, ray: FakeRay, fn, options: dict[str, Any]):
         self.ray, self.fn, self._options = ray, fn, options
 
-    def options(self, **options: Any) -> "_Remote":
+    def options(self, **options: Any) -> _Remote:
         return _Remote(self.ray, self.fn, {**self._options, **options})
 
     def remote(self, *args: Any) -> _Generator:

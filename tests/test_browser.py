@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-
 CHROMIUM_CANDIDATES = ("/usr/lib/chromium/chromium", "chromium", "chromium-browser", "google-chrome", "chrome")
 LOAD_TIMEOUT_S = 60.0
 
@@ -377,8 +376,9 @@ def derive_run(src: Path, dst: Path, run_id: str, started: str, slow: dict[str, 
 @pytest.fixture(scope="module")
 def regression_pages(tmp_path_factory, tiny_run):
     """compare.html and trend.html from the regression commands, over runs derived from a real one."""
-    import harness.cli.regression as cli
     import argparse
+
+    import harness.cli.regression as cli
 
     src = tiny_run
     root = tmp_path_factory.mktemp("history")

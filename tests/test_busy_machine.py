@@ -12,7 +12,8 @@ import pandas as pd
 from harness.core import schema
 from harness.core.cases import Case
 from harness.core.schema import CaseResult
-from harness.engine import lifecycle, rounds as rounds_module, store
+from harness.engine import lifecycle, store
+from harness.engine import rounds as rounds_module
 from harness.engine.executors import CircuitBreaker
 from harness.engine.rounds import ContentionPolicy, Quarantine, Rounds, run_sequential
 from harness.measure import contention

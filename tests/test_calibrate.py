@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from harness.measure import calibrate, roofline
-from harness.measure.derive import derive
 from harness.core.cases import Case
 from harness.core.flops import attention_flops
+from harness.measure import calibrate, roofline
+from harness.measure.derive import derive
 
 
 def fake_measure(calls):

@@ -17,6 +17,8 @@ import pytest
 
 from harness.core.cases import Case
 from harness.core.stats import time_test
+from harness.engine.trust import UntrustedPlugin
+from harness.measure.environment import PROJECT_ROOT, git_commit
 from harness.regression.compare import Comparison, compare_frames
 from harness.regression.confirm import (
     Side,
@@ -26,8 +28,6 @@ from harness.regression.confirm import (
     runnable_reasons,
     worker_runners,
 )
-from harness.engine.trust import UntrustedPlugin
-from harness.measure.environment import PROJECT_ROOT, git_commit
 from harness.regression.history import run_info
 from harness.regression.verdicts import Thresholds
 from tests.runs import bench as run_bench

@@ -21,8 +21,8 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-from pytest_benchmark.logger import Logger  # noqa: E402
 from _pytest.config import Config  # noqa: E402
+from pytest_benchmark.logger import Logger  # noqa: E402
 from pytest_benchmark.plugin import pytest_benchmark_group_stats, pytest_benchmark_scale_unit  # noqa: E402
 from pytest_benchmark.storage.file import FileStorage  # noqa: E402
 from pytest_benchmark.table import TableResults  # noqa: E402

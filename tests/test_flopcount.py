@@ -8,10 +8,10 @@ import torch
 from torch.utils.flop_counter import flop_registry
 
 from harness import get_variant
-from harness.measure import flopcount
-from harness.measure.derive import derive
 from harness.core.cases import Case
 from harness.core.flops import attention_flops, total_flops
+from harness.measure import flopcount
+from harness.measure.derive import derive
 from harness.measure.inputs import make_grad, make_qkv
 
 

@@ -374,9 +374,9 @@ def test_other_processes_on_the_gpu_are_named_and_the_checker_is_not_one(tmp_pat
     --refuse-shared."""
     import types
 
+    import gpu_check_steps as steps
     import torch
 
-    import gpu_check_steps as steps
     from harness.measure import environment
 
     me, parent = os.getpid(), 4000

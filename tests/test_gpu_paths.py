@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from harness.core.cases import Case
+from harness.core.config import RunSettings
 from harness.engine import runner
 from harness.engine.executors import CircuitBreaker
 from harness.measure import cudatime
-from harness.core.config import RunSettings
 from harness.measure.timing import TimingConfig, time_call
 from tests.fake_cuda import FakeCuda
 

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from harness.engine import store
-from tests.runs import record_case
 from harness.regression.history import (
     HistoryError,
     list_baselines,
@@ -21,6 +20,7 @@ from harness.regression.history import (
     run_info,
     set_baseline,
 )
+from tests.runs import record_case
 
 ROW = {"variant": "naive", "family": "dense", "exact": True, "params": "{}", "device": "cpu", "dtype": "float32",
        "mode": "fwd", "batch": 1, "heads": 2, "kv_heads": 2, "seq_len": 64, "head_dim": 16, "causal": False,

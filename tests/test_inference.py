@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from harness.measure.derive import derive
 from harness import get_variant, masks
 from harness.core.cases import Case
+from harness.measure.derive import derive
 from harness.measure.inputs import dense_kv, layout_inputs, make_qkv
 from harness.measure.reference import TOLERANCE, errors, reference_attention
 from variants import flex, inference, paged

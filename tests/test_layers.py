@@ -15,8 +15,8 @@ from harness.core.flops import case_pairs
 from harness.engine.layerrun import build_layer
 from harness.measure.reference import reference_attention
 from harness.measure.timing import TimingConfig
-from variants import layers
 from tests.runs import measured
+from variants import layers
 
 FAST = TimingConfig(warmup=1, min_time_s=0.0, min_reps=2, max_reps=2)
 H, D = 4, 16

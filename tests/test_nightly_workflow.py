@@ -88,8 +88,7 @@ def test_gpu_job_runs_on_a_self_hosted_label_only_when_one_exists(workflow):
 
 
 def test_the_suites_it_runs_exist_and_load():
-    from harness.engine.suite import expand_cases
-    from harness.engine.suite import load_suite
+    from harness.engine.suite import expand_cases, load_suite
 
     cpu = load_suite(ROOT / "suites" / "nightly-cpu.toml")
     gpu = load_suite(ROOT / "suites" / "nightly-gpu.toml")

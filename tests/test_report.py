@@ -11,9 +11,8 @@ import pandas as pd
 import pytest
 
 from harness.core import schema
-from harness.engine.store import RunWriter
-from tests.runs import record_case
 from harness.core import units as fmt
+from harness.engine.store import RunWriter
 from reports.analysis import (
     baseline_label,
     crossover_length,
@@ -24,8 +23,7 @@ from reports.analysis import (
     with_labels,
 )
 from reports.render import build_context, render_report
-
-
+from tests.runs import record_case
 
 # -- crossovers ----------------------------------------------------------------------------------
 

@@ -4,8 +4,7 @@ import textwrap
 
 import pytest
 
-from harness.engine.suite import expand_cases
-from harness.engine.suite import SuiteError, load_suite, parse_suite
+from harness.engine.suite import SuiteError, expand_cases, load_suite, parse_suite
 from tests.runs import measured
 
 GOOD = """

@@ -171,8 +171,14 @@ def test_confirm_extraction_refuses_links_out_of_the_tree_in_one_line(tmp_path):
 
 
 def test_confirm_rounds_are_bounded_whatever_the_run_recorded():
-    from harness.regression.confirm import (ROUND_MAX_REPS, ROUND_MAX_TIME_S, ROUND_MAX_WARMUP, ROUND_MIN_REPS,
-                                            ROUND_MIN_TIME_S, round_timing)
+    from harness.regression.confirm import (
+        ROUND_MAX_REPS,
+        ROUND_MAX_TIME_S,
+        ROUND_MAX_WARMUP,
+        ROUND_MIN_REPS,
+        ROUND_MIN_TIME_S,
+        round_timing,
+    )
 
     huge = {"warmup": 10**9, "min_time_s": 1e9, "min_reps": 10**9, "max_reps": 10**9, "max_time_s": 1e9,
             "processes": 1000, "threads": 1}

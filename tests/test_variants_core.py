@@ -13,9 +13,9 @@ from harness import Param, RegistryError, Supports, attention_flops, get_variant
 from harness.core import registry
 from harness.measure.inputs import make_qkv
 from harness.measure.reference import errors
+from tests.runs import measured
 from tests.variant_checks import assert_exact, assert_exact_grads, forward_errors, gym_mask, make_case
 from variants.local import window_pairs
-from tests.runs import measured
 
 EXACT = [
     ("naive", {}),

@@ -31,8 +31,17 @@ import dataclasses
 import torch
 
 from variants import features as feat
-from variants.inference import (VARLEN, auto_splits, combine_splits, grouped_queries, inference_variant,
-                                partial_attention, sink_partial, visible, zero_padding_rows)
+from variants.inference import (
+    VARLEN,
+    auto_splits,
+    combine_splits,
+    grouped_queries,
+    inference_variant,
+    partial_attention,
+    sink_partial,
+    visible,
+    zero_padding_rows,
+)
 
 
 def _softcap(cap):

@@ -60,9 +60,7 @@ import threading
 import torch
 from torch.nn.attention.flex_attention import and_masks
 
-from harness import attention_flops, masks
-from harness import pair_flops
-from harness import Param, Supports, register_variant
+from harness import Param, Supports, attention_flops, masks, pair_flops, register_variant
 from variants import features as feat
 from variants.local import window_pairs
 
@@ -300,7 +298,7 @@ def _run(q, k, v, *, causal: bool, params: dict):
 PROBE_SHAPE = dict(batch=1, heads=2, kv_heads=1, seq_len=131, head_dim=16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unavailable(device: str) -> str | None:
     """Why FlexAttention cannot be compiled on ``device`` here (None: it can). Probed once per device."""
     try:

@@ -14,7 +14,7 @@ A quantised cache (``variants.quantised.quantize_kv``) can take the same place: 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ class StaticKV(tuple):
         obj.past = int(past)
         return obj
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "StaticKV":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> StaticKV:
         """The same cache with ``fn`` applied to every buffer (a dtype cast, an aligned copy)."""
         return StaticKV([fn(t) for t in self], self.past)
 

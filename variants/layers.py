@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ class MLADims:
     q_rank: int = 0
 
     @classmethod
-    def of(cls, case) -> "MLADims":
+    def of(cls, case) -> MLADims:
         """A case's MLA layer: nope = v = head_dim, or the widths of the MLA model the case names."""
         p, mla = case.params, models.mla_dims(case)
         nope, v = (mla.qk_nope_head_dim, mla.v_head_dim) if mla else (case.head_dim, case.head_dim)

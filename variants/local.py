@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import and_masks
 
-from harness import masks
-from harness import pair_flops
-from harness import Param, register_variant
+from harness import Param, masks, pair_flops, register_variant
 from variants.common import pad_seq
 
 

@@ -46,8 +46,17 @@ import torch
 
 from harness import Param
 from variants import features as feat
-from variants.inference import (DECODE_FEATURES, combine_splits, grouped_queries, inference_variant, partial_attention,
-                                score_mods, sink_partial, visible, zero_padding_rows)
+from variants.inference import (
+    DECODE_FEATURES,
+    combine_splits,
+    grouped_queries,
+    inference_variant,
+    partial_attention,
+    score_mods,
+    sink_partial,
+    visible,
+    zero_padding_rows,
+)
 
 _F32 = torch.float32
 PATHS = ("gather", "pages", "flex")

@@ -73,8 +73,7 @@ from typing import NamedTuple
 
 import torch
 
-from harness import pair_flops
-from harness import Param, register_variant
+from harness import Param, pair_flops, register_variant
 from variants.common import masked_value, pad_seq, scale_of
 
 PATTERNS = ("local_global", "bigbird", "strided")

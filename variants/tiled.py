@@ -47,9 +47,8 @@ import math
 
 import torch
 
+from harness import Param, Supports, attention_flops, register_variant
 from harness.core.cases import DTYPE_BYTES
-from harness import attention_flops
-from harness import Param, Supports, register_variant
 from variants import tiled_features
 from variants.features import ALL as ALL_FEATURES
 

@@ -21,7 +21,6 @@ if str(HERE) not in sys.path:
 
 import measured  # noqa: E402
 import reference  # noqa: E402
-
 from mkdocs.structure.files import File  # noqa: E402
 
 #: A logger under "mkdocs": its warnings count for --strict.

@@ -53,8 +53,9 @@ def _devices(args) -> list[str] | None:
 
 
 def cmd_calibrate(args) -> int:
-    import torch
     from pathlib import Path
+
+    import torch
 
     from harness.core.cases import DTYPES
     from harness.measure import calibrate

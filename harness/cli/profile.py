@@ -74,8 +74,8 @@ def _profile_suite(args) -> tuple[Path, int]:
 def _labels(run_dir: Path) -> dict[str, str]:
     """case_id → the case's label (what PATTERN is matched against)."""
     from harness.core.cases import Case
-    from harness.engine.store import read_results
     from harness.core.cases import label as case_label
+    from harness.engine.store import read_results
 
     labels = {}
     for row in read_results(run_dir).to_dict("records"):

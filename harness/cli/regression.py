@@ -220,9 +220,9 @@ def cmd_history(args) -> int:
 
 def cmd_show(args) -> int:
     from harness.core import units as fmt
+    from harness.core.cases import label as case_label
     from harness.engine import store
     from harness.regression.history import resolve_run, run_info
-    from harness.core.cases import label as case_label
 
     info = run_info(resolve_run(args.run, args.root))
     rows = store.read_results(info.path)

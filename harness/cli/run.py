@@ -170,10 +170,8 @@ def _with_options(suite, args):
 
 def _execute(suite, cases, writer, args, resumed: bool = False) -> int:
     """Run ``cases`` with a progress display, then print the summary and write the report."""
-    from harness.engine.lifecycle import execute
+    from harness.engine.lifecycle import execute, option_problem
     from harness.engine.progress import make_progress
-
-    from harness.engine.lifecycle import option_problem
 
     if (problem := option_problem(suite, args.isolation)) is not None:
         print(problem, file=sys.stderr)

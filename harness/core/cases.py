@@ -30,8 +30,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from harness.core import lengths as _lengths
 from harness.core import models as _models
@@ -196,7 +197,7 @@ class Case:
                 object.__setattr__(self, name, float(value))
 
     @classmethod
-    def from_point(cls, variant: str, params: dict[str, Any], point: dict[str, Any]) -> "Case":
+    def from_point(cls, variant: str, params: dict[str, Any], point: dict[str, Any]) -> Case:
         """The case of one point of a suite's sweep (its sweep keys), normalised: ``kv_heads``
         defaults to ``heads``, ``kv_len`` is ``seq_len``, a ``q_len`` equal to it is dropped,
         ``page_size`` only belongs to a paged layout, a ``v_head_dim`` equal to ``head_dim`` is dropped,
@@ -282,7 +283,7 @@ class Case:
         return self.q_len is not None or self.kv_layout != "contiguous" or self.lengths != "fixed"
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "Case":
+    def from_row(cls, row: Mapping[str, Any]) -> Case:
         """The case a result row measured; ``ValueError`` when the row's ``case_id`` does not match it
         (``KeyError`` when it lacks a field every run has). A field declared ``later`` that the row
         lacks (written before it existed) or leaves empty takes its default."""

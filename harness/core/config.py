@@ -20,9 +20,10 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from harness.core.cases import sweep_axis, sweep_defaults
 
@@ -150,7 +151,7 @@ class Table:
     orders: tuple[Order, ...] = ()
 
     @classmethod
-    def of(cls, name: str, settings: type, orders: tuple[Order, ...] = ()) -> "Table":
+    def of(cls, name: str, settings: type, orders: tuple[Order, ...] = ()) -> Table:
         """The table of a settings dataclass whose fields were declared with :func:`setting`."""
         hints = typing.get_type_hints(settings)
         keys = []
@@ -334,7 +335,7 @@ class RunSettings:
         return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "RunSettings":
+    def from_json(cls, d: Mapping[str, Any]) -> RunSettings:
         """The settings a ``to_json`` dict describes (keys it does not know are ignored, so that a worker
         of another commit reads what it can)."""
         known = {f.name for f in dataclasses.fields(cls)}

@@ -37,7 +37,7 @@ def dense_pairs(seq_len: int, causal: bool) -> float:
     return seq_len * seq_len / 2 if causal else float(seq_len * seq_len)
 
 
-def pair_flops(case: "Case", pairs: float) -> float:
+def pair_flops(case: Case, pairs: float) -> float:
     """Forward FLOPs of exact attention over ``pairs`` attended (query, key) pairs per head:
     ``2·(D + Dv)`` each (``4·D`` when v has q's head size)."""
     value_dim = getattr(case, "v_head_dim", None) or case.head_dim
@@ -54,7 +54,7 @@ def pair_count(q_len: int, kv_len: int, causal: bool) -> float:
     return float(pairs(q_len, kv_len, causal))
 
 
-def case_pairs(case: "Case") -> float:
+def case_pairs(case: Case) -> float:
     """Attended (query, key) pairs per head, averaged over the batch's sequences: the dense
     convention for a square fixed-length case, else the real pairs (see the module doc)."""
     from harness.core import features
@@ -76,7 +76,7 @@ def case_pairs(case: "Case") -> float:
     return sum(pairs(q, kv, case.causal) for q, kv in zip(q_lens, kv_lens)) / case.batch
 
 
-def attention_flops(case: "Case") -> float:
+def attention_flops(case: Case) -> float:
     """Forward FLOPs of exact attention over the case's pairs (square causal counts half)."""
     return pair_flops(case, case_pairs(case))
 

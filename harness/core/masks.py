@@ -15,7 +15,7 @@ such functions here (:func:`case_score_mod`, :func:`case_mask`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -24,9 +24,10 @@ Pure Python, no torch: the suite validator and the command line read it.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from harness.core.errors import UserError
 

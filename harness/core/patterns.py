@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 from harness.core.cases import Case
 

@@ -44,14 +44,15 @@ import functools
 import importlib
 import importlib.metadata
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from harness.core.errors import UserError
 from harness.core.cases import DTYPES, MODES
-from harness.core.supports import Supports, feature_reasons, head_dim_range, inference_reasons
+from harness.core.errors import UserError
 from harness.core.flops import attention_flops
+from harness.core.supports import Supports, feature_reasons, head_dim_range, inference_reasons
 
 if TYPE_CHECKING:
     from harness.core.cases import Case
@@ -158,7 +159,7 @@ class Variant:
     check: CheckFn | None = None
     mask: MaskFactory | None = None
     working_set: BytesFn | None = None
-    columns: Callable[["Case"], dict[str, Any]] | None = None
+    columns: Callable[[Case], dict[str, Any]] | None = None
     baseline: bool = False
     source: str = "builtin"
     #: ``factory(case) -> score_mod``: the score modifier the float64 reference applies (None: the case's own)
@@ -172,7 +173,7 @@ class Variant:
     def __call__(self, q, k, v, *, causal: bool = False, **params):
         return self.fn(q, k, v, causal=causal, **params)
 
-    def with_inputs(self, extra: dict[str, Any]) -> "Variant":
+    def with_inputs(self, extra: dict[str, Any]) -> Variant:
         """This variant with ``extra`` keyword inputs (``q_lens``, ``kv_lens``, ``block_table`` of an
         inference-shaped case, :func:`harness.measure.inputs.layout_inputs`) passed on every call;
         ``shared_prefix`` only when it declares ``Supports(shared_prefix=True)``."""
@@ -180,7 +181,7 @@ class Variant:
             extra = {k: v for k, v in extra.items() if k != "shared_prefix"}
         return dataclasses.replace(self, fn=functools.partial(self.fn, **extra)) if extra else self
 
-    def not_supported_reasons(self, case: "Case") -> list[str]:
+    def not_supported_reasons(self, case: Case) -> list[str]:
         """Human-readable reasons this variant cannot run ``case`` (empty: it can).
 
         All of them at once: every declared limit the case violates, then ``check``'s reasons.
@@ -211,7 +212,7 @@ class Variant:
             reasons.extend(r for r in self.check(case) if r not in reasons)
         return reasons
 
-    def reference_mask(self, case: "Case"):
+    def reference_mask(self, case: Case):
         """The mask_mod (harness.core.masks) whose dense float64 attention this variant is measured against."""
         from harness.core import masks
 
@@ -219,7 +220,7 @@ class Variant:
             return self.mask(case)
         return masks.case_mask(case)
 
-    def reference_score_mod(self, case: "Case"):
+    def reference_score_mod(self, case: Case):
         """The FlexAttention-style score_mod (or None) the float64 reference applies for this variant: its
         own (``register_variant(score_mod=...)``), else the case's softcap and ALiBi."""
         from harness.core import masks
@@ -286,7 +287,7 @@ def register_variant(
     check: CheckFn | None = None,
     mask: MaskFactory | None = None,
     working_set: BytesFn | None = None,
-    columns: Callable[["Case"], dict[str, Any]] | None = None,
+    columns: Callable[[Case], dict[str, Any]] | None = None,
     baseline: bool = False,
     tolerance: dict[str, tuple[float, float]] | None = None,
     level: str = "kernel",

@@ -246,7 +246,7 @@ def empty_row() -> dict[str, Any]:
     return {c.name: _START.get(c.name, c.missing) for c in COLUMNS if c.per_case}
 
 
-def base_row(case: "Case", family: str | None = None, exact: bool | None = None, threads: int | None = None, *,
+def base_row(case: Case, family: str | None = None, exact: bool | None = None, threads: int | None = None, *,
              baseline: bool | None = None) -> dict[str, Any]:
     """The row of ``case`` before anything is measured: its identity filled in, the rest empty."""
     row = empty_row()
@@ -277,7 +277,7 @@ def arrow_type(dtype: str):
     return {"string": pa.large_string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[dtype]
 
 
-def arrow_schema(frame) -> "Any":
+def arrow_schema(frame) -> Any:
     """The pyarrow schema to write a pandas frame of rows with: declared columns with their declared
     types (missing values as nulls), any other column (a variant's) with the type pyarrow infers.
 

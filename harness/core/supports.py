@@ -67,7 +67,7 @@ class Supports:
         return tuple(name for name in FEATURES if getattr(self, name, False))
 
 
-def inference_reasons(name: str, s: Supports, case: "Case") -> list[str]:
+def inference_reasons(name: str, s: Supports, case: Case) -> list[str]:
     """Why ``case``'s inference shape (q_len, lengths, kv_layout) is beyond what ``s`` declares."""
     reasons = []
     if getattr(case, "q_len", None) is not None and not s.non_square:
@@ -81,7 +81,7 @@ def inference_reasons(name: str, s: Supports, case: "Case") -> list[str]:
     return reasons
 
 
-def feature_reasons(name: str, s: Supports, case: "Case") -> list[str]:
+def feature_reasons(name: str, s: Supports, case: Case) -> list[str]:
     """Why ``case``'s attention features are beyond what ``s`` declares, or cannot be (any variant)."""
     reasons = []
     for feature, value in getattr(case, "features", {}).items():

@@ -37,8 +37,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from harness.core import schema
 from harness.core.cases import Case
@@ -113,10 +114,10 @@ class Executor(Protocol):
 
     breaker: CircuitBreaker
 
-    def run_cases(self, cases: list[Case], rounds: "Rounds", progress: Any = None,
+    def run_cases(self, cases: list[Case], rounds: Rounds, progress: Any = None,
                   stop: Callable[[], bool] = ...) -> int: ...
 
-    def __enter__(self) -> "Executor": ...
+    def __enter__(self) -> Executor: ...
 
     def __exit__(self, *exc: Any) -> bool: ...
 
@@ -288,7 +289,7 @@ class WorkerPool:
         self.close()
 
     # -- cases --------------------------------------------------------------------------------
-    def run_cases(self, cases: list[Case], rounds: "Rounds", progress: Any = None,
+    def run_cases(self, cases: list[Case], rounds: Rounds, progress: Any = None,
                   stop: Callable[[], bool] = lambda: False) -> int:
         """The cases one at a time, round after round (:func:`harness.engine.rounds.run_sequential`)."""
         from harness.engine.rounds import run_sequential
@@ -371,7 +372,7 @@ class InProcess:
         self.settings = settings
         self.breaker = CircuitBreaker()
 
-    def run_cases(self, cases: list[Case], rounds: "Rounds", progress: Any = None,
+    def run_cases(self, cases: list[Case], rounds: Rounds, progress: Any = None,
                   stop: Callable[[], bool] = lambda: False) -> int:
         from harness.engine.rounds import run_sequential
 

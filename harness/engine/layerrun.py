@@ -34,10 +34,10 @@ from harness.core.models import d_model
 from harness.core.registry import Variant
 from harness.engine.steps import accuracy_columns, after_timing, cost_columns, timed
 from harness.measure import profile as profiling
-from harness.measure.inputs import TORCH_DTYPES as DTYPES, aligned_copy
+from harness.measure.inputs import TORCH_DTYPES as DTYPES
+from harness.measure.inputs import aligned_copy
 from harness.measure.reference import correctness_problems, errors
 from harness.measure.timing import input_set_count
-
 
 
 def build_layer(case: Case, variant: Variant, seed: int = 0) -> torch.nn.Module:

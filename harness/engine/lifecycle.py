@@ -22,10 +22,11 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from harness.core.errors import RunExistsError, UserError
 
@@ -54,7 +55,7 @@ class Outcome:
     signal that interrupted it (None when it ran to the end)."""
 
     status: str
-    rows: "pd.DataFrame"
+    rows: pd.DataFrame
     interrupted: str | None = None
 
 
@@ -63,19 +64,19 @@ def _stderr(message: str) -> None:
 
 
 def new_run_id(suite_name: str) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{suite_name}-{uuid.uuid4().hex[:6]}"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # -- start, resume, finish --------------------------------------------------------------------
 
 
-def start_run(suite: "Suite", out_dir: Path | None, cases: list["Case"],
-              results_root: Path = Path("results")) -> "RunWriter":
+def start_run(suite: Suite, out_dir: Path | None, cases: list[Case],
+              results_root: Path = Path("results")) -> RunWriter:
     """Create the run directory and its run.json (status 'running')."""
     import torch
 
@@ -110,7 +111,7 @@ def start_run(suite: "Suite", out_dir: Path | None, cases: list["Case"],
     return RunWriter(run_dir, meta)
 
 
-def remaining_cases(run_dir: Path, cases: list["Case"]) -> list["Case"]:
+def remaining_cases(run_dir: Path, cases: list[Case]) -> list[Case]:
     """The cases of ``cases`` that have no final row in ``run_dir``; refuses if identities changed."""
     from harness.engine.store import read_meta, read_rows_log
 
@@ -130,15 +131,14 @@ def remaining_cases(run_dir: Path, cases: list["Case"]) -> list["Case"]:
     return [c for c in cases if c.case_id not in finished]
 
 
-def resume_run(run_dir: Path, suite: "Suite | None" = None, trust_plugins: bool = False,
-               processes: int | None = None, allocator: str | None = None) -> tuple["Suite", list["Case"], "RunWriter"]:
+def resume_run(run_dir: Path, suite: Suite | None = None, trust_plugins: bool = False,
+               processes: int | None = None, allocator: str | None = None) -> tuple[Suite, list[Case], RunWriter]:
     """(suite, cases still to run, writer) to continue the run in ``run_dir``: with ``suite``
     (whose cases must be the run's), or else with the suite stored in its run.json, whose plugins
     must be this checkout's code unless ``trust_plugins``, and which sets no executor or cluster
     address (:mod:`harness.engine.trust`). ``processes``/``allocator``: the command line's, else the run's."""
-    from harness.engine.suite import expand_cases
     from harness.engine.store import RunWriter, read_meta
-    from harness.engine.suite import parse_suite
+    from harness.engine.suite import expand_cases, parse_suite
     from harness.engine.trust import check_recorded_suite, received_suite, recorded_options
 
     run_dir = Path(run_dir)
@@ -156,7 +156,7 @@ def resume_run(run_dir: Path, suite: "Suite | None" = None, trust_plugins: bool 
     return suite, todo, RunWriter.reopen(run_dir, meta)
 
 
-def with_options(suite: "Suite", *, processes: int | None = None, allocator: str | None = None) -> "Suite":
+def with_options(suite: Suite, *, processes: int | None = None, allocator: str | None = None) -> Suite:
     """``suite`` with ``[timing] processes`` and ``[run] allocator`` replaced where given (the
     command line's ``--processes``, ``--allocator``); the run records what it used."""
     if processes is not None:
@@ -166,7 +166,7 @@ def with_options(suite: "Suite", *, processes: int | None = None, allocator: str
     return suite
 
 
-def option_problem(suite: "Suite", isolation: str | None = None) -> str | None:
+def option_problem(suite: Suite, isolation: str | None = None) -> str | None:
     """Why the suite's ``[run]`` settings (with ``isolation`` overriding its own) cannot run, in one
     line naming the file and key; None when they can."""
     from harness.measure.environment import ALLOCATOR_ENV
@@ -187,7 +187,7 @@ def option_problem(suite: "Suite", isolation: str | None = None) -> str | None:
     return ray_problem(suite, isolation)
 
 
-def finish_run(writer: "RunWriter", status: str, wall_s: float) -> "pd.DataFrame":
+def finish_run(writer: RunWriter, status: str, wall_s: float) -> pd.DataFrame:
     """Record the end in run.json and write the tables; returns the run's rows."""
     return writer.finalize(finished=_now(), status=status, wall_s=round(wall_s, 3))
 
@@ -203,15 +203,15 @@ def default_memory_budget() -> int:
     return int(available * MEMORY_BUDGET_FRACTION)
 
 
-def memory_budget(suite: "Suite", gib: float | None = None) -> int:
+def memory_budget(suite: Suite, gib: float | None = None) -> int:
     """Bytes one case may be estimated to use: ``gib``, else the suite's ``[run] memory_budget_gib``,
     else :func:`default_memory_budget`."""
     gib = gib or suite.run.memory_budget_gib
     return int(gib * 2**30) if gib else default_memory_budget()
 
 
-def run_settings(suite: "Suite", *, case_timeout_s: float | None = None, memory_budget_gib: float | None = None,
-                 profile: bool | list[str] | None = None, run_dir: Path | None = None) -> "RunSettings":
+def run_settings(suite: Suite, *, case_timeout_s: float | None = None, memory_budget_gib: float | None = None,
+                 profile: bool | list[str] | None = None, run_dir: Path | None = None) -> RunSettings:
     """What every executor and worker of ``suite``'s run receives (:class:`harness.core.config.RunSettings`):
     the suite's settings, with the arguments given (the command line's) overriding its ``[run]`` table."""
     from harness.core.config import RunSettings
@@ -225,9 +225,9 @@ def run_settings(suite: "Suite", *, case_timeout_s: float | None = None, memory_
         profile=profile_request(suite.run.profile if profile is None else profile, run_dir))
 
 
-def make_executor(suite: "Suite", log_dir: Path | None = None, *, isolation: str | None = None,
+def make_executor(suite: Suite, log_dir: Path | None = None, *, isolation: str | None = None,
                   case_timeout_s: float | None = None, memory_budget_gib: float | None = None,
-                  profile: bool | list[str] | None = None, run_dir: Path | None = None) -> "Executor":
+                  profile: bool | list[str] | None = None, run_dir: Path | None = None) -> Executor:
     """The executor for ``suite``'s cases (:mod:`harness.engine.executors`): the arguments given
     override the suite's ``[run]`` table. Worker logs go to ``log_dir``. The workers get the
     environment of this process as it is, plus what ``[run] allocator`` asks for (default: nothing)."""
@@ -268,7 +268,7 @@ class _Signals:
         self.log(f"\n{self.received}: finishing the current case, then writing what exists "
                  "(send again to abandon it)")
 
-    def __enter__(self) -> "_Signals":
+    def __enter__(self) -> _Signals:
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -281,8 +281,8 @@ class _Signals:
         return False
 
 
-def run_cases(cases: list["Case"], writer: "RunWriter", executor: "Executor", progress: Any = None,
-              stop: Callable[[], bool] = lambda: False, processes: int = 1, policy: "ContentionPolicy | None" = None,
+def run_cases(cases: list[Case], writer: RunWriter, executor: Executor, progress: Any = None,
+              stop: Callable[[], bool] = lambda: False, processes: int = 1, policy: ContentionPolicy | None = None,
               log: Callable[[str], None] = _stderr) -> int:
     """Run ``cases`` through ``executor`` in ``processes`` rounds (:mod:`harness.engine.rounds`: each
     round in a fresh worker process, each case's final row appended to ``writer`` once its last round
@@ -293,7 +293,7 @@ def run_cases(cases: list["Case"], writer: "RunWriter", executor: "Executor", pr
     return executor.run_cases(cases, Rounds(writer, processes, policy, log=log), progress=progress, stop=stop)
 
 
-def contention_policy(suite: "Suite", mode: str | None = None) -> "ContentionPolicy":
+def contention_policy(suite: Suite, mode: str | None = None) -> ContentionPolicy:
     """The suite's ``[run] contention`` settings (``mode``: the command line's, overriding it)."""
     from harness.engine.rounds import ContentionPolicy
 
@@ -320,7 +320,7 @@ def check_machine(threads: int | None, log: Callable[[str], None] = _stderr, sec
     return seen
 
 
-def execute(suite: "Suite", cases: list["Case"], writer: "RunWriter", *, progress: Any = None,
+def execute(suite: Suite, cases: list[Case], writer: RunWriter, *, progress: Any = None,
             log: Callable[[str], None] = _stderr, **executor_options: Any) -> Outcome:
     """Run ``cases`` into ``writer``'s run directory, stopping early on SIGINT/SIGTERM, then
     finish the run (tables, run.json). ``executor_options`` go to :func:`make_executor`;

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from harness.core.errors import RunExistsError, UserError
 from harness.engine import store
@@ -54,8 +55,8 @@ class Part:
 
     path: Path
     meta: dict[str, Any]
-    rows: "pd.DataFrame"
-    samples: "pd.DataFrame"
+    rows: pd.DataFrame
+    samples: pd.DataFrame
 
     @property
     def shard(self) -> dict[str, Any] | None:
@@ -72,7 +73,7 @@ class Merged:
     """What :func:`merge_runs` wrote: the run directory, its rows, and what it lacks or dropped."""
 
     path: Path
-    rows: "pd.DataFrame"
+    rows: pd.DataFrame
     missing: list[str]
     duplicates: list[str]
     machines: int

@@ -41,9 +41,10 @@ import re
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from harness.core import schema
 from harness.core.cases import Case
@@ -62,7 +63,7 @@ NODE_LABEL = "ray.io/node-id"
 INSTALL_HINT = "pip install -e '.[ray]'"
 
 
-def option_problem(suite: "Suite", isolation: str | None = None) -> str | None:
+def option_problem(suite: Suite, isolation: str | None = None) -> str | None:
     """Why ``suite``'s ``[run] executor`` cannot be used here (one line), or None."""
     if suite.run.executor != "ray":
         return None
@@ -299,7 +300,7 @@ class RayExecutor:
         self._flight: dict[Any, _Attempt] = {}
 
     # -- Ray --------------------------------------------------------------------------------------
-    def __enter__(self) -> "RayExecutor":
+    def __enter__(self) -> RayExecutor:
         import ray
 
         self.ray = ray

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from harness.measure import contention
 from harness.measure.derive import final_row
@@ -64,7 +65,7 @@ class ContentionPolicy:
 class Shown:
     """A case as the progress display shows it during round ``index`` of ``total``."""
 
-    def __init__(self, case: "Case", index: int, total: int):
+    def __init__(self, case: Case, index: int, total: int):
         self.case, self.index, self.total = case, index, total
 
     def label(self) -> str:
@@ -81,7 +82,7 @@ class Rounds:
     durably and gives the case's final row once its last round has finished, or as soon as a
     round did not end ``ok``; :meth:`should_retry` decides whether a contended round is re-run."""
 
-    def __init__(self, writer: "RunWriter", processes: int, policy: ContentionPolicy | None = None,
+    def __init__(self, writer: RunWriter, processes: int, policy: ContentionPolicy | None = None,
                  log: Callable[[str], None] = lambda message: None,
                  sleep: Callable[[float], None] = time.sleep):
         self.writer, self.processes = writer, processes
@@ -100,12 +101,12 @@ class Rounds:
         """Cases that are ``ok`` so far and still have rounds to run."""
         return set(self.rows)
 
-    def _attempt(self, case: "Case", index: int) -> str:
+    def _attempt(self, case: Case, index: int) -> str:
         if index == 0 and (case.case_id, 0) not in self._retried:
             self.attempts[case.case_id] = uuid.uuid4().hex[:12]
         return self.attempts[case.case_id]
 
-    def should_retry(self, case: "Case", index: int, result: "CaseResult") -> bool:
+    def should_retry(self, case: Case, index: int, result: CaseResult) -> bool:
         """Whether ``result`` (round ``index`` of ``case``) is to be run again in a fresh process because
         other processes contended it; if so it is logged as discarded (never in the tables)."""
         if result.row.get("status") != "ok" or not result.samples_s:
@@ -131,7 +132,7 @@ class Rounds:
         self.writer.append_round(row, result.samples_s, process=index, attempt_id=f"{attempt}-discarded-{index}-{n}")
         return True
 
-    def record(self, case: "Case", index: int, result: "CaseResult") -> dict[str, Any] | None:
+    def record(self, case: Case, index: int, result: CaseResult) -> dict[str, Any] | None:
         cid = case.case_id
         attempt = self._attempt(case, index)
         self.writer.append_round(result.row, result.samples_s, process=index, attempt_id=attempt)
@@ -157,7 +158,7 @@ class Rounds:
         del self.rows[cid], self.samples[cid]
         return self._final(final, cid, attempt)
 
-    def skip(self, case: "Case", reason: str, threads: int | None = None) -> dict[str, Any]:
+    def skip(self, case: Case, reason: str, threads: int | None = None) -> dict[str, Any]:
         """Record ``case`` as skipped without running it (its variant is quarantined)."""
         from harness.core.schema import CaseResult, base_row
 
@@ -181,7 +182,7 @@ class Quarantine:
         self.streak: dict[str, list[str]] = {}
         self.reasons: dict[str, str] = {}
 
-    def record(self, case: "Case", row: dict[str, Any]) -> None:
+    def record(self, case: Case, row: dict[str, Any]) -> None:
         status = row.get("status")
         if status == "skipped":
             return
@@ -194,7 +195,7 @@ class Quarantine:
         else:
             self.streak.pop(case.variant, None)
 
-    def reason(self, case: "Case") -> str | None:
+    def reason(self, case: Case) -> str | None:
         return self.reasons.get(case.variant)
 
 
@@ -211,7 +212,7 @@ def wait_for_quiet(policy: ContentionPolicy, log: Callable[[str], None] = lambda
             return clock() - t0
 
 
-def run_sequential(executor: Any, cases: list["Case"], rounds: Rounds, progress: Any = None,
+def run_sequential(executor: Any, cases: list[Case], rounds: Rounds, progress: Any = None,
                    stop: Callable[[], bool] = lambda: False, quarantine: Quarantine | None = None) -> int:
     """Run ``cases`` one at a time through ``executor`` (``run``, ``new_process``), round after round,
     recording each round in ``rounds`` (contended rounds re-run as its policy says; the cases of a

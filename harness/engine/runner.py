@@ -22,24 +22,31 @@ not the host's. The row's columns are declared in :mod:`harness.core.schema`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
-from harness.measure import profile as profiling
-from harness.measure import roofline
 from harness.core import flops as flop_rules
 from harness.core import schema
 from harness.core.cases import Case
+from harness.core.config import RunSettings
+from harness.core.registry import Variant, get_variant
+from harness.core.schema import CaseResult
+from harness.engine.steps import accuracy_columns as _accuracy_columns
+from harness.engine.steps import after_timing as _after_timing
+from harness.engine.steps import cost_columns as _cost_columns
+from harness.engine.steps import error_text as _error_text
+from harness.engine.steps import is_cuda_error as _is_cuda_error
+from harness.engine.steps import is_oom as _is_oom
+from harness.engine.steps import release as _release
+from harness.engine.steps import timed as _timed
+from harness.measure import profile as profiling
+from harness.measure import roofline
 from harness.measure.inputs import aligned_copy, dense_kv, layout_inputs, make_grad, make_qkv
 from harness.measure.reference import MAX_GRAD_CHECK_LEN, check_rows, errors, reference_attention, reference_grads
-from harness.core.registry import Variant, get_variant
-from harness.core.config import RunSettings
-from harness.core.schema import CaseResult
 from harness.measure.timing import TimingConfig, input_set_count
-from harness.engine.steps import after_timing as _after_timing, cost_columns as _cost_columns, error_text as _error_text
-from harness.engine.steps import is_cuda_error as _is_cuda_error, is_oom as _is_oom, release as _release
-from harness.engine.steps import accuracy_columns as _accuracy_columns, timed as _timed
+
 
 def base_row(case: Case, variant: Variant | None) -> dict[str, Any]:
     """The row of ``case`` before it runs: its identity, and what ``variant`` declares of it without

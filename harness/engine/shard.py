@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import heapq
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from harness.core.errors import UserError
 from harness.core import flops
+from harness.core.errors import UserError
 
 if TYPE_CHECKING:
     from harness.core.cases import Case
@@ -69,7 +70,7 @@ def parse_shard(text: str) -> Shard:
     return Shard(index, count)
 
 
-def case_cost(case: "Case") -> float:
+def case_cost(case: Case) -> float:
     """Estimated seconds of ``case``: :data:`CASE_OVERHEAD_S` plus the FLOPs of exact attention over
     its shape (B·H·pairs·D, in its mode) at its device's :data:`RATE`. A model that ranks cases,
     not a prediction: it only has to be the same on every machine."""
@@ -77,8 +78,8 @@ def case_cost(case: "Case") -> float:
     return CASE_OVERHEAD_S + work / RATE.get(case.device, RATE["cpu"])
 
 
-def assign(cases: Sequence["Case"], count: int,
-           cost: Callable[["Case"], float] = case_cost) -> list[list["Case"]]:
+def assign(cases: Sequence[Case], count: int,
+           cost: Callable[[Case], float] = case_cost) -> list[list[Case]]:
     """The cases of each of ``count`` shards (index 0 is shard 1), each in the order ``cases`` has
     them. Deterministic in the set of cases (not their order): cases sorted by (cost descending,
     case_id) go one by one to the shard with the least cost so far (lowest index on a tie).
@@ -92,19 +93,19 @@ def assign(cases: Sequence["Case"], count: int,
         load, index = heapq.heappop(heap)
         owner[cid] = index
         heapq.heappush(heap, (load + costs[cid], index))
-    shards: list[list["Case"]] = [[] for _ in range(count)]
+    shards: list[list[Case]] = [[] for _ in range(count)]
     for case in cases:
         shards[owner[case.case_id]].append(case)
     return shards
 
 
-def select(cases: Sequence["Case"], shard: Shard,
-           cost: Callable[["Case"], float] = case_cost) -> list["Case"]:
+def select(cases: Sequence[Case], shard: Shard,
+           cost: Callable[[Case], float] = case_cost) -> list[Case]:
     """The cases of ``shard``, in the order ``cases`` has them."""
     return assign(cases, shard.count, cost)[shard.index - 1]
 
 
-def record(shard: Shard, cases: Sequence["Case"], chosen: Sequence["Case"]) -> dict[str, Any]:
+def record(shard: Shard, cases: Sequence[Case], chosen: Sequence[Case]) -> dict[str, Any]:
     """What run.json records of a shard (``shard``): its index and count, how many cases it and the
     whole suite have, and both estimated costs in seconds (:func:`case_cost`)."""
     return {"index": shard.index, "count": shard.count, "cases": len(chosen), "suite_cases": len(cases),
@@ -125,7 +126,7 @@ def recorded_shard(meta: dict[str, Any]) -> Shard | None:
     return Shard(index, count)
 
 
-def cases_of_run(cases: list["Case"], meta: dict[str, Any]) -> list["Case"]:
+def cases_of_run(cases: list[Case], meta: dict[str, Any]) -> list[Case]:
     """The cases the run of ``meta`` was started with, from all of its suite's ``cases``: the shard's
     when run.json records one (so ``bench resume`` of a shard resumes that shard), else all. A merged
     run (:mod:`harness.engine.merge`) is not resumed: its parts are."""

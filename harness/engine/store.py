@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,14 +75,14 @@ class RunWriter:
         self.write_meta()
 
     @classmethod
-    def reopen(cls, run_dir: Path, meta: dict[str, Any]) -> "RunWriter":
+    def reopen(cls, run_dir: Path, meta: dict[str, Any]) -> RunWriter:
         """Continue writing an existing run (resume): its rows so far stay as they are."""
         writer = cls.__new__(cls)
         writer.dir = Path(run_dir)
         for name in APPENDED:  # before anything is written: a symlink among them is refused, one line
             safefs.check(writer.dir / name)
         writer.meta = dict(meta, status="running")
-        writer.meta.setdefault("resumed", []).append(datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        writer.meta.setdefault("resumed", []).append(datetime.now(UTC).isoformat(timespec="seconds"))
         writer.write_meta()
         return writer
 
@@ -270,7 +270,7 @@ def read_samples(run_dir: Path) -> pd.DataFrame:
     return _checked(samples, source, declared=SAMPLE_COLUMNS, required=("case_id", "time_ms"))
 
 
-def read_profile(run_dir: Path) -> "profiling.RunProfile | None":
+def read_profile(run_dir: Path) -> profiling.RunProfile | None:
     """The run's operator profile (``bench run --profile``; :mod:`harness.measure.profile`), or None."""
     run_dir = Path(run_dir)
     path = run_dir / profiling.PROFILE

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.core.errors import UserError
 from harness.core import lengths
-from harness.core.names import name_problem
 from harness.core.cases import DEFAULTS, HEAD_GEOMETRY, SIZE_AXES, SWEEP_ALIASES, Case, sweep_defaults
-from harness.core.registry import RegistryError, get_variant
 from harness.core.config import COMPARE, RUN, SWEEP, TIMING, RunConfig, Table, closest, type_name
+from harness.core.errors import UserError
+from harness.core.names import name_problem
+from harness.core.registry import RegistryError, get_variant
 from harness.measure.timing import TimingConfig
 
 TOP_KEYS = ("name", "description", "plugins", "seed", "defaults", "sweep", "timing", "run", "compare", "variant")

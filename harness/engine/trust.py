@@ -46,8 +46,9 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from harness.core.registry import PluginError
 from harness.engine.plugins import looks_like_path
@@ -298,7 +299,7 @@ def vouched_commit(repo: Path, commit: str, branches: Sequence[str] = (), *, wha
 # resume: what the recorded suite may set
 
 
-def received_suite(suite: "Suite", processes: int | None = None) -> "Suite":
+def received_suite(suite: Suite, processes: int | None = None) -> Suite:
     """The suite recorded in a run directory as ``bench resume`` runs it: its ``[run] executor`` and
     ``ray_address`` are not taken from the run (the process executor and no address, unless the
     command line gives ``--executor``/``--ray-address``, or the environment ``RAY_ADDRESS`` for Ray),
@@ -348,7 +349,7 @@ def _bounded(field: str, value: Any, hint: str) -> None:
                       f"directory (at most {limit:g}); {hint}")
 
 
-def _bounded_cases(suite: "Suite") -> None:
+def _bounded_cases(suite: Suite) -> None:
     """Refuse a recorded suite that would expand to more cases than a run directory may plan."""
     from math import prod
 

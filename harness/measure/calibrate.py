@@ -32,10 +32,11 @@ import json
 import math
 import os
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -189,7 +190,7 @@ def measure_device(device: str, dtypes: Iterable[str] = DTYPES, quick: bool = Fa
     entry: dict[str, Any] = {
         "device": "cuda" if device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(),
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "quick": quick,
         "matmul": {},

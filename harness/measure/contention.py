@@ -25,9 +25,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: ``contended``: other processes took more than the cores the worker's threads left free, plus this
 #: margin (in cores). Chosen by measurement (README, "Numbers on a busy machine"): on a quiet 2-core VM
@@ -233,7 +234,7 @@ class Probe:
         self.columns = window_columns(self._start, end, self.ticks_per_s, self.cores())
         return self.columns
 
-    def __enter__(self) -> "Probe":
+    def __enter__(self) -> Probe:
         self.start()
         return self
 

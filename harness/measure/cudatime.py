@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 #: GPU time the warm-up must use before samples are taken (do_bench's 25 ms).
 WARMUP_GPU_S = 0.025

@@ -29,7 +29,8 @@ Pure: numbers in, numbers out (no torch).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from harness.core import schema
 from harness.core.cases import is_missing

@@ -33,7 +33,8 @@ import contextlib
 import math
 import warnings
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils import flop_counter

@@ -27,9 +27,10 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,11 +118,11 @@ def request(setting: bool | list[str] | None, run_dir: str | Path | None) -> dic
     return {"run_dir": str(Path(run_dir).resolve()), "variants": None if setting is True else sorted(setting)}
 
 
-def wanted(profile: dict[str, Any] | None, case: "Case") -> bool:
+def wanted(profile: dict[str, Any] | None, case: Case) -> bool:
     return bool(profile) and (profile.get("variants") is None or case.variant in profile["variants"])
 
 
-def maybe_profile(profile: dict[str, Any] | None, case: "Case", make_call: Callable[[], Callable[[], Any]],
+def maybe_profile(profile: dict[str, Any] | None, case: Case, make_call: Callable[[], Callable[[], Any]],
                   phase: Callable[[str], None]) -> None:
     """If ``profile`` (:func:`request`) selects ``case``: phase ``profile``, then :func:`profile_case`
     on a fresh call from ``make_call()``. Called once per case, after its other phases."""
@@ -130,7 +131,7 @@ def maybe_profile(profile: dict[str, Any] | None, case: "Case", make_call: Calla
         profile_case(make_call, case, Path(profile["run_dir"]))
 
 
-def profile_case(make_call: Callable[[], Callable[[], Any]], case: "Case", run_dir: Path) -> dict[str, Any]:
+def profile_case(make_call: Callable[[], Callable[[], Any]], case: Case, run_dir: Path) -> dict[str, Any]:
     """Profile one call; write its trace and append its record to ``profile.jsonl``; returns the record.
 
     Never raises for a failure of the call or of the profiler: the record then carries ``error``
@@ -156,7 +157,7 @@ def _profile(call: Callable[[], Any], device: str, trace_path: Path) -> tuple[li
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from harness.measure.memory import quiet_stderr, allocation_events
+    from harness.measure.memory import allocation_events, quiet_stderr
 
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -275,7 +276,7 @@ def records(lines: list[Any], run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def table(records: dict[str, dict[str, Any]]) -> "pd.DataFrame":
+def table(records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """profile.parquet's rows (:data:`COLUMNS`) from the log's records."""
     import pandas as pd
 
@@ -301,11 +302,11 @@ class RunProfile:
     """A run's profile: the operator table, and per case its log record (``trace`` path relative
     to the run directory or None, ``memory`` timeline or None, ``profile_s``, or ``error``)."""
 
-    table: "pd.DataFrame"
+    table: pd.DataFrame
     cases: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def run_profile(lines: list[Any], frame: "pd.DataFrame | None", run_dir: Path) -> RunProfile | None:
+def run_profile(lines: list[Any], frame: pd.DataFrame | None, run_dir: Path) -> RunProfile | None:
     """The run's profile from the lines of its ``profile.jsonl`` and its ``profile.parquet`` (None
     when absent: the table is made from the lines); None when it has neither. ValueError when the
     table is not a profile table."""

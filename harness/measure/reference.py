@@ -24,7 +24,7 @@ reason that says where and by how much.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

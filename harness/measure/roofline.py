@@ -19,7 +19,8 @@ comes from :mod:`harness.measure.calibrate`; this module needs no torch.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from harness.core.cases import DTYPE_BYTES, Case, is_missing
 from harness.core.lengths import case_lengths

@@ -27,8 +27,9 @@ Pure: numbers in, numbers out (numpy and :mod:`harness.core.stats`; no torch).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

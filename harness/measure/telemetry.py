@@ -49,8 +49,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 from harness.core import schema
 
@@ -217,7 +218,7 @@ class Sampler:
 
     # -- context manager -------------------------------------------------------------------
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         why = unavailable_reason(self.device, self._nvml)
         if why is not None:
             self.note = why
@@ -323,9 +324,7 @@ class Sampler:
         nv, h = self._nvml, self._handle
         power_mw = self._query("power", lambda: nv.nvmlDeviceGetPowerUsage(h))
         util = self._query("util", lambda: nv.nvmlDeviceGetUtilizationRates(h))
-        reasons_fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
-            nv, "nvmlDeviceGetCurrentClocksThrottleReasons"
-        )
+        reasons_fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or nv.nvmlDeviceGetCurrentClocksThrottleReasons
         record = {
             "t": self.clock(),
             "window": self._window,

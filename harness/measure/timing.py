@@ -60,13 +60,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from harness.core.stats import median_ci
 from harness.core.config import TIMING, TimingConfig  # noqa: F401  (TimingConfig: re-exported)
+from harness.core.stats import median_ci
 
 #: Stop reasons recorded in ``Timing.stop`` (and the ``timing_stop`` column).
 STOP_REASONS = ("precision", "min_time", "max_reps", "time_budget")

@@ -47,18 +47,18 @@ import numpy as np
 import pandas as pd
 
 from harness.core import schema
+from harness.core.cases import label as case_label
 from harness.core.stats import bh_adjust, time_test
 from harness.core.units import finite
 from harness.engine import store
 from harness.regression.envdiff import comparison_warnings, environment_table
 from harness.regression.history import RunInfo, run_info
-from harness.core.cases import label as case_label
 from harness.regression.verdicts import (
     SEVERITY,
     VERDICTS,
-    _flag,
     CompareError,
     Thresholds,
+    _flag,
     accuracy_problems,
     decide,
     resolve_thresholds,

@@ -63,16 +63,16 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from harness.core.cases import Case
 from harness.core.stats import TimeTest, bh_adjust, time_test
-from harness.core.units import finite
 from harness.measure import contention
 from harness.measure.environment import PROJECT_ROOT
 from harness.regression.compare import Comparison, sort_by_severity
@@ -186,7 +186,7 @@ class Side:
     run: str = "the run"
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Side":
+    def from_meta(cls, meta: dict[str, Any]) -> Side:
         from harness.measure.environment import recorded_allocator_env
 
         env = meta.get("environment") or {}
@@ -319,7 +319,7 @@ class Rounds:
     contended: int = 0
     notes: set[str] = field(default_factory=set)
 
-    def extend(self, more: "Rounds") -> None:
+    def extend(self, more: Rounds) -> None:
         for side in ("A", "B"):
             self.medians[side] += more.medians[side]
             self.samples[side] += more.samples[side]

@@ -14,7 +14,6 @@ Rows without samples (skipped, error, crash …) have no timing to export and ar
 
 from __future__ import annotations
 
-
 import json
 import math
 import re
@@ -103,7 +102,8 @@ def _machine_info(meta: dict[str, Any]) -> dict[str, Any]:
     versions = env.get("versions") or {}
     info: dict[str, Any] = {}
     try:
-        from harness.measure.environment import fingerprint, machine as this_machine
+        from harness.measure.environment import fingerprint
+        from harness.measure.environment import machine as this_machine
 
         here = this_machine()
         if machine.get("fingerprint") and fingerprint(here) == machine.get("fingerprint"):

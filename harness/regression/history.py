@@ -38,7 +38,7 @@ import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +282,7 @@ def set_baseline(spec: str, root: str | Path = DEFAULT_ROOT, force: bool = False
             "suite": info.suite,
             "source": str(source),
             "commit": info.commit,
-            "promoted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "promoted": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         safefs.write_text(tmp / BASELINE_INFO, json.dumps(provenance, indent=2) + "\n")
         if dest.exists():

@@ -17,8 +17,8 @@ import pandas as pd
 from harness.core import escape, units
 from harness.core.units import finite
 from harness.regression.compare import Comparison
-from harness.regression.verdicts import verdict_text
 from harness.regression.history import RunInfo
+from harness.regression.verdicts import verdict_text
 
 #: Rich styles of the verdicts in the terminal table.
 VERDICT_STYLE = {

@@ -32,12 +32,13 @@ checks are declared once in :data:`harness.core.config.COMPARE`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from harness.core import units
-from harness.core.units import finite
 from harness.core.config import COMPARE
+from harness.core.units import finite
 from harness.engine.store import StoreError
 
 #: Verdicts, most severe first (the order of the terminal table).

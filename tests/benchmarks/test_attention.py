@@ -24,13 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.engine.suite import expand_cases
-from harness.regression.export import benchmark_group, benchmark_id
-from harness.measure.inputs import make_qkv
 from harness.core.registry import get_variant
 from harness.engine.lifecycle import default_memory_budget
 from harness.engine.runner import _call_for_mode, skip_reasons
-from harness.engine.suite import load_suite
+from harness.engine.suite import expand_cases, load_suite
+from harness.measure.inputs import make_qkv
+from harness.regression.export import benchmark_group, benchmark_id
 from tests.benchmarks.conftest import SKIP_REASON, benchmarks_requested
 
 ROOT = Path(__file__).resolve().parents[2]
