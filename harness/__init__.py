@@ -38,7 +38,7 @@ _PUBLIC = {
     "dispatch": ("harness.dispatch", None),
 }
 
-__all__ = sorted(_PUBLIC) + ["__version__"]
+__all__ = [*sorted(_PUBLIC), "__version__"]  # noqa: PLE0604  (the names of _PUBLIC, the one list)
 
 
 def __getattr__(name: str):

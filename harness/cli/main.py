@@ -16,8 +16,16 @@ from harness import __version__
 from harness.cli.common import EXIT_USAGE, Parser
 
 #: Modules that add subcommands, in the order ``bench --help`` lists them.
-COMMAND_MODULES: list[str] = ["harness.cli.run", "harness.cli.profile", "harness.cli.measure", "harness.cli.regression", "harness.cli.export",
-                             "harness.cli.site", "harness.cli.scale", "harness.cli.winners"]
+COMMAND_MODULES: list[str] = [
+    "harness.cli.run",
+    "harness.cli.profile",
+    "harness.cli.measure",
+    "harness.cli.regression",
+    "harness.cli.export",
+    "harness.cli.site",
+    "harness.cli.scale",
+    "harness.cli.winners",
+]
 
 
 def build_parser() -> Parser:

@@ -12,7 +12,8 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "calibrate",
-        help="measure this machine's matmul peak and memory bandwidth (cached per machine); --check: timing cross-check",
+        help="measure this machine's matmul peak and memory bandwidth (cached per machine); "
+             "--check: timing cross-check",
         description="Measure matmul throughput per dtype and copy bandwidth per device, cached in "
         "results/calibration/<machine fingerprint>.json; rows then get pct_of_peak. With --check, time SDPA "
         "cases with the harness, torch.utils.benchmark and (CUDA) triton.testing.do_bench and print the ratios.",
@@ -67,7 +68,8 @@ def cmd_calibrate(args) -> int:
         return EXIT_USAGE
     if not torch.cuda.is_available() and not args.device:
         print("note: no CUDA device here; CUDA calibration, do_bench and L2 flushing are skipped", file=sys.stderr)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
     if args.check:
         from harness.core.cases import Case
         from harness.measure import crosscheck

@@ -29,7 +29,8 @@ def register(sub) -> None:
                    help="a run made with --profile (directory, run id, latest …), or a suite file to profile cases of")
     p.add_argument("--case", metavar="PATTERN", help=PATTERN_HELP + "; required with a suite")
     p.add_argument("--top", type=positive_int, default=12, metavar="N", help="operators shown per case (default 12)")
-    p.add_argument("-o", "--output", metavar="DIR", help="with a suite: the run directory (default results/runs/<run_id>)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="with a suite: the run directory (default results/runs/<run_id>)")
     p.add_argument("--root", default="results", metavar="DIR", help="results root to find RUN in (default: results)")
     p.set_defaults(handler=cmd_profile)
 
@@ -45,7 +46,8 @@ def cmd_profile(args) -> int:
     target = Path(args.target)
     if target.suffix == ".toml" or target.is_file():
         if not args.case:
-            return _usage(f"profiling cases of a suite needs --case PATTERN (every case: bench run {args.target} --profile)")
+            return _usage(f"profiling cases of a suite needs --case PATTERN (every case: bench run {args.target} "
+                          "--profile)")
         run_dir, status = _profile_suite(args)
     else:
         from harness.regression.history import resolve_run

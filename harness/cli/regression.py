@@ -24,7 +24,8 @@ def fraction(text: str) -> float:
     try:
         value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction like 0.05 or a percentage like 5%, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction like 0.05 or a percentage like 5%, got {text!r}") from None
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (or a percentage), got {text!r}")
     return value
@@ -36,7 +37,8 @@ def register(sub) -> None:
     cmp = sub.add_parser("compare", help="compare two runs case by case and say what regressed")
     cmp.add_argument("base", metavar="BASE", help="run directory, run id, latest[~N][@SUITE] or baseline[@SUITE]")
     cmp.add_argument("new", metavar="NEW", help="run directory, run id, latest[~N][@SUITE] or baseline[@SUITE]")
-    cmp.add_argument("--format", choices=("table", "markdown", "json"), default="table", help="what to print (default table)")
+    cmp.add_argument("--format", choices=("table", "markdown", "json"), default="table",
+                     help="what to print (default table)")
     cmp.add_argument("--fail-on-regression", action="store_true",
                      help="exit 1 when any case regressed or now fails (for CI)")
     cmp.add_argument("--confirm", action="store_true",
@@ -50,8 +52,10 @@ def register(sub) -> None:
     cmp.add_argument("--confirm-branch", action="append", default=[], metavar="BRANCH",
                      help="with --confirm: also re-run commits of BRANCH's history (by default only ancestors of "
                           "HEAD are run; a commit only a fetched results branch holds is refused); repeatable")
-    cmp.add_argument("--time-threshold", type=fraction, metavar="F", help="smallest time change that counts (default 5%%)")
-    cmp.add_argument("--memory-threshold", type=fraction, metavar="F", help="smallest memory change that counts (default 10%%)")
+    cmp.add_argument("--time-threshold", type=fraction, metavar="F",
+                     help="smallest time change that counts (default 5%%)")
+    cmp.add_argument("--memory-threshold", type=fraction, metavar="F",
+                     help="smallest memory change that counts (default 10%%)")
     cmp.add_argument("--alpha", type=fraction, metavar="F", help="false-discovery rate across the cases (default 0.05)")
     cmp.add_argument("-o", "--output", metavar="FILE", help="write the HTML comparison here (default NEW/compare.html)")
     cmp.add_argument("--no-html", action="store_true", help="do not write compare.html")
@@ -245,7 +249,9 @@ def cmd_show(args) -> int:
                          + (f", GPU {gpu.get('name')}" if gpu else "") + f" · threads {env.get('threads')}"))
     console.print(markup("versions " + " · ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)))
     table = Table()
-    for col in ("case", "status", "time (median)", "p10–p90", "reps", "throughput", "peak memory", "rel. error", "reason"):
+    columns = ("case", "status", "time (median)", "p10–p90", "reps", "throughput", "peak memory", "rel. error",
+               "reason")
+    for col in columns:
         table.add_column(col, overflow="fold")
     for r in rows.to_dict("records"):
         ok = r.get("status") == "ok"

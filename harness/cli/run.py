@@ -18,7 +18,8 @@ def register(sub) -> None:
     from harness.core.config import RUN, TIMING
     from harness.core.models import NAMES as MODEL_NAMES  # the catalogue: plain data, no torch
 
-    run = sub.add_parser("run", help="run a suite file (or a catalogue model's workload) and write results and a report")
+    run = sub.add_parser("run",
+                         help="run a suite file (or a catalogue model's workload) and write results and a report")
     run.add_argument("suite", nargs="?", help="suite TOML file (or --model instead)")
     model = run.add_argument_group("a model's workload instead of a suite file (harness.core.models)")
     model.add_argument("--model", metavar="NAME", help=f"a catalogue model ({', '.join(MODEL_NAMES)}): build a suite "

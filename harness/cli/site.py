@@ -31,8 +31,9 @@ def register(sub) -> None:
         "site", help="build the static results site (trends, change points, regressions, Atom feed)",
         description="Build a self-contained static site from the run history: index.html (every suite and machine "
                     "with its latest status), a page per suite with every case's trend and change points, "
-                    "regressions.html, feed.xml (Atom) and the latest run's report of each suite and machine, regenerated "
-                    "from its data (a run directory's own HTML is never published). Opens from the file system.")
+                    "regressions.html, feed.xml (Atom) and the latest run's report of each suite and machine, "
+                    "regenerated from its data (a run directory's own HTML is never published). Opens from the file "
+                    "system.")
     p.add_argument("--history", action="append", default=[], metavar="DIR",
                    help="also read runs from DIR/runs/ (a checkout of the bench-results branch); repeatable")
     p.add_argument("--root", default="results", metavar="DIR",

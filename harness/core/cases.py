@@ -144,8 +144,8 @@ class Case:
     dtype: str = axis("float32", help="element type of q, k, v: float32, bfloat16 or float16", dtype="string",
                       choices=DTYPES)  # labelled with device: cpu float32
     causal: bool = axis(False, help="causal masking", dtype="bool", label=lambda c: "causal" if c["causal"] else "")
-    inputs: str = axis("gaussian", help="input distribution: gaussian or structured (see docs/explanation/measurement.md)",
-                       dtype="string", choices=INPUT_KINDS,
+    inputs: str = axis("gaussian", help="input distribution: gaussian or structured (see "
+                       "docs/explanation/measurement.md)", dtype="string", choices=INPUT_KINDS,
                        label=lambda c: "" if c["inputs"] == "gaussian" else str(c["inputs"]))
     q_len: int | None = axis(None, help="query length when it differs from seq_len (1: decode); in a suite, with "
                              "kv_len instead of seq_len; empty: the same", dtype="int64", unit="tokens", ge=1,
@@ -171,10 +171,10 @@ class Case:
     v_head_dim: int | None = axis(None, help="value (and output) head size when it differs from head_dim (e.g. "
                                   "192/128); empty: head_dim", dtype="int64", ge=1, later=True, feature=True,
                                   label=lambda c: f"Dv{c['v_head_dim']}" if c["v_head_dim"] is not None else "")
-    sliding_window: int | None = axis(None, help="sliding window w: a query at position p sees keys p−w ≤ j ≤ p+w (j ≤ p "
-                              "when causal), positions aligned to the bottom right; empty: none", dtype="int64",
-                              unit="tokens", ge=0, later=True, feature=True,
-                              label=lambda c: f"window={c['sliding_window']}" if c["sliding_window"] is not None else "")
+    sliding_window: int | None = axis(
+        None, help="sliding window w: a query at position p sees keys p−w ≤ j ≤ p+w (j ≤ p when causal), positions "
+        "aligned to the bottom right; empty: none", dtype="int64", unit="tokens", ge=0, later=True, feature=True,
+        label=lambda c: f"window={c['sliding_window']}" if c["sliding_window"] is not None else "")
     prefix_lm: int = axis(0, help="prefix-LM: with causal masking every query also sees the first P keys (0: off; "
                           "no effect without causal)", dtype="int64", unit="tokens", ge=0, later=True, feature=True,
                           label=lambda c: f"prefix={c['prefix_lm']}" if c["prefix_lm"] else "")
@@ -185,10 +185,10 @@ class Case:
     model: str | None = axis(None, help="a model of the catalogue (harness.core.models) whose attention geometry "
                              "fills heads, kv_heads and head_dim (and an attention layer's d_model)", dtype="string",
                              choices=_models.NAMES, later=True, label=lambda c: str(c["model"]) if c["model"] else "")
-    shared_prefix: int | None = axis(None, help="tokens at the start of every sequence's context that all the "
-                                     "batch's sequences share (one system prompt; empty: none)", dtype="int64",
-                                     unit="tokens", ge=1, later=True,
-                                     label=lambda c: f"shared_prefix={c['shared_prefix']}" if c["shared_prefix"] else "")
+    shared_prefix: int | None = axis(
+        None, help="tokens at the start of every sequence's context that all the batch's sequences share (one system "
+        "prompt; empty: none)", dtype="int64", unit="tokens", ge=1, later=True,
+        label=lambda c: f"shared_prefix={c['shared_prefix']}" if c["shared_prefix"] else "")
 
     def __post_init__(self):
         for name, ax in AXES.items():  # 30 and 30.0 are one softcap, one case id

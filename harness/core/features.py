@@ -113,7 +113,7 @@ def pairs(q_len: int, kv_len: int, causal: bool, window: int | None = None, pref
     drawn over (the case's seq_len; default kv_len)."""
     span = doc_len or kv_len
     starts = document_starts(span, documents) if documents > 1 else None
-    ends = None if starts is None else (*[s - 1 for s in starts[1:]], span - 1)
+    ends: tuple[int, ...] = () if starts is None else (*[s - 1 for s in starts[1:]], span - 1)
     total = 0
     for i in range(q_len):
         p = kv_len - q_len + i
@@ -140,5 +140,5 @@ def describe(values: Any) -> str:
     from harness.core.cases import AXES, DEFAULTS, _normalised
 
     c = _normalised(values)
-    return " · ".join(ax.label(c) or name for name, ax in AXES.items()
+    return " · ".join((ax.label(c) if ax.label is not None else "") or name for name, ax in AXES.items()
                       if ax.feature and c[name] != DEFAULTS[name])

@@ -158,7 +158,7 @@ def _drawn(kind: str, batch: int, maximum: int, lo: int) -> tuple[int, ...]:
 def case_lengths(case) -> tuple[list[int], list[int]]:
     """(query lengths, key/value lengths) of each sequence of ``case`` (a Case or a row)."""
     get = case.get if isinstance(case, dict) else lambda name, default=None: getattr(case, name, default)
-    batch, kv_max, kind = int(get("batch")), int(get("seq_len")), get("lengths") or "fixed"
+    batch, kv_max, kind = int(get("batch") or 0), int(get("seq_len") or 0), get("lengths") or "fixed"
     seqs = mix(kind)
     if seqs is not None:  # a serving batch: each sequence its own query and key/value length
         return [q for q, _ in seqs], [kv for _, kv in seqs]

@@ -40,7 +40,8 @@ def sliding_window(window: int) -> MaskMod:
     return within_window
 
 
-def dense_mask(mask_mod: MaskMod | None, rows: torch.Tensor, seq_len: int, b: int = 0, h: int = 0) -> torch.Tensor | None:
+def dense_mask(mask_mod: MaskMod | None, rows: torch.Tensor, seq_len: int, b: int = 0,
+               h: int = 0) -> torch.Tensor | None:
     """The boolean (len(rows), seq_len) matrix of ``mask_mod`` for batch ``b``, head ``h`` (None: all visible).
 
     Called as FlexAttention calls it: ``b`` and ``h`` are zero-dimensional index tensors,

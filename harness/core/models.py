@@ -191,8 +191,8 @@ def geometry(config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) 
     window, window_layers = None, ""
     if config.get("sliding_window") and config.get("use_sliding_window", True):
         window = int(config["sliding_window"])
-        types = config.get("layer_types")
-        alternating = bool(types) and list(types[:2]) == ["sliding_attention", "full_attention"]
+        types = config.get("layer_types") or []
+        alternating = list(types[:2]) == ["sliding_attention", "full_attention"]
         window_layers = "even" if alternating else extra.get("window_layers", "all")
     bias = "qkvo" if config.get("attention_bias") else extra.get("attention_bias", "")
     return Geometry(heads=heads, kv_heads=kv, head_dim=head_dim, v_head_dim=v_dim, d_model=d,
@@ -229,8 +229,9 @@ def d_model(case) -> int:
     model = _model_of(case)
     if model is not None:
         return model.geometry.d_model
-    get_ = case.get if isinstance(case, Mapping) else lambda n: getattr(case, n)
-    return int(get_("heads")) * int(get_("head_dim"))
+    if isinstance(case, Mapping):
+        return int(case["heads"]) * int(case["head_dim"])
+    return int(case.heads) * int(case.head_dim)
 
 
 def mla_dims(case) -> MLA | None:

@@ -420,7 +420,8 @@ def load_entry_points() -> list[str]:
         except RegistryError as exc:
             raise PluginError(f"entry point {ep.name!r}: {exc}") from None
         except Exception as exc:
-            raise PluginError(f"entry point {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from None
+            raise PluginError(
+                f"entry point {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from None
         _ENTRY_POINTS_LOADED[key] = ep.name
         loaded.append(ep.name)
     return loaded

@@ -7,7 +7,8 @@ the runner's rows (:func:`base_row`, :func:`empty_row`), the store's Parquet typ
 (:func:`arrow_schema`), the report's table and the pytest-benchmark export.
 
 Groups: ``identity`` (what was measured; :class:`harness.core.cases.Case` and the run),
-``outcome``, ``time``, ``stability`` (the case timed in several processes: do they agree?), ``work``, ``roofline``, ``telemetry``, ``memory``, ``accuracy``,
+``outcome``, ``time``, ``stability`` (the case timed in several processes: do they agree?),
+``contention`` (other processes while it was timed), ``work``, ``roofline``, ``telemetry``, ``memory``, ``accuracy``,
 ``environment``, ``record`` (bookkeeping of the store). A variant may add columns of its own
 (``columns(case)`` of ``register_variant``, e.g. ``density``); those are not declared here
 (group ``extra``, see :func:`group_of`) and keep the types they are written with.
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from harness.core.cases import Case
 
 DTYPES = ("string", "int64", "float64", "bool")
-GROUPS = ("identity", "outcome", "time", "stability", "contention", "work", "roofline", "telemetry", "memory", "accuracy",
+GROUPS = ("identity", "outcome", "time", "stability", "contention", "work", "roofline", "telemetry", "memory",
+          "accuracy",
           "environment", "record")
 #: The group of a column this schema does not declare (a variant's own).
 EXTRA = "extra"
@@ -92,7 +94,8 @@ COLUMNS: tuple[Column, ...] = (
     _c("timing_method", "string", "", "time", "perf_counter, cuda_events or cuda_graph"),
     _c("timing_note", "string", "", "time", "anything the timing's reader should know"),
     _c("host_ms", "float64", "ms", "time", "CUDA: CPU time spent issuing one call", report_extra=True),
-    _c("host_bound", "bool", "", "time", "CUDA: issuing took about as long as the GPU work, so the events include host overhead"),
+    _c("host_bound", "bool", "", "time",
+       "CUDA: issuing took about as long as the GPU work, so the events include host overhead"),
     # stability (harness.measure.stability)
     _c("processes", "int64", "", "stability", "fresh worker processes that timed the case, one round each"),
     _c("time_ms_process_min", "float64", "ms", "stability", "smallest per-process median"),
@@ -133,7 +136,9 @@ COLUMNS: tuple[Column, ...] = (
     _c("tokens_per_s", "float64", "tokens/s", "work", "query tokens (all sequences) per second, for "
        "inference-shaped cases (decode: batch·q_len / time)", report_extra=True, derived=True),
     # layers (level = "layer": a whole attention layer on hidden states, harness.engine.layerrun)
-    _c("d_model", "int64", "", "work", "layer width of an attention layer: heads · head_dim, or a model's hidden size (model = ...)", report_extra=True),
+    _c("d_model", "int64", "", "work",
+       "layer width of an attention layer: heads · head_dim, or a model's hidden size (model = ...)",
+       report_extra=True),
     _c("param_count", "int64", "", "work", "parameters of the layer module (exact, from the module)",
        report_extra=True),
     _c("projection_flops", "float64", "FLOP", "work", "the layer's projection FLOPs (part of flops)",
@@ -169,7 +174,8 @@ COLUMNS: tuple[Column, ...] = (
     _c("mem_util_pct", "float64", "%", "telemetry", "mean memory-controller utilisation", report_extra=True),
     _c("throttle_reasons", "string", "", "telemetry", "comma-separated NVML clock-event reasons seen"),
     _c("throttled", "bool", "", "telemetry", "a reason that makes the timing suspect was seen (samples or counters)"),
-    _c("throttle_time_ms", "float64", "ms", "telemetry", "time NVML's violation counters grew during the timing", report_extra=True),
+    _c("throttle_time_ms", "float64", "ms", "telemetry", "time NVML's violation counters grew during the timing",
+       report_extra=True),
     _c("energy_j", "float64", "J", "telemetry", "energy of one call", report_extra=True),
     _c("tokens_per_joule", "float64", "tokens/J", "telemetry", "B·L / energy_j", report_extra=True, derived=True),
     _c("energy_source", "string", "", "telemetry", "energy_counter or power_integral"),

@@ -53,7 +53,7 @@ def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int] | None:
     return j, n + 1 - j
 
 
-def median_ci(samples: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+def median_ci(samples: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """Distribution-free confidence interval of the median; (nan, nan) when too few samples."""
     ranks = median_ci_ranks(len(samples), confidence)
     if ranks is None:

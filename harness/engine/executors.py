@@ -95,7 +95,8 @@ class CircuitBreaker:
                      "fresh worker) passed, so the GPU is fine and the run goes on")
             return None
         self.trip(f"{len(streak)} consecutive cases ended in {kinds} (the last: {last}) and a health probe failed "
-                  f"({problem[:300]}): the GPU looks lost, so the run stops here; once it is fixed, bench resume the run")
+                  f"({problem[:300]}): the GPU looks lost, so the run stops here; once it is fixed, bench resume the "
+                  "run")
         return self.tripped
 
     def trip(self, message: str) -> None:

@@ -176,7 +176,7 @@ def option_problem(suite: Suite, isolation: str | None = None) -> str | None:
             from harness.engine.suite import _Locator
 
             line = _Locator(suite.text or "").line("run", "allocator")
-            where = f"{suite.path or 'suite'}:{line}: run.allocator" if line else f"{suite.path or 'suite'}: run.allocator"
+            where = f"{suite.path or 'suite'}" + (f":{line}" if line else "") + ": run.allocator"
         else:
             where = "bench: --allocator"
         return (f"{where}: {suite.run.allocator!r} sets {ALLOCATOR_ENV} in the worker processes, and with "

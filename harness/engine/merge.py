@@ -131,7 +131,7 @@ def check_compatible(parts: Sequence[Part]) -> None:
     _check_column_kinds(parts)
     counts = {p.shard["count"] if p.shard else None for p in parts}
     if len(counts) > 1:
-        shown = ", ".join(f"{p.path}: {'shard ' + str(p.shard['index']) + '/' + str(p.shard['count']) if p.shard else 'not a shard'}"
+        shown = ", ".join(f"{p.path}: " + (f"shard {p.shard['index']}/{p.shard['count']}" if p.shard else "not a shard")
                           for p in parts)
         raise MergeError(f"the runs are not shards of one partition ({shown})")
 

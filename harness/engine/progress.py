@@ -70,7 +70,7 @@ def _summary(row: dict[str, Any]) -> str:
         if _finite(row.get("rel_err")):
             parts.append(f"rel_err {row['rel_err']:.2e}")
         first = row.get("first_call_ms")
-        if _finite(first) and first >= SLOW_PHASE_S * 1e3:
+        if first is not None and _finite(first) and first >= SLOW_PHASE_S * 1e3:
             parts.append(f"first call {_duration(first)}")
         return "ok  " + ", ".join(parts)
     return f"{row['status']}: {row.get('reason', '')}"
@@ -140,7 +140,7 @@ class PlainProgress:
         return False
 
     def _beat(self) -> None:
-        while not self._stop.wait(min(1.0, self.heartbeat_s / 4)):
+        while not self._stop.wait(min(1.0, (self.heartbeat_s or 4.0) / 4)):
             self.tick()
 
     def _print(self, text: str) -> None:

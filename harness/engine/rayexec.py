@@ -289,7 +289,8 @@ class RayExecutor:
         if settings.profile:
             self.log("--profile: not available with the Ray executor; the cases are not profiled")
         # settings.memory_budget: the user's, else None (each node budgets its own memory: node_pools)
-        settings = dataclasses.replace(settings, profile=None, memory_budget_explicit=settings.memory_budget is not None,
+        settings = dataclasses.replace(settings, profile=None,
+                                       memory_budget_explicit=settings.memory_budget is not None,
                                        base_dir=str(Path(settings.base_dir).resolve()))
         self.pool = dict(settings=settings.to_json(), env=dict(env or {}), memory_budget_fraction=budget_fraction)
         self.threads = settings.threads
@@ -350,7 +351,8 @@ class RayExecutor:
         node = (attempt.node or {}).get("node_id")
         need_gpu, need_cpu = attempt.resources.get("num_gpus", 0), attempt.resources.get("num_cpus", 0)
         others = [n for n in self._nodes() if n.get("NodeID") != node
-                  and n.get("Resources", {}).get("GPU", 0) >= need_gpu and n.get("Resources", {}).get("CPU", 0) >= need_cpu]
+                  and n.get("Resources", {}).get("GPU", 0) >= need_gpu
+                  and n.get("Resources", {}).get("CPU", 0) >= need_cpu]
         if node and others:
             return {"label_selector": {NODE_LABEL: f"!{node}"}}, "on another node"
         return {}, "wherever Ray could place it (no other node had the resources)" if node else "on any node"
@@ -427,7 +429,8 @@ class RayExecutor:
         row.update(host=host, machine_fingerprint=None)
         if kind == "lost":
             again = "the same way" if value == attempt.lost else f"({value})"
-            row.update(status="crash", reason=f"node lost: {attempt.lost}; retried {attempt.retry_where}: lost again {again}")
+            row.update(status="crash",
+                       reason=f"node lost: {attempt.lost}; retried {attempt.retry_where}: lost again {again}")
         else:
             row.update(status="error", reason=f"the Ray task failed{' on ' + host if host else ''}: {value}")
         final = rounds.record(case, 0, CaseResult(row, []))

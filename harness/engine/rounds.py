@@ -241,7 +241,7 @@ def run_sequential(executor: Any, cases: list[Case], rounds: Rounds, progress: A
                     progress.finish(shown, final)
                 continue
             report = getattr(progress, "phase", None)
-            on_phase = None if report is None else (lambda name, c=shown: report(c, name))
+            on_phase = None if report is None else (lambda name, c=shown, r=report: r(c, name))
             if rounds.policy.mode == "wait":
                 wait_for_quiet(rounds.policy)
             result = executor.run(case, on_phase=on_phase, time_only=index > 0)

@@ -114,7 +114,8 @@ def timing_for(case: Case, timing: TimingConfig) -> tuple[TimingConfig, str]:
     """The timing settings for ``case`` and a note: backward alone is never captured into a CUDA
     graph (it replays autograd on a graph retained across calls)."""
     if case.mode == "bwd" and timing.cuda_graph:
-        return dataclasses.replace(timing, cuda_graph=False), "cuda_graph: backward alone is not captured; timed eagerly"
+        return (dataclasses.replace(timing, cuda_graph=False),
+                "cuda_graph: backward alone is not captured; timed eagerly")
     return timing, ""
 
 

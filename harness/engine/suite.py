@@ -268,7 +268,8 @@ def _variants(value: Any, check: _Checker) -> list[VariantEntry]:
         name = table.get("name")
         label = f"variant[{index}]" + (f" ({name})" if isinstance(name, str) else "")
         if not isinstance(name, str):
-            check.add("variant", "name" if "name" in table else None, "every [[variant]] needs name = \"...\"", index, label)
+            check.add("variant", "name" if "name" in table else None, "every [[variant]] needs name = \"...\"", index,
+                      label)
             continue
         try:
             variant = get_variant(name)
@@ -392,16 +393,19 @@ def workload_axes_problems(axes: dict[str, list[Any]]) -> list[tuple[str, str]]:
         for value in axes.get("lengths", ["fixed"]):
             seqs = lengths.mix(value)
             if value in ("uniform", "zipf"):
-                out.append(("shared_prefix", f"a shared prefix needs lengths fixed, listed or a serving batch, not {value!r}"))
+                out.append(("shared_prefix",
+                            f"a shared prefix needs lengths fixed, listed or a serving batch, not {value!r}"))
             elif seqs is not None and any(p + q > kv for q, kv in seqs):
-                out.append(("shared_prefix", f"shared_prefix {p} leaves no room for the new tokens of every sequence of {value!r} "
-                            "(prefix + q_len must be <= kv_len)"))
+                out.append(("shared_prefix", f"shared_prefix {p} leaves no room for the new tokens of every sequence "
+                            f"of {value!r} (prefix + q_len must be <= kv_len)"))
             elif seqs is None and not axes.get("q_len"):
-                out.append(("shared_prefix", "a shared prefix needs q_len and kv_len: the queries are new tokens after it"))
+                out.append(("shared_prefix",
+                            "a shared prefix needs q_len and kv_len: the queries are new tokens after it"))
             elif seqs is None:
                 shortest = min(lengths.explicit(value) or axes.get("kv_len", [DEFAULTS["seq_len"]]))
                 if p + max(axes["q_len"]) > shortest:
-                    out.append(("shared_prefix", f"shared_prefix {p} + q_len {max(axes['q_len'])} exceeds the context {shortest}"))
+                    out.append(("shared_prefix",
+                                f"shared_prefix {p} + q_len {max(axes['q_len'])} exceeds the context {shortest}"))
     return out
 
 

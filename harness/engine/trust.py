@@ -139,7 +139,8 @@ def tracked_problem(path: str | Path, root: Path = PROJECT_ROOT) -> str | None:
         return (f"the file {real} cannot be checked against git ({root} is not a git checkout here), "
                 "so it cannot be told from a file that came with the run")
     if rel not in listed.stdout.split("\0"):
-        return f"the file {real} is not tracked by git in this checkout (git ls-files), so it may have come with the run"
+        return (f"the file {real} is not tracked by git in this checkout (git ls-files), so it may have come with "
+                "the run")
     diff = _git(root, "diff", "--quiet", "--no-ext-diff", "--no-textconv", "HEAD", "--", spec)
     if diff is None or diff.returncode != 0:
         return f"the file {real} has changes not committed to git (git diff HEAD), so it is not the checkout's code"

@@ -8,8 +8,8 @@ each further message is one case (``{"case": {...}}``, with ``"time_only": true`
 stop after timing) and is answered with what the worker measured of it in this process,
 ``{"row": {...}, "samples_s": [...]}`` (the row's derived columns are left to the parent:
 :mod:`harness.measure.derive`) (with ``"restart": "why"`` when the case left the
-process's CUDA state poisoned: the worker then exits, and the parent starts a fresh one). The worker answers on a private copy of
-its original stdout; fd 1 itself is pointed at stderr, so anything a variant
+process's CUDA state poisoned: the worker then exits, and the parent starts a fresh one). The
+worker answers on a private copy of its original stdout; fd 1 itself is pointed at stderr, so anything a variant
 prints (from Python or C) cannot corrupt the protocol and ends up in the
 stderr log the parent reads when a worker dies. End of input ends the worker.
 """

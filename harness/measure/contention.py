@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,7 +277,7 @@ def _num(x: Any) -> float:
     return v
 
 
-def judge(row: dict[str, Any]) -> tuple[bool | None, str]:
+def judge(row: Mapping[str, Any]) -> tuple[bool | None, str]:
     """(contended, why) from a round's contention columns and thread count: True when other processes
     took cores the worker's threads needed (``threads + other_cpu_cores > cpu_cores + MARGIN_CORES``),
     the hypervisor stole more than ``STEAL_LIMIT_PCT``, or another process used the GPU; None when
@@ -328,7 +328,7 @@ def busiest(proc: Proc | None = None, seconds: float = 0.5, exclude: set[int] | 
     return min(others, max(total_busy, others)), used
 
 
-def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def combine(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """A case's contention columns from the rounds kept: each figure the largest of the rounds' (the
     worst the case saw), ``contended`` when any round was (:func:`judge`), with the reasons."""
     out: dict[str, Any] = {}

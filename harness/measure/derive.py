@@ -41,7 +41,7 @@ from harness.measure.stability import combine
 def _num(row: Mapping[str, Any], name: str) -> float:
     """A column as a float; NaN when absent, empty or not a number."""
     value = row.get(name)
-    if is_missing(value) or isinstance(value, (str, bool)):
+    if value is None or is_missing(value) or isinstance(value, (str, bool)):
         return math.nan
     try:
         return float(value)

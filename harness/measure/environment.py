@@ -182,7 +182,8 @@ def fingerprint(machine: dict[str, Any]) -> str:
     gpu = machine.get("gpu") or {}
     key = "|".join(
         str(x)
-        for x in (machine["cpu_model"], machine["cpu_count"], machine["memory_bytes"], gpu.get("name"), gpu.get("count"))
+        for x in (machine["cpu_model"], machine["cpu_count"], machine["memory_bytes"], gpu.get("name"),
+                  gpu.get("count"))
     )
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
@@ -419,12 +420,12 @@ def _nvml_settings(nv, h, record: dict[str, Any]) -> None:
         query = getattr(nv, fn, None)
         if query is None:
             continue
-        clocks = {"sm": ask(key, lambda: query(h, sm)), "mem": ask(key, lambda: query(h, mem))}
+        clocks = {"sm": ask(key, lambda q=query: q(h, sm)), "mem": ask(key, lambda q=query: q(h, mem))}
         record[key] = clocks if None not in clocks.values() else None
     me = os.getpid()
     procs = []
     for fn in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
-        got = ask("processes", lambda: getattr(nv, fn)(h)) or []
+        got = ask("processes", lambda f=fn: getattr(nv, f)(h)) or []
         procs += [{"pid": int(p.pid), "used_memory_bytes": getattr(p, "usedGpuMemory", None)}
                   for p in got if int(p.pid) != me]
     record["other_processes"] = list({p["pid"]: p for p in procs}.values())

@@ -47,7 +47,8 @@ import torch
 from harness.core.cases import Case
 from harness.core.lengths import case_lengths
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}
 
 #: Byte boundary every input tensor starts on (a page).
 ALIGNMENT = 4096

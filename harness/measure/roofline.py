@@ -36,7 +36,7 @@ def _get(x: Any, name: str) -> Any:
     return x[name] if isinstance(x, Mapping) else getattr(x, name)
 
 
-def min_bytes(x: Case | dict[str, Any], mode: str | None = None) -> float:
+def min_bytes(x: Case | Mapping[str, Any], mode: str | None = None) -> float:
     """Least bytes a call must move: inputs read once, outputs written once (see module doc).
 
     ``mode`` overrides the case's own (``"fwd"``: the bytes of q, k, v and the output, what any
@@ -53,7 +53,7 @@ def min_bytes(x: Case | dict[str, Any], mode: str | None = None) -> float:
     return float(elements * e)
 
 
-def _tokens(x: Case | dict[str, Any]) -> tuple[int, int]:
+def _tokens(x: Case | Mapping[str, Any]) -> tuple[int, int]:
     """(query tokens, key/value tokens) of all the batch's sequences; a prefix the sequences share
     (``shared_prefix``) counts once."""
     q_lens, kv_lens = case_lengths(x)
@@ -68,7 +68,7 @@ def _value_dim(x: Case | Mapping[str, Any]) -> int:
     return _get(x, "head_dim") if dv is None or dv != dv else int(dv)
 
 
-def kv_bytes(x: Case | dict[str, Any]) -> float:
+def kv_bytes(x: Case | Mapping[str, Any]) -> float:
     """Bytes of the K and V cache one forward call must read: every sequence's real tokens."""
     return float(_tokens(x)[1] * _get(x, "kv_heads") * (_get(x, "head_dim") + _value_dim(x))
                  * DTYPE_BYTES[_get(x, "dtype")])

@@ -301,7 +301,7 @@ class Sampler:
             return {}
         counts = {}
         for name, (attr, value) in VIOLATION_POLICIES.items():
-            got = self._query(name, lambda: fn(self._handle, int(getattr(self._nvml, attr, value))))
+            got = self._query(name, lambda a=attr, v=value: fn(self._handle, int(getattr(self._nvml, a, v))))
             if got is not None:
                 counts[name] = int(got.violationTime)
         return counts
@@ -324,7 +324,8 @@ class Sampler:
         nv, h = self._nvml, self._handle
         power_mw = self._query("power", lambda: nv.nvmlDeviceGetPowerUsage(h))
         util = self._query("util", lambda: nv.nvmlDeviceGetUtilizationRates(h))
-        reasons_fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or nv.nvmlDeviceGetCurrentClocksThrottleReasons
+        reasons_fn = (getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                      or nv.nvmlDeviceGetCurrentClocksThrottleReasons)
         record = {
             "t": self.clock(),
             "window": self._window,

@@ -439,8 +439,8 @@ def confirm(
         tests: dict[Any, TimeTest] = {i: time_test(m.medians["A"], m.medians["B"], th.alpha)
                                       for i, m in measured.items() if i not in failures}
         q = dict(zip(tests, bh_adjust([t.p_value for t in tests.values()]))) if tests else {}
-        verdicts = {i: time_verdict(t.ratio, q[i], th, t.ci_low, t.ci_high,
-                                    contended=measured[i].contended > CONTENDED_SHARE * 2 * len(measured[i].medians["A"]))
+        busy = {i: measured[i].contended > CONTENDED_SHARE * 2 * len(measured[i].medians["A"]) for i in tests}
+        verdicts = {i: time_verdict(t.ratio, q[i], th, t.ci_low, t.ci_high, contended=busy[i])
                     for i, t in tests.items()}
         undecided = {i: cases[i] for i, (v, doubt) in verdicts.items() if v == "inconclusive" and doubt == "interval"}
         if not undecided or total >= max_rounds:

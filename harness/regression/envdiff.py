@@ -54,7 +54,8 @@ def environment_table(base_meta: dict[str, Any], new_meta: dict[str, Any]) -> li
     a, b = _settings(base_meta), _settings(new_meta)
     keys = list(a) + [k for k in b if k not in a]
     return [
-        {"key": k, "base": a.get(k, ""), "new": b.get(k, ""), "differs": k not in VOLATILE and a.get(k, "") != b.get(k, "")}
+        {"key": k, "base": a.get(k, ""), "new": b.get(k, ""),
+         "differs": k not in VOLATILE and a.get(k, "") != b.get(k, "")}
         for k in keys
     ]
 
@@ -71,7 +72,8 @@ def comparison_warnings(base: RunInfo, new: RunInfo) -> list[str]:
             "timings from different machines are not comparable"
         )
     if base.suite != new.suite:
-        warnings.append(f"different suites: BASE {base.suite!r}, NEW {new.suite!r}; only cases present in both are compared")
+        warnings.append(f"different suites: BASE {base.suite!r}, NEW {new.suite!r}; only cases present in both are "
+                        "compared")
     bt, nt = base.meta.get("timing") or {}, new.meta.get("timing") or {}
     if bt != nt:
         diff = ", ".join(f"{k} {bt.get(k)}→{nt.get(k)}" for k in sorted(set(bt) | set(nt)) if bt.get(k) != nt.get(k))
@@ -84,5 +86,6 @@ def comparison_warnings(base: RunInfo, new: RunInfo) -> list[str]:
         warnings.append(f"allocator settings differ: BASE {ba}, NEW {na} (CPU timings depend on it)")
     for side, info in (("BASE", base), ("NEW", new)):
         if info.status != "complete":
-            warnings.append(f"{side} run {info.run_id} is {info.status!r}: cases it did not finish count as missing/new")
+            warnings.append(f"{side} run {info.run_id} is {info.status!r}: cases it did not finish count as "
+                            "missing/new")
     return warnings

@@ -74,7 +74,8 @@ def benchmark_group(case) -> str:
     """The pytest-benchmark group of a case: everything but the variant, so variants line up."""
     heads, kv = int(_get(case, "heads")), int(_get(case, "kv_heads"))
     text = (f"{_get(case, 'device')} {_get(case, 'dtype')} {_get(case, 'mode')} B{int(_get(case, 'batch'))} "
-            f"H{heads}{'/' + str(kv) if kv != heads else ''} L{int(_get(case, 'seq_len'))} D{int(_get(case, 'head_dim'))}"
+            f"H{heads}{'/' + str(kv) if kv != heads else ''} L{int(_get(case, 'seq_len'))} "
+            f"D{int(_get(case, 'head_dim'))}"
             f"{' causal' if bool(_get(case, 'causal')) else ''}")
     if _get(case, "inputs") != "gaussian":
         text += f" {_get(case, 'inputs')}"

@@ -212,7 +212,8 @@ def resolve_run(spec: str, root: str | Path = DEFAULT_ROOT, suite_hint: str | No
             return baselines[0].path
         if not baselines:
             raise HistoryError(f"no baseline under {root / BASELINE} (promote a run with: bench baseline set RUN)")
-        raise HistoryError(f"several baselines ({_suites_hint(baselines)}): say which, e.g. baseline@{baselines[0].suite}")
+        raise HistoryError(f"several baselines ({_suites_hint(baselines)}): say which, e.g. "
+                           f"baseline@{baselines[0].suite}")
 
     if m := _LATEST.match(spec):
         back = int(m.group(1) or 0)

@@ -129,7 +129,8 @@ def resolve_thresholds(
         for dtype, tol in (table.get("accuracy_tolerance") or {}).items():
             t.accuracy[dtype] = float(tol)
             t.sources[f"accuracy_tolerance.{dtype}"] = where
-    for key, value, attr in (("time_threshold", time, "time"), ("memory_threshold", memory, "memory"), ("alpha", alpha, "alpha")):
+    given = (("time_threshold", time, "time"), ("memory_threshold", memory, "memory"), ("alpha", alpha, "alpha"))
+    for key, value, attr in given:
         if value is not None:
             if not 0 < value < 1:
                 raise CompareError(f"--{key.replace('_', '-')}: expected a fraction between 0 and 1, got {value}")
