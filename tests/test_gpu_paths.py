@@ -321,7 +321,7 @@ def test_math_estimate_upcasts_half_precision_and_is_never_below_the_measured_pe
                         causal=causal)
             q, k, v = make_qkv(case)
 
-            def call():
+            def call(q=q, k=k, v=v, causal=causal):  # called within this iteration
                 with torch.no_grad():
                     return sdpa(q, k, v, causal=causal, backend="math")
 

@@ -98,7 +98,7 @@ def test_parameters_kv_bytes_and_heads_used_are_shown(layer_report):
     (table,) = ctx["layers"]["tables"]
     assert table["title"] == f"d_model = {D_MODEL} · bfloat16"
     assert [c["label"] for c in table["configs"]] == sorted(v for v, *_ in LAYERS)  # label: variant(params)
-    for variant, kv, params, count, bpt in LAYERS:
+    for variant, kv, _params, count, bpt in LAYERS:
         row = _config_row(section, variant)
         assert f">{param_text(count)}<" in row and f">{fmt.size_bytes(bpt)}<" in row
         assert f'<td class="num">{kv}</td>' in row

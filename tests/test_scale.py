@@ -381,8 +381,11 @@ def test_compare_never_pairs_timings_of_different_machines():
 
     base = _rows([("h1", "fa"), ("h1", "fa")])
     new = _rows([("h1", "fa"), ("h2", "fb")])
-    samples = lambda rows, t: pd.DataFrame([{"case_id": c, "rep": r, "time_ms": t * (1 + 0.01 * r)}
-                                            for c in rows["case_id"] for r in range(5)])
+
+    def samples(rows, t):
+        return pd.DataFrame([{"case_id": c, "rep": r, "time_ms": t * (1 + 0.01 * r)}
+                             for c in rows["case_id"] for r in range(5)])
+
     table = compare_frames(base, samples(base, 1.0), new, samples(new, 2.0)).set_index("case_id")
     same, other = base["case_id"]
     assert table.loc[same, "verdict"] == "regressed" and math.isfinite(table.loc[same, "time_ratio"])

@@ -194,7 +194,7 @@ def test_every_page_exists_and_every_link_resolves(nightly):
     index = (site / "index.html").read_text()
     table = index[index.index('id="suites-table"'):]
     assert table.index("suite-tiny-report.html") < table.index("suite-a-other.html")  # regressed first
-    assert 'href="runs/%s/report.html"' % nightly.run_ids[-1] in index and "compare.html" not in index
+    assert f'href="runs/{nightly.run_ids[-1]}/report.html"' in index and "compare.html" not in index
 
 
 def test_suite_page_trends_hover_and_baseline_changes(nightly):

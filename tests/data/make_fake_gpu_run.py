@@ -77,7 +77,7 @@ def doctor(run: Path, out: Path) -> None:
     samples = pd.read_parquet(run / "samples.parquet")
     rng = np.random.default_rng(0)
     new_ids = {}
-    for i, row in rows.iterrows():
+    for _, row in rows.iterrows():
         d = row.to_dict()
         d["device"] = "cuda"
         new_ids[row["case_id"]] = Case.from_row({k: v for k, v in d.items() if k != "case_id"}).case_id
