@@ -314,7 +314,8 @@ def predict(step: Step, cases: list[dict], timing: dict) -> list[tuple[str, floa
         per = cost("triton_cache_load") if warm else cost("triton_compile")
         return _process() + [("Triton launcher build (cc)", cost("triton_launcher")),
                              (f"{len(SWEEP)} fixed-config compiles", len(SWEEP) * (cost("triton_compile") + 0.05)),
-                             (f"autotune FA2 shape: {tuned} configs ({'cached by the validation run' if warm else 'cold'})",
+                             (f"autotune FA2 shape: {tuned} configs "
+                              f"({'cached by the validation run' if warm else 'cold'})",
                               tuned * (per + cost("triton_bench")) + 1.0)]
     if step.key == "devices":
         memory = sum(cost("case_fixed") + cost("energy_loop") + 0.3 for _ in MEMORY_CASES)

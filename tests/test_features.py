@@ -152,7 +152,8 @@ def test_a_suite_sweeps_features_and_normalises_what_changes_nothing():
 @pytest.mark.parametrize("features", [dict(sliding_window=3), dict(prefix_lm=5), dict(document=4),
                                       dict(sliding_window=2, document=3, prefix_lm=2)], ids=str)
 @pytest.mark.parametrize("shape", [dict(seq_len=23), dict(q_len=4, seq_len=23),
-                                   dict(q_len=2, seq_len=23, lengths="uniform", batch=3)], ids=["square", "decode", "varlen"])
+                                   dict(q_len=2, seq_len=23, lengths="uniform", batch=3)],
+                         ids=["square", "decode", "varlen"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_flops_count_the_pairs_the_mask_keeps(features, shape, causal):
     case = Case("naive", causal=causal, heads=2, kv_heads=2, head_dim=8, **{"batch": 1, **shape}, **features)

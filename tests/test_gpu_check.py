@@ -246,7 +246,8 @@ def test_timeouts_kill_the_whole_group_and_bench_gets_sigint_first(tmp_path):
     rc, ended = gpu_check.run_with_timeout([sys.executable, str(child)], dict(os.environ), log, 2.0)
     assert ended == "killed"
     assert gone(int(log.read_text().split()[1]))
-    rc, ended = gpu_check.run_with_timeout([sys.executable, str(child), "grace"], dict(os.environ), log, 5.0, grace_s=3.0)
+    rc, ended = gpu_check.run_with_timeout([sys.executable, str(child), "grace"], dict(os.environ), log, 5.0,
+                                           grace_s=3.0)
     assert ended == "interrupted" and rc == 0 and "writing the tables" in log.read_text()
     assert gone(int(log.read_text().split()[1]))  # the group is killed after the step ends too
 
@@ -309,7 +310,8 @@ def test_without_a_gpu_the_check_stops_at_the_environment_step(tmp_path):
     data = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     steps = {s["step"]: s for s in data["steps"]}
     assert steps["env"]["status"] == "fail" and "sees no CUDA GPU" in steps["env"]["summary"]
-    assert steps["validate"]["status"] == "skip" and "sees no CUDA GPU" in (tmp_path / "out" / "gpu_check.md").read_text()
+    assert (steps["validate"]["status"] == "skip"
+            and "sees no CUDA GPU" in (tmp_path / "out" / "gpu_check.md").read_text())
 
 
 def test_crash_drill_suite_lists_its_five_cases():

@@ -25,7 +25,8 @@ from tests import fake_ray
 from tests.test_history import TINY
 
 #: Four quick cases (naive and sdpa at L = 32, 64), one process each.
-SMALL = TINY.replace('name = "tiny-regress"', 'name = "scale-small"').replace("threads = 1", "threads = 1\nprocesses = 1")
+SMALL = (TINY.replace('name = "tiny-regress"', 'name = "scale-small"')
+         .replace("threads = 1", "threads = 1\nprocesses = 1"))
 
 # -- the partition ---------------------------------------------------------------------------------
 
@@ -190,7 +191,8 @@ def test_bad_shard_arguments_are_one_line(tmp_path, capsys):
 # -- the Ray executor, with a fake Ray --------------------------------------------------------------
 
 TWO_NODES = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerHostname": "node-a", "Resources": {"CPU": 2.0}},
-             {"NodeID": "b" * 56, "Alive": True, "NodeManagerHostname": "node-b", "Resources": {"CPU": 2.0, "GPU": 1.0}}]
+             {"NodeID": "b" * 56, "Alive": True, "NodeManagerHostname": "node-b",
+              "Resources": {"CPU": 2.0, "GPU": 1.0}}]
 
 
 @pytest.fixture

@@ -119,7 +119,8 @@ def test_the_history_branch_holds_every_night_as_its_own_directory(nightly):
     assert len(log) == NIGHTS + 3 + 1 and log[-1].startswith("bench-results:")  # one commit a run, on the orphan root
     assert f"tiny-report: {nightly.run_ids[0]}" in log
     # the branch shares no history with the project
-    proc = subprocess.run(["git", "-C", str(nightly.origin), "merge-base", "main", "bench-results"], capture_output=True)
+    proc = subprocess.run(["git", "-C", str(nightly.origin), "merge-base", "main", "bench-results"],
+                          capture_output=True)
     assert proc.returncode == 1
 
 

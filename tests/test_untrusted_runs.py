@@ -123,7 +123,8 @@ def test_confirm_refuses_a_commit_only_a_results_branch_holds(scratch, tmp_path,
     repo, head, foreign, marker = scratch
     root, base, new = _pair(tmp_path, environment_here)
     for run, commit in ((base, foreign), (new, head)):
-        _edit_meta(run, lambda m, c=commit: m["environment"].update(git={"commit": c, "dirty": False, "root": str(repo)}))
+        _edit_meta(run, lambda m, c=commit: m["environment"].update(git={"commit": c, "dirty": False,
+                                                                         "root": str(repo)}))
     env = dict(os.environ, PYTHONPATH=str(repo))
     proc = subprocess.run([sys.executable, "-m", "harness", "compare", str(base), str(new), "--confirm",
                            "--confirm-rounds", "1", "--no-html", "--format", "json"],
