@@ -32,7 +32,7 @@ processes, and the re-run decides their verdicts). For both it prints
   slowdown measured for the probe (median ratio), so "10%" is checked rather
   than assumed.
 
-Goal (issue 5): no false alarm in 20 A/A comparisons, and at least 95% of the
+Goal: no false alarm in 20 A/A comparisons, and at least 95% of the
 10% slowdowns detected. A suite run takes about 30 s on 2 cores, and a
 confirmation a few seconds per case it re-runs plus 16 worker starts.
 """

@@ -2,7 +2,7 @@
 take on an H100 (a cost model with its figures and their sources), and the files that come back.
 
 Torch-free on purpose: the checker's own process (``benchmarks/gpu_check.py``) imports only this, so it
-never holds a CUDA context (issue 26, point 11) and never pays for importing torch outside a step's
+never holds a CUDA context and never pays for importing torch outside a step's
 timeout. The validation cases are read from ``suites/gpu-check.toml`` directly (one ``[[variant]]``
 table per case), and ``tests/test_gpu_check.py`` checks that ``bench run --dry-run`` lists the same.
 

@@ -1,4 +1,4 @@
-"""Attention features (issue 27): the float64 reference against hand-written formulas, the case identity,
+"""Attention features: the float64 reference against hand-written formulas, the case identity,
 FLOP counts, skip reasons, register_variant(score_mod=...) and the report's Cost of features.
 
 The hand-written attention below computes every feature with plain Python floats, element by
@@ -127,7 +127,7 @@ def test_reference_gradients_flow_through_the_score_mod_and_sinks():
 
 def test_cases_without_the_new_keys_keep_their_ids():
     plain = Case("sdpa", {"backend": "flash"}, seq_len=1024, causal=True)
-    assert plain.case_id == "3deb0b997fee8271"  # as before issue 27 (tests/test_inference_suite.py)
+    assert plain.case_id == "3deb0b997fee8271"  # as before the feature keys existed (tests/test_inference_suite.py)
     defaults = {name: DEFAULTS[name] for name in FEATURES}
     assert Case("sdpa", {"backend": "flash"}, seq_len=1024, causal=True, **defaults).case_id == plain.case_id
     assert not set(FEATURES) & set(plain.message()) and plain.features == {}

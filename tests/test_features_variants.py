@@ -1,4 +1,4 @@
-"""Every variant that declares an attention feature, against the float64 reference (issue 27).
+"""Every variant that declares an attention feature, against the float64 reference.
 
 Forward for all, backward where the variant has one (naive, tiled, sdpa); decode shapes and paged
 caches for the inference variants; flex compiled (a few cases: each compiles); the Triton kernel

@@ -1,4 +1,4 @@
-"""The report's Parameter-efficiency section (attention layers, issue 18) and the quantised variants in
+"""The report's Parameter-efficiency section (attention layers) and the quantised variants in
 the speed-vs-accuracy views: the section only with layer rows; parameters, KV bytes per token, time
 per token and the tokens that fit a memory budget computed from the rows; wrong answers marked; the
 KV-cache chart drawn; int8 rows on the Pareto front against the exact baseline of their own dtype,
