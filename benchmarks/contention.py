@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run_once(suite, out / f"run{i + 1}-n{n}", n))
     quiet = next(r for r in runs if r["neighbours"] == 0)
     base = table(quiet)
-    rows_out, notes = [], []
+    rows_out = []
     for i, r in enumerate(runs):
         t = table(r)
         ok = t[t["status"] == "ok"]

@@ -32,7 +32,7 @@ processes, and the re-run decides their verdicts). For both it prints
   slowdown measured for the probe (median ratio), so "10%" is checked rather
   than assumed.
 
-Goal (issue 5): no false alarm in 20 A/A comparisons, and at least 95% of the
+Goal: no false alarm in 20 A/A comparisons, and at least 95% of the
 10% slowdowns detected. A suite run takes about 30 s on 2 cores, and a
 confirmation a few seconds per case it re-runs plus 16 worker starts.
 """
@@ -185,7 +185,8 @@ def summarise(results: list[dict], stage: str) -> dict:
         "unchanged_cases_in_slow_runs_inconclusive": sum(t.get("unchanged_inconclusive", 0) for t in slow),
     }
     out["aa_false_alarm_rate"] = out["aa_comparisons_with_a_regression"] / len(aa) if aa else None
-    out["detection_rate"] = out["slow_probe_cases_detected"] / out["slow_probe_cases"] if out["slow_probe_cases"] else None
+    out["detection_rate"] = (out["slow_probe_cases_detected"] / out["slow_probe_cases"]
+                             if out["slow_probe_cases"] else None)
     return out
 
 
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         for f in r["confirm"]["flagged"]:
             if r["kind"] == "aa" or not f["label"].startswith(tuple(PROBE_VARIANTS)):
-                print(f"  left flagged after --confirm in {r['run']}: {f['verdict']} {f['label']} ×{f['time_ratio']:.3f}")
+                print(f"  left flagged after --confirm in {r['run']}: {f['verdict']} {f['label']} "
+                      f"×{f['time_ratio']:.3f}")
     if args.docs_json:
         write_docs_table(args.docs_json, figures, args, probes)
     if tmp is not None:

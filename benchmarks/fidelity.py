@@ -60,7 +60,8 @@ TIMER_SCRIPT = textwrap.dedent("""
         with torch.no_grad():
             return fn(q, k, v, causal=causal, **params)
     call()  # first call (lazy initialisation) kept out, as the harness does
-    m = tb.Timer(stmt="call()", globals={"call": call}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    m = tb.Timer(stmt="call()", globals={"call": call},
+                 num_threads=threads).blocked_autorange(min_run_time=min_run_time)
     print(json.dumps({"median_ms": m.median * 1e3, "threads": threads}))
 """)
 
@@ -119,7 +120,7 @@ def against_timer(rounds: int, min_run_time: float, tmp: Path, threads: int | No
         mo, mr = statistics.median(ours), statistics.median(ref)
         print(f"{label:36s} {mo:11.2f} {mr:10.2f} {mo / mr:7.3f} {spread(ours):9.1%} {spread(ref):9.1%}  "
               f"{[bool(x) if x is not None else None for x in stable]}")
-        print(f"{'':36s} harness {['%.2f' % x for x in ours]}  Timer {['%.2f' % x for x in ref]}  "
+        print(f"{'':36s} harness {[f'{x:.2f}' for x in ours]}  Timer {[f'{x:.2f}' for x in ref]}  "
               f"threads {sorted(used)}")
         flagged = sum(x is not None and not bool(x) for x in stable)
         table.append([label, ", ".join(sorted({str(n) for _, n in used})), round(mo, 3), round(mr, 3),

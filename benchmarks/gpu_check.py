@@ -122,7 +122,8 @@ class Check:
         flags += ["--rehearse"] if self.rehearse else []
         flags += ["--refuse-shared"] if self.args.refuse_shared else []
         if step.key == "calibrate" and not self.rehearse:
-            return [py, "-m", "harness", "calibrate", "--device", "cuda", "--dtype", "bfloat16", "--dtype", "float16"], env
+            return [py, "-m", "harness", "calibrate", "--device", "cuda", "--dtype", "bfloat16",
+                    "--dtype", "float16"], env
         if step.key == "validate":
             return [py, "-m", "harness", "run", str(gpu_plan.SUITE), "-o", str(self.work / "validate"), "--quiet",
                     "--no-report"], env
@@ -256,8 +257,8 @@ def drill_suite() -> str:
     plugin = ROOT / "tests" / "plugins" / "cuda_faults.py"
     entries = "\n".join(f'[[variant]]\nname = "{name}"\nseq_len = [{n}]\n' for name, n, _ in gpu_plan.DRILL)
     return (f'name = "gpu-crash-drill"\nplugins = ["{plugin}"]\n[defaults]\ndevice = "cuda"\ndtype = "float16"\n'
-            f"heads = 2\nhead_dim = 64\n[timing]\nwarmup = 1\nmin_time_s = 0.0\nmax_reps = 5\nmax_time_s = 0.2\nprocesses = 1\n"
-            f"[run]\ncase_timeout_s = 60\n\n{entries}")
+            f"heads = 2\nhead_dim = 64\n[timing]\nwarmup = 1\nmin_time_s = 0.0\nmax_reps = 5\nmax_time_s = 0.2\n"
+            f"processes = 1\n[run]\ncase_timeout_s = 60\n\n{entries}")
 
 
 def rows_log(run_dir: Path) -> list[dict]:
@@ -373,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="work directory (default: results/gpu-check/<time>, rehearsal: a temp dir)")
     parser.add_argument("--import", dest="import_dir", metavar="DIR",
                         help="turn DIR's files (from a GPU run) into results/reference/<gpu>/ and render its report")
-    parser.add_argument("--to", default=str(ROOT / "results" / "reference"), help="--import: where (default %(default)s)")
+    parser.add_argument("--to", default=str(ROOT / "results" / "reference"),
+                        help="--import: where (default %(default)s)")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (keys: "
                         + ", ".join(s.key for s in gpu_plan.STEPS) + "); the summary always runs")
     parser.add_argument("--refuse-shared", action="store_true",
@@ -405,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
               f"work {work}, files to {out}")
     check.log(f"Python {found['python']} ({found['executable']}); found: "
               + ", ".join(f"{p} {v or 'MISSING'}" for p, v in found["versions"].items()))
-    check.log("not installed (none is needed): " + ", ".join(f"{p} {v or 'no'}" for p, v in found["absent_expected"].items()))
+    check.log("not installed (none is needed): "
+              + ", ".join(f"{p} {v or 'no'}" for p, v in found["absent_expected"].items()))
     check.log(f"C compiler: {found['compiler']['path'] or 'NONE'} ({found['compiler']['how']})")
     if not has_cc and args.rehearse:
         check.log("no C compiler: on a GPU machine the check would stop here (the rehearsal needs none)")

@@ -96,8 +96,9 @@ def step_env(ctx, res: Result) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        res.set(status="fail", fatal=True, summary=f"torch {torch.__version__} sees no CUDA GPU here (torch.version.cuda "
-                                                   f"= {torch.version.cuda}): nothing to check")
+        res.set(status="fail", fatal=True,
+                summary=f"torch {torch.__version__} sees no CUDA GPU here (torch.version.cuda "
+                        f"= {torch.version.cuda}): nothing to check")
         return
     from harness.measure.environment import capture
 
@@ -112,7 +113,8 @@ def step_env(ctx, res: Result) -> None:
             summary=f"{gpu.get('name')}, driver {gpu.get('driver')}, torch {env['versions']['torch']}, "
                     f"CUDA {env['versions']['cuda']}, triton {env['versions']['triton']}")
     res.line(f"GPU: {gpu.get('name')} (compute capability {gpu.get('compute_capability')}, "
-             f"{(gpu.get('memory_bytes') or 0) / 2**30:.0f} GiB, {gpu.get('sm_count')} SMs), driver {gpu.get('driver')}")
+             f"{(gpu.get('memory_bytes') or 0) / 2**30:.0f} GiB, {gpu.get('sm_count')} SMs), "
+             f"driver {gpu.get('driver')}")
     res.line("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     for key in ("power_limit_w", "persistence_mode", "ecc_mode", "mig_mode", "applications_clocks_mhz"):
         res.line(f"{key}: {record.get(key)}")
@@ -146,7 +148,8 @@ def smoke(ctx, res: Result) -> None:
     tflops = attention_flops(gpu_plan.to_case(SMOKE)) / t.median_s / 1e12
     label = gpu_plan.case_label(SMOKE)
     res.line(f"smoke {label}: {1e3 * t.median_s:.3f} ms median of {len(t.samples_s)}, {tflops:.1f} TFLOP/s "
-             f"(FlashAttention-2 published: up to {FA2_H100_FWD_TFLOPS:.0f} on H100){' [REHEARSAL: cost model]' if ctx.rehearse else ''}")
+             f"(FlashAttention-2 published: up to {FA2_H100_FWD_TFLOPS:.0f} on H100)"
+             f"{' [REHEARSAL: cost model]' if ctx.rehearse else ''}")
     res.set(status=("warn" if res.data.get("shared") else "pass") if tflops > 0 else "fail",
             figures={"smoke_tflops": tflops, "smoke_ms": 1e3 * t.median_s},
             summary=res.data["summary"] + f"; smoke {tflops:.0f} TFLOP/s")
@@ -212,7 +215,8 @@ def step_crosscheck(ctx, res: Result) -> None:
         for r in got:
             if r.get("judged"):
                 verdicts.append({"case": r["case"], "method": r["method"], "reference": r["reference"],
-                                 "ratio": r["ratio_to_ref"], "within_goal": abs(r["ratio_to_ref"] - 1) <= CROSSCHECK_GOAL})
+                                 "ratio": r["ratio_to_ref"],
+                                 "within_goal": abs(r["ratio_to_ref"] - 1) <= CROSSCHECK_GOAL})
                 res.line(f"{r['case']}: {r['method']} / {r['reference']} = {r['ratio_to_ref']:.3f}")
             elif r.get("skipped"):
                 res.line(f"{r['case']}: {r['method']} skipped: {r['skipped']}")
@@ -221,7 +225,8 @@ def step_crosscheck(ctx, res: Result) -> None:
     judged_do_bench = [v for v in verdicts if "do_bench" in v["reference"]]
     status = "pass" if judged_do_bench and not bad else "fail"
     res.set(status=status, summary=f"{len(verdicts) - len(bad)}/{len(verdicts)} ratios within ±{CROSSCHECK_GOAL:.0%}"
-            + (" [REHEARSAL: fake timers]" if ctx.rehearse else "") + ("" if judged_do_bench else "; no do_bench (Triton?)"))
+            + (" [REHEARSAL: fake timers]" if ctx.rehearse else "")
+            + ("" if judged_do_bench else "; no do_bench (Triton?)"))
 
 
 # -- sweep: the Triton kernel against float64 ---------------------------------------------------------
@@ -330,7 +335,8 @@ def step_devices(ctx, res: Result) -> None:
     c = tel.columns
     checks = {"power_w > 0": (c.get("power_w") or 0) > 0, "energy_j > 0": (c.get("energy_j") or 0) > 0,
               "energy from the counter": c.get("energy_source") == "counter",
-              "SM clock > 0": (c.get("sm_clock_mhz") or 0) > 0, "violation counters read": c.get("throttle_time_ms") is not None}
+              "SM clock > 0": (c.get("sm_clock_mhz") or 0) > 0,
+              "violation counters read": c.get("throttle_time_ms") is not None}
     res.line("telemetry: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
     res.set(figures={"telemetry": {k: c.get(k) for k in ("power_w", "energy_j", "energy_power_w", "sm_clock_mhz",
                                                          "throttle_time_ms", "throttled", "telemetry_note")}})

@@ -56,7 +56,8 @@ def install(parent_pid: int | None = None):
     free = [79 * 2**30]
     for name, value in (("is_available", lambda: True), ("device_count", lambda: 1), ("current_device", lambda: 0),
                         ("get_device_name", lambda *a: GPU_NAME), ("get_device_properties", lambda *a: PROPS),
-                        ("get_device_capability", lambda *a: (9, 0)), ("mem_get_info", lambda *a: (free[0], 80 * 2**30)),
+                        ("get_device_capability", lambda *a: (9, 0)),
+                        ("mem_get_info", lambda *a: (free[0], 80 * 2**30)),
                         ("memory_reserved", lambda *a: 0), ("memory_allocated", lambda *a: 0),
                         ("max_memory_allocated", lambda *a: 0), ("reset_peak_memory_stats", lambda *a: None),
                         ("empty_cache", lambda: None)):

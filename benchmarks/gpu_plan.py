@@ -2,7 +2,7 @@
 take on an H100 (a cost model with its figures and their sources), and the files that come back.
 
 Torch-free on purpose: the checker's own process (``benchmarks/gpu_check.py``) imports only this, so it
-never holds a CUDA context (issue 26, point 11) and never pays for importing torch outside a step's
+never holds a CUDA context and never pays for importing torch outside a step's
 timeout. The validation cases are read from ``suites/gpu-check.toml`` directly (one ``[[variant]]``
 table per case), and ``tests/test_gpu_check.py`` checks that ``bench run --dry-run`` lists the same.
 
@@ -314,7 +314,8 @@ def predict(step: Step, cases: list[dict], timing: dict) -> list[tuple[str, floa
         per = cost("triton_cache_load") if warm else cost("triton_compile")
         return _process() + [("Triton launcher build (cc)", cost("triton_launcher")),
                              (f"{len(SWEEP)} fixed-config compiles", len(SWEEP) * (cost("triton_compile") + 0.05)),
-                             (f"autotune FA2 shape: {tuned} configs ({'cached by the validation run' if warm else 'cold'})",
+                             (f"autotune FA2 shape: {tuned} configs "
+                              f"({'cached by the validation run' if warm else 'cold'})",
                               tuned * (per + cost("triton_bench")) + 1.0)]
     if step.key == "devices":
         memory = sum(cost("case_fixed") + cost("energy_loop") + 0.3 for _ in MEMORY_CASES)

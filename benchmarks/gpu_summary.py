@@ -153,7 +153,8 @@ def comparison(rows, calibration: dict | None, steps: list[dict]) -> list[dict]:
         row = find(rows, "sdpa", FA2, backend)
         x = tflops(row)
         add(f"sdpa-{backend} fwd bf16 TFLOP/s, FA2 shape", f"{x:.1f}" if x == x else _state(row), "", "")
-    for label, shape, mode, key in (("FA2 shape fwd", FA2, "fwd", "flex_fwd"), ("B4 L4096 D64 fwd", S2, "fwd", "flex_fwd"),
+    for label, shape, mode, key in (("FA2 shape fwd", FA2, "fwd", "flex_fwd"),
+                                    ("B4 L4096 D64 fwd", S2, "fwd", "flex_fwd"),
                                     ("FA2 shape fwd+bwd", FA2, "fwd_bwd", "flex_bwd")):
         f, s = tflops(find(rows, "flex", shape, mode=mode)), tflops(find(rows, "sdpa", shape, "flash", mode=mode))
         pub, src = PUBLISHED[key]
@@ -169,10 +170,11 @@ def comparison(rows, calibration: dict | None, steps: list[dict]) -> list[dict]:
             "", "")
     cross = next((st for st in steps if st.get("step") == "crosscheck"), {})
     for v in (cross.get("figures") or {}).get("crosscheck", []):
-        add(f"harness ÷ {v['reference']}: {v['case']} ({v['method']})", f"{v['ratio']:.3f}", f"goal 1 ± {CROSSCHECK_GOAL:.0%}",
-            "within" if v["within_goal"] else "OUTSIDE", "")
+        add(f"harness ÷ {v['reference']}: {v['case']} ({v['method']})", f"{v['ratio']:.3f}",
+            f"goal 1 ± {CROSSCHECK_GOAL:.0%}", "within" if v["within_goal"] else "OUTSIDE", "")
     if not (cross.get("figures") or {}).get("crosscheck"):
-        add("harness ÷ do_bench (3 cases)", f"not measured ({cross.get('status', 'not run')})", f"goal 1 ± {CROSSCHECK_GOAL:.0%}")
+        add("harness ÷ do_bench (3 cases)", f"not measured ({cross.get('status', 'not run')})",
+            f"goal 1 ± {CROSSCHECK_GOAL:.0%}")
     for st in steps:
         if st.get("step") != "summary":
             add(f"check: {st.get('title')}", st.get("status", "?").upper(), "",
@@ -183,7 +185,8 @@ def comparison(rows, calibration: dict | None, steps: list[dict]) -> list[dict]:
 def _row_table(rows) -> list[str]:
     if rows is None or not len(rows):
         return ["(no validation rows)"]
-    lines = ["| case | status | ms | TFLOP/s | % peak | host-bound | throttled | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | status | ms | TFLOP/s | % peak | host-bound | throttled | note |",
+             "|---|---|---|---|---|---|---|---|"]
     from harness.core.cases import Case
 
     for _, r in rows.iterrows():
@@ -211,7 +214,8 @@ def render(data: dict) -> str:
               f"C compiler: {(pre.get('compiler') or {}).get('path')}; not installed: "
               + ", ".join(k for k, v in (pre.get("absent_expected") or {}).items() if not v), ""]
     predicted = {s["key"]: s for s in (data.get("plan") or {}).get("steps", [])}
-    lines += ["## Steps", "", "| step | result | seconds | timeout | predicted | summary |", "|---|---|---|---|---|---|"]
+    lines += ["## Steps", "", "| step | result | seconds | timeout | predicted | summary |",
+              "|---|---|---|---|---|---|"]
     for st in data["steps"]:
         p = predicted.get(st.get("step"), {})
         lines.append(f"| {st.get('title')} | {st.get('status')} | {st.get('seconds')} | {st.get('timeout_s', 0):.0f} | "

@@ -2,7 +2,7 @@
 
     python benchmarks/targets.py [--quick] [--json [DIR]]
 
-Targets (issue 3), CPU, float32:
+Targets, CPU, float32:
 * ``tiled`` forward within 2x of sdpa-flash time at L=8192, peak memory within 2x of sdpa-flash's;
 * ``sliding_window`` within 1.5x of compiled ``flex`` with the same window (256, causal, L=4096).
 

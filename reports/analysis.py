@@ -166,7 +166,8 @@ def baseline_label(group: pd.DataFrame) -> tuple[str | None, str]:
     Variants that declared themselves baselines (``register_variant(..., baseline=True)``, as the
     rows' ``baseline`` column records it: the report of a run reads the same whichever plugins the
     process that renders it has loaded) come first; only when none of them ran (or the rows are
-    from before the column) do the name rules choose among all rows. Either way the preference is sdpa's flash backend, else another sdpa
+    from before the column) do the name rules choose among all rows. Either way the preference is
+    sdpa's flash backend, else another sdpa
     backend (auto, efficient, cudnn, math in that order), else naive; among declared baselines
     that are none of these, the first by label. Returns ``(None, reason)`` when none ran.
     """
@@ -192,7 +193,8 @@ def _by_name(labels: pd.DataFrame) -> tuple[str | None, str]:
             sdpa[_params(r["params"]).get("backend", "auto")] = label
     for backend in SDPA_PREFERENCE:
         if backend in sdpa:
-            return sdpa[backend], ("sdpa flash" if backend == "flash" else f"sdpa {backend} (no sdpa flash in this configuration)")
+            return sdpa[backend], ("sdpa flash" if backend == "flash"
+                                   else f"sdpa {backend} (no sdpa flash in this configuration)")
     if sdpa:
         backend = sorted(sdpa)[0]
         return sdpa[backend], f"sdpa {backend}"

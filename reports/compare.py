@@ -70,13 +70,15 @@ def ratio_chart(cases: list[dict[str, Any]], time_threshold: float, memory_thres
         span = max(span, math.exp(float(np.max(np.abs(np.log(finite))))) * 1.15)
     ax.set_xscale("log")
     ax.set_xlim(1 / span, span)
-    ax.axvspan(1 / (1 + time_threshold), 1 + time_threshold, color="#e8ebf0", zorder=0, label=f"±{time_threshold:.0%} threshold")
+    ax.axvspan(1 / (1 + time_threshold), 1 + time_threshold, color="#e8ebf0", zorder=0,
+               label=f"±{time_threshold:.0%} threshold")
     ax.axvline(1.0, color="#1d2330", lw=0.8, zorder=1)
     ok = np.isfinite(ratios)
     ax.barh(y[ok], ratios[ok] - 1, left=1, height=0.6, color=[c for c, k in zip(colors, ok) if k], alpha=0.85, zorder=2)
     has_ci = ok & np.isfinite(lo) & np.isfinite(hi)
     if has_ci.any():
-        err = np.vstack([ratios[has_ci] - np.clip(lo[has_ci], 1 / span, None), np.clip(hi[has_ci], None, span) - ratios[has_ci]])
+        err = np.vstack([ratios[has_ci] - np.clip(lo[has_ci], 1 / span, None),
+                         np.clip(hi[has_ci], None, span) - ratios[has_ci]])
         ax.errorbar(ratios[has_ci], y[has_ci], xerr=np.clip(err, 0, None), fmt="none", ecolor="#1d2330", elinewidth=0.9,
                     capsize=2, zorder=3, label="confidence interval")
     ax.set_yticks(y)

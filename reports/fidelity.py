@@ -125,7 +125,8 @@ def measurement_items(env: dict, meta: dict, rows: pd.DataFrame) -> list[tuple[s
     if not isinstance(record, dict):
         old = env.get("allocator")
         if isinstance(old, dict) and old:
-            items.append(("allocator", ", ".join(f"{k}={v}" if v is not None else f"{k} unset" for k, v in old.items())))
+            items.append(("allocator", ", ".join(f"{k}={v}" if v is not None else f"{k} unset"
+                                                 for k, v in old.items())))
         return items
     kinds: dict[str, list[str]] = {name: [] for name, _ in _KINDS}
     variables, other, thp = [], [], None

@@ -125,7 +125,8 @@ def trend_chart(trend: dict[str, Any], runs, baselines, chart_id: str) -> str:
     ax.plot(x, y, lw=1, color="#2754c5", alpha=0.6, zorder=2)
     ax.plot(x, y, ls="none", marker="o", ms=4.5, color="#2754c5", zorder=3, gid=f"{chart_id}-pts", label="median time")
     titles = {f"{chart_id}-pts": [
-        f"{p['run_id']}\n{_when(p['started'])} · commit {p['commit'] or 'unknown'}\nmedian {fmt.duration_ms(p['time_ms'])}"
+        f"{p['run_id']}\n{_when(p['started'])} · commit {p['commit'] or 'unknown'}\n"
+        f"median {fmt.duration_ms(p['time_ms'])}"
         f" ({p['interval']} {fmt.duration_ms(p['low'])} – {fmt.duration_ms(p['high'])})" for p in pts]}
     bounds = [0] + [s["index"] for s in trend["steps"]] + [len(pts)]
     for a, b in zip(bounds, bounds[1:]):
@@ -144,7 +145,8 @@ def trend_chart(trend: dict[str, Any], runs, baselines, chart_id: str) -> str:
         at = ids.get(event.run_id)
         if at is not None and at in x:
             gid = f"{chart_id}-base{j}"
-            ax.plot([at], [y[x.index(at)]], ls="none", marker="D", ms=9, mfc="none", mec=BASE, mew=1.3, zorder=4, gid=gid)
+            ax.plot([at], [y[x.index(at)]], ls="none", marker="D", ms=9, mfc="none", mec=BASE, mew=1.3, zorder=4,
+                    gid=gid)
             titles[gid] = [f"run {event.run_id} became the baseline ({_when(event.promoted)})"]
         since = _position(runs, event.promoted)
         if since is not None and since > 0:
@@ -206,8 +208,9 @@ def atom_feed(regressions: list[dict[str, Any]], title: str, updated: str, base_
         href = f"{base}{suite_page(r['suite'])}#case-{safe_name(r['slug'])}-{safe_name(r['case_id'])}"
         text(entry, "link", None, {"rel": "alternate", "type": "text/html", "href": href})
         text(entry, "summary",
-             f"median time {fmt.duration_ms(r['before'])} → {fmt.duration_ms(r['after'])} ({fmt.change(r['ratio'])}) on "
-             f"{r['hostname']} ({r['fingerprint']}), first at run {r['run_id']}, commit {r['commit'] or 'unknown'}")
+             f"median time {fmt.duration_ms(r['before'])} → {fmt.duration_ms(r['after'])} "
+             f"({fmt.change(r['ratio'])}) on {r['hostname']} ({r['fingerprint']}), first at run {r['run_id']}, "
+             f"commit {r['commit'] or 'unknown'}")
     ET.indent(feed)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(feed, encoding="unicode") + "\n"
 

@@ -66,7 +66,8 @@ def _cell(row: dict | None, fastest: bool, verbose: bool) -> str:
     return text
 
 
-def headline_tables(rows: pd.DataFrame, verbose: bool = False, suite_definition: dict | None = None) -> list[tuple[str, Table]]:
+def headline_tables(rows: pd.DataFrame, verbose: bool = False,
+                    suite_definition: dict | None = None) -> list[tuple[str, Table]]:
     """The tables :func:`print_headline` prints, one per configuration with its title, in a stable order."""
     if rows is None or rows.empty or not set(NEEDED) <= set(rows.columns):
         return []

@@ -137,7 +137,8 @@ class FakeRay(types.ModuleType):
                     res.get("CPU", 0) < options.get("num_cpus", 1):
                 continue
             wanted = selector.get("ray.io/node-id")
-            if wanted is not None and (node["NodeID"] == wanted[1:] if wanted.startswith("!") else node["NodeID"] != wanted):
+            if wanted is not None and (node["NodeID"] == wanted[1:] if wanted.startswith("!")
+                                       else node["NodeID"] != wanted):
                 continue
             fits.append(node)
         if not fits:

@@ -159,7 +159,8 @@ class Chromium:
     def click(self, selector: str) -> None:
         """A real mouse click (press and release) at the centre of the element."""
         box = self.evaluate(
-            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView({{block: 'center'}});"
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center'});"
             " const r = e.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2]; })()"
         )
         for kind in ("mousePressed", "mouseReleased"):
@@ -201,12 +202,14 @@ class Chromium:
                 d = p.get("exceptionDetails", {})
                 out.append("uncaught exception: " + str(d.get("exception", {}).get("description") or d.get("text")))
             elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-                out.append(f"log error ({p['entry'].get('source')}): {p['entry'].get('text')} {p['entry'].get('url', '')}")
+                out.append(f"log error ({p['entry'].get('source')}): {p['entry'].get('text')} "
+                           f"{p['entry'].get('url', '')}")
             elif m == "Network.requestWillBeSent":
                 failed_requests[p["requestId"]] = p["request"]["url"]
             elif m == "Network.loadingFailed":
                 url = failed_requests.get(p.get("requestId"), "?")
-                out.append(f"failed to load {url}: {p.get('errorText')}{' (blocked)' if p.get('blockedReason') else ''}")
+                out.append(f"failed to load {url}: {p.get('errorText')}"
+                           f"{' (blocked)' if p.get('blockedReason') else ''}")
             elif m == "Network.responseReceived" and p.get("response", {}).get("status", 200) >= 400:
                 out.append(f"HTTP {p['response']['status']} for {p['response'].get('url')}")
         return out
@@ -404,7 +407,8 @@ def test_regression_pages_in_chromium(browser, regression_pages, kind, tmp_path)
     browser.open(page)
     assert browser.problems() == [], browser.problems()
     assert browser.requested_urls() == [page.resolve().as_uri()]
-    charts = browser.evaluate("Array.from(document.querySelectorAll('svg.chart')).map(s => s.getBoundingClientRect().width)")
+    charts = browser.evaluate("Array.from(document.querySelectorAll('svg.chart'))"
+                              ".map(s => s.getBoundingClientRect().width)")
     assert charts and all(w > 300 for w in charts)
     tables = browser.evaluate("Array.from(document.querySelectorAll('table.sortable')).map(t => t.id || '')")
     assert tables

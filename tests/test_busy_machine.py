@@ -78,7 +78,7 @@ def test_a_busy_machine_is_flagged_and_retrying_stops_after_a_few_cases(tmp_path
     attempts = [sum(1 for c in executor.calls if c[0] == n) for n in (16, 32, 48, 64, 80)]
     assert attempts == [3, 3, 3, 1, 1]  # three cases retried twice, then the run stopped re-running
     assert len(said) == 1 and "stays busy" in said[0] and "flagged from now on" in said[0]
-    for n, row in rows.items():
+    for row in rows.values():
         assert row["contended"] == True and row["stable"] == False  # noqa: E712
         assert row["contention_note"] == "other processes used 0.98 of 2 cores while this case ran on 2 threads"
         assert row["stability_note"].startswith("contended: other processes used 0.98 of 2 cores")

@@ -139,13 +139,15 @@ def _parser():
 
 def test_bench_calibrate_quick_writes_the_cache(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(calibrate, "current_fingerprint", lambda: "testmachine")
-    args = _parser().parse_args(["calibrate", "--quick", "--dtype", "float32", "--device", "cpu", "--dir", str(tmp_path)])
+    args = _parser().parse_args(["calibrate", "--quick", "--dtype", "float32", "--device", "cpu",
+                                 "--dir", str(tmp_path)])
     assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "matmul float32" in out and "GB/s" in out and "measured now: cpu/threads=" in out
     data = json.loads((tmp_path / "testmachine.json").read_text())
     assert data["fingerprint"] == "testmachine" and data["entries"][calibrate.entry_key("cpu")]["quick"] is True
-    args = _parser().parse_args(["calibrate", "--quick", "--dtype", "float32", "--device", "cpu", "--dir", str(tmp_path)])
+    args = _parser().parse_args(["calibrate", "--quick", "--dtype", "float32", "--device", "cpu",
+                                 "--dir", str(tmp_path)])
     assert args.handler(args) == 0 and "nothing (cached" in capsys.readouterr().out
 
 

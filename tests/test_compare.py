@@ -149,13 +149,15 @@ def test_small_noisy_samples_rarely_call_a_10_percent_change():
     """10% in 30% noise with 5 samples a side: the test has little power, so it almost never fires."""
     called = 0
     for seed in range(50):
-        v = verdicts({"c": {"samples": samples(5, 2.0, 0.3, seed)}}, {"c": {"samples": samples(5, 2.2, 0.3, 100 + seed)}})
+        v = verdicts({"c": {"samples": samples(5, 2.0, 0.3, seed)}},
+                     {"c": {"samples": samples(5, 2.2, 0.3, 100 + seed)}})
         called += v["c"]["verdict"] in ("regressed", "improved")
     assert called <= 10
 
 
 def test_beyond_threshold_but_not_significant_is_explained():
-    v = verdicts({"c": {"samples": quantile_samples(5, 2.0, 0.3)}}, {"c": {"samples": quantile_samples(5, 2.6, 0.3)}})["c"]
+    v = verdicts({"c": {"samples": quantile_samples(5, 2.0, 0.3)}},
+                 {"c": {"samples": quantile_samples(5, 2.6, 0.3)}})["c"]
     assert v["time_ratio"] == pytest.approx(1.3)
     assert v["verdict"] == "inconclusive" and "time +30.0% ×" in v["note"] and "straddles the threshold" in v["note"]
 
@@ -179,7 +181,8 @@ def test_memory_verdicts():
            "tiny": {"samples": samples(20, 1.0, 0.01, 7), "mem": 2000},  # +100% but 1000 bytes
            "down": {"samples": samples(20, 1.0, 0.01, 8), "mem": 0.5 * (1 << 20)}}
     v = verdicts(base, new)
-    assert v["up"]["verdict"] == "regressed" and v["up"]["memory_verdict"] == "regressed" and "memory +20.0%" in v["up"]["note"]
+    assert (v["up"]["verdict"] == "regressed" and v["up"]["memory_verdict"] == "regressed"
+            and "memory +20.0%" in v["up"]["note"])
     assert v["small"]["verdict"] == "unchanged"
     assert v["tiny"]["verdict"] == "unchanged"
     assert v["down"]["verdict"] == "improved"
@@ -376,7 +379,8 @@ def _doctored(real, tmp_path, name, factor):
     rng = np.random.default_rng(7)
     recs = []
     for cid in rows["case_id"]:
-        recs += [{"case_id": cid, "rep": r, "time_ms": factor * (1 + 0.01 * x)} for r, x in enumerate(rng.normal(size=8))]
+        recs += [{"case_id": cid, "rep": r, "time_ms": factor * (1 + 0.01 * x)}
+                 for r, x in enumerate(rng.normal(size=8))]
     pd.DataFrame(recs).to_parquet(dst / "samples.parquet", index=False)
     rows["time_ms"] = factor
     rows.to_parquet(dst / "results.parquet", index=False)

@@ -41,9 +41,11 @@ needs_git = pytest.mark.skipif(not IN_GIT, reason="the project is not a git chec
 
 def _meta(commit="c" * 40, dirty=False, fingerprint="fp", torch="2.13.0"):
     return {"environment": {"machine": {"fingerprint": fingerprint}, "git": {"commit": commit, "dirty": dirty},
-                            "versions": {"python": "3.11", "torch": torch, "cuda": None, "triton": None, "harness": "0.1.0"},
+                            "versions": {"python": "3.11", "torch": torch, "cuda": None, "triton": None,
+                                         "harness": "0.1.0"},
                             "threads": 1},
-            "suite": {"name": "s", "definition": {}}, "timing": {"warmup": 1, "min_time_s": 0.0, "min_reps": 3, "max_reps": 3},
+            "suite": {"name": "s", "definition": {}},
+            "timing": {"warmup": 1, "min_time_s": 0.0, "min_reps": 3, "max_reps": 3},
             "seed": 0}
 
 
@@ -129,7 +131,8 @@ def test_confirm_also_reruns_near_threshold_cases_and_the_rerun_decides(tmp_path
     assert comparison.has_regression
     quiet = _suspect_comparison(tmp_path / "q", 1.01)
     fake = FakeSides(1.3)
-    assert confirm(quiet, here=_meta()["environment"], runners=fake, log=lambda s: None)["status"] == "nothing to confirm"
+    assert (confirm(quiet, here=_meta()["environment"], runners=fake, log=lambda s: None)["status"]
+            == "nothing to confirm")
     assert fake.calls == []
 
 

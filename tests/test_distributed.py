@@ -69,8 +69,11 @@ def check_configs(rank: int, world: int, names: list[str]) -> dict[str, dict] | 
             out[:, :, rows] = local
         rows = check_rows(case.seq_len)
         ref = reference_attention(q, k, v, variant.reference_mask(case), rows)
-        problems = correctness_problems(out, ref, rows, dtype=case.dtype, exact=True, baseline=lambda: reference_attention(
-            q, k, v, variant.reference_mask(case), rows, dtype=q.dtype))
+
+        def baseline(q=q, k=k, v=v, variant=variant, case=case, rows=rows):  # called within this iteration
+            return reference_attention(q, k, v, variant.reference_mask(case), rows, dtype=q.dtype)
+
+        problems = correctness_problems(out, ref, rows, dtype=case.dtype, exact=True, baseline=baseline)
         results[name] = {"problems": problems, "rel_err": errors(out, ref)[1], "comm_bytes": [g[2] for g in gathered]}
     return results if rank == 0 else None
 

@@ -122,7 +122,8 @@ def test_compare_table_code_renders_the_export(exported, capsys):
 
 def test_pytest_benchmark_compare_command_reads_it(exported):
     proc = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", str(exported), "--group-by=group",
-                           "--columns=min,median,max"], capture_output=True, text=True, timeout=120, cwd=exported.parent)
+                           "--columns=min,median,max"], capture_output=True, text=True, timeout=120,
+                          cwd=exported.parent)
     assert proc.returncode == 0, proc.stderr
     assert "Failed to load" not in proc.stdout + proc.stderr
     assert "test_attention[naive-cpu-float32-fwd-B1-H2-L64-D16-causal]" in proc.stdout

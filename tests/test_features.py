@@ -1,4 +1,4 @@
-"""Attention features (issue 27): the float64 reference against hand-written formulas, the case identity,
+"""Attention features: the float64 reference against hand-written formulas, the case identity,
 FLOP counts, skip reasons, register_variant(score_mod=...) and the report's Cost of features.
 
 The hand-written attention below computes every feature with plain Python floats, element by
@@ -127,7 +127,7 @@ def test_reference_gradients_flow_through_the_score_mod_and_sinks():
 
 def test_cases_without_the_new_keys_keep_their_ids():
     plain = Case("sdpa", {"backend": "flash"}, seq_len=1024, causal=True)
-    assert plain.case_id == "3deb0b997fee8271"  # as before issue 27 (tests/test_inference_suite.py)
+    assert plain.case_id == "3deb0b997fee8271"  # as before the feature keys existed (tests/test_inference_suite.py)
     defaults = {name: DEFAULTS[name] for name in FEATURES}
     assert Case("sdpa", {"backend": "flash"}, seq_len=1024, causal=True, **defaults).case_id == plain.case_id
     assert not set(FEATURES) & set(plain.message()) and plain.features == {}
@@ -152,7 +152,8 @@ def test_a_suite_sweeps_features_and_normalises_what_changes_nothing():
 @pytest.mark.parametrize("features", [dict(sliding_window=3), dict(prefix_lm=5), dict(document=4),
                                       dict(sliding_window=2, document=3, prefix_lm=2)], ids=str)
 @pytest.mark.parametrize("shape", [dict(seq_len=23), dict(q_len=4, seq_len=23),
-                                   dict(q_len=2, seq_len=23, lengths="uniform", batch=3)], ids=["square", "decode", "varlen"])
+                                   dict(q_len=2, seq_len=23, lengths="uniform", batch=3)],
+                         ids=["square", "decode", "varlen"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_flops_count_the_pairs_the_mask_keeps(features, shape, causal):
     case = Case("naive", causal=causal, heads=2, kv_heads=2, head_dim=8, **{"batch": 1, **shape}, **features)

@@ -1,4 +1,4 @@
-"""Every variant that declares an attention feature, against the float64 reference (issue 27).
+"""Every variant that declares an attention feature, against the float64 reference.
 
 Forward for all, backward where the variant has one (naive, tiled, sdpa); decode shapes and paged
 caches for the inference variants; flex compiled (a few cases: each compiles); the Triton kernel
@@ -41,7 +41,8 @@ def feature_errors(case: Case, seed: int = 0, grads: bool = False) -> list[float
     q, k, v = make_qkv(case, seed)
     k, v, extra = layout_inputs(case, k, v, seed)
     fn = variant.with_inputs(extra)
-    mask, mods = variant.reference_mask(case), dict(score_mod=variant.reference_score_mod(case), sinks=extra.get("sinks"))
+    mask, mods = variant.reference_mask(case), dict(score_mod=variant.reference_score_mod(case),
+                                                    sinks=extra.get("sinks"))
     with torch.no_grad():
         out = fn(q, k, v, causal=case.causal, **case.params)
     assert out.shape == (*q.shape[:-1], case.value_dim) and torch.isfinite(out).all()

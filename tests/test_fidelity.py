@@ -60,7 +60,7 @@ def test_processes_that_agree_are_stable():
 
 
 def test_two_modes_are_unstable_and_the_note_names_both():
-    """The issue's case: naive L=1024 at 8.4 ms in some processes and 41.4 ms in another."""
+    """A case seen in practice: naive L=1024 at 8.4 ms in some processes and 41.4 ms in another."""
     samples = _planted([8.4, 41.4, 8.4], seed=1)
     cols = combine(_rows(samples), samples)
     assert cols["stable"] is False

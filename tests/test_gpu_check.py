@@ -1,6 +1,9 @@
-"""benchmarks/gpu_check.py on a CPU: its time plan, its rehearsal against the fake GPU, and the twelve
-points of issue 26 that live in the check itself (the others: tests/test_gpu_paths.py for points 9, 10
-and 12, tests/test_telemetry.py for point 4, tests/test_variant_triton.py for point 2).
+"""benchmarks/gpu_check.py on a CPU: its time plan, its rehearsal against the fake GPU, and the rules
+that live in the check itself: the validation suite's cases and order, a fixed timeout per step, the
+files that come back, a C compiler found first, no pip, no CUDA context in the checker, other GPU
+processes named. The rules that live elsewhere are tested there: graph replays, host-bound rows and
+paged flex on CUDA in tests/test_gpu_paths.py, the energy loop in tests/test_telemetry.py, the
+Triton autotuner's key in tests/test_variant_triton.py.
 
 The rehearsal (``--rehearse``) runs once per session (a module fixture, about a minute on the 2-core CI
 VM): every step in its own process with its real timeout, against the fake CUDA of tests/fake_cuda.py
@@ -61,7 +64,7 @@ def test_rehearsal_runs_every_step_and_predicts_under_seven_minutes(rehearsal):
 
 
 def test_rehearsal_brings_back_at_most_8_small_files(rehearsal):
-    """Point 6: the run's tables, run.json, the calibration and the log come back, not only the summary."""
+    """The run's tables, run.json, the calibration and the log come back, not only the summary."""
     _, work, out = rehearsal
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(gpu_plan.FILES) and len(files) <= gpu_plan.MAX_FILES
@@ -88,7 +91,7 @@ def test_the_summary_is_labelled_and_ends_with_the_comparison(rehearsal):
 
 
 def test_the_checker_never_imports_torch_and_excludes_itself(rehearsal):
-    """Point 11: the checker holds no CUDA context (it never imports torch), and the environment step does
+    """The checker holds no CUDA context (it never imports torch), and the environment step does
     not count the checker (which the fake NVML lists on the GPU) as another process."""
     _, work, out = rehearsal
     data = json.loads((out / "gpu_check.json").read_text())
@@ -99,7 +102,7 @@ def test_the_checker_never_imports_torch_and_excludes_itself(rehearsal):
 
 
 def test_the_steps_run_from_the_checkout_without_installing(rehearsal):
-    """Point 8: no step runs pip; every step gets the checkout on PYTHONPATH; the versions found are reported."""
+    """No step runs pip; every step gets the checkout on PYTHONPATH; the versions found are reported."""
     _, work, out = rehearsal
     check = gpu_check.Check(work / "commands", work / "commands" / "out", rehearse=False,
                             args=type("A", (), {"refuse_shared": False})())
@@ -115,7 +118,7 @@ def test_the_steps_run_from_the_checkout_without_installing(rehearsal):
 
 
 def test_import_turns_the_files_into_a_reference_directory_with_a_report(rehearsal, tmp_path):
-    """Point 6: the README's import command; a rehearsal is refused unless asked for (it is no measurement)."""
+    """The README's import command; a rehearsal is refused unless asked for (it is no measurement)."""
     _, _, out = rehearsal
     proc = checker("--import", str(out), "--to", str(tmp_path / "refused"))
     assert proc.returncode == 2 and "rehearsal" in proc.stdout and "Traceback" not in proc.stderr
@@ -127,7 +130,7 @@ def test_import_turns_the_files_into_a_reference_directory_with_a_report(rehears
 
 
 def test_reference_runs_are_not_ignored_by_git():
-    """Point 6: results/reference/ is committed (the rest of results/ stays ignored)."""
+    """results/reference/ is committed (the rest of results/ stays ignored)."""
     def ignored(path):
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
 
@@ -139,7 +142,7 @@ def test_reference_runs_are_not_ignored_by_git():
 
 
 def test_the_validation_suite_is_about_20_cases_one_process_fa2_shape_first():
-    """Points 1 and 3: processes = 1 (a row is final after its one round), the most valuable cases first,
+    """The validation suite: processes = 1 (a row is final after its one round), the most valuable cases first,
     no peer library the GPU image lacks; the planner's reading of the suite matches the harness's."""
     from harness.engine.suite import load_suite
 
@@ -186,7 +189,7 @@ def test_if_compiles_take_twice_the_estimate_the_cut_still_keeps_the_comparison(
 
 
 def test_every_step_has_a_fixed_timeout_and_they_add_up_to_7_minutes():
-    """Point 5: no budget arithmetic can leave a step a second: each step has its own fixed timeout, the
+    """No budget arithmetic can leave a step a second: each step has its own fixed timeout, the
     validation suite's covers its prediction (Triton autotuning and FlexAttention compiles included)."""
     p = gpu_plan.plan()
     assert sum(s.timeout_s for s in p["steps"]) <= 420
@@ -201,7 +204,7 @@ def test_every_step_has_a_fixed_timeout_and_they_add_up_to_7_minutes():
 
 
 def test_a_step_that_overruns_is_killed_its_output_kept_and_the_next_step_runs(tmp_path):
-    """Point 5: a step past its timeout is killed (its whole process group), what it wrote stays, and the
+    """A step past its timeout is killed (its whole process group), what it wrote stays, and the
     checker goes on with the next step."""
     args = type("A", (), {"refuse_shared": False})()
     check = gpu_check.Check(tmp_path / "work", tmp_path / "out", rehearse=True, args=args)
@@ -246,13 +249,14 @@ def test_timeouts_kill_the_whole_group_and_bench_gets_sigint_first(tmp_path):
     rc, ended = gpu_check.run_with_timeout([sys.executable, str(child)], dict(os.environ), log, 2.0)
     assert ended == "killed"
     assert gone(int(log.read_text().split()[1]))
-    rc, ended = gpu_check.run_with_timeout([sys.executable, str(child), "grace"], dict(os.environ), log, 5.0, grace_s=3.0)
+    rc, ended = gpu_check.run_with_timeout([sys.executable, str(child), "grace"], dict(os.environ), log, 5.0,
+                                           grace_s=3.0)
     assert ended == "interrupted" and rc == 0 and "writing the tables" in log.read_text()
     assert gone(int(log.read_text().split()[1]))  # the group is killed after the step ends too
 
 
 def test_a_run_cut_before_its_tables_is_rebuilt_from_its_logs(tmp_path):
-    """Point 6: a validation run killed before writing results.parquet still brings its rows back."""
+    """A validation run killed before writing results.parquet still brings its rows back."""
     suite = tmp_path / "s.toml"
     suite.write_text('[defaults]\nheads = 2\nhead_dim = 16\nseq_len = 64\n[timing]\nwarmup = 1\nmin_time_s = 0.0\n'
                      'max_reps = 3\nprocesses = 1\n[[variant]]\nname = "naive"\n[[variant]]\nname = "sdpa"\n')
@@ -271,7 +275,7 @@ def test_a_run_cut_before_its_tables_is_rebuilt_from_its_logs(tmp_path):
 
 
 def test_without_a_c_compiler_the_check_stops_at_once_with_one_line(tmp_path):
-    """Point 7: Triton builds its launcher with $CC, gcc or clang; without one the check says so first."""
+    """Triton builds its launcher with $CC, gcc or clang; without one the check says so first."""
     env = {k: v for k, v in os.environ.items() if k != "CC"}
     env["PATH"] = str(tmp_path)  # no gcc, no clang
     proc = checker("--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), env=env)
@@ -309,7 +313,8 @@ def test_without_a_gpu_the_check_stops_at_the_environment_step(tmp_path):
     data = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     steps = {s["step"]: s for s in data["steps"]}
     assert steps["env"]["status"] == "fail" and "sees no CUDA GPU" in steps["env"]["summary"]
-    assert steps["validate"]["status"] == "skip" and "sees no CUDA GPU" in (tmp_path / "out" / "gpu_check.md").read_text()
+    assert (steps["validate"]["status"] == "skip"
+            and "sees no CUDA GPU" in (tmp_path / "out" / "gpu_check.md").read_text())
 
 
 def test_crash_drill_suite_lists_its_five_cases():
@@ -369,7 +374,7 @@ def test_the_comparison_reads_the_results_table_whoever_derived_its_rates():
 
 
 def test_other_processes_on_the_gpu_are_named_and_the_checker_is_not_one(tmp_path, monkeypatch):
-    """Point 11 (fake NVML): the environment step drops the checker's pid and its own from NVML's list; a
+    """With a fake NVML: the environment step drops the checker's pid and its own from NVML's list; a
     real other process makes the step warn (a one-shot window is not thrown away), or stop with
     --refuse-shared."""
     import types

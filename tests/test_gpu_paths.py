@@ -1,10 +1,11 @@
-"""The CUDA paths, exercised on a CPU with fakes before they ever meet a GPU (issue 17).
+"""The CUDA paths, exercised on a CPU with fakes before they ever meet a GPU.
 
 Timing (warm-up by GPU time, host-bound rows, CUDA-graph capture that fails), the worker's
 handling of sticky CUDA errors and the circuit breaker, per-phase failures, the CUDA memory
 budget and the math backend's estimate, the GPU record, SDPA's backend choice, the GPU
-validation suite, the graph and host-bound rules of issue 26 (points 9, 10) and paged flex on
-CUDA (point 12). benchmarks/gpu_check.py itself is tested in tests/test_gpu_check.py, telemetry's
+validation suite, graph replays that amortise their launch and kernels behind the L2 flush that
+are not host-bound, and paged flex on CUDA. benchmarks/gpu_check.py itself is tested in
+tests/test_gpu_check.py, telemetry's
 windows in tests/test_telemetry.py, the do_bench cross-check in tests/test_calibrate.py, GPU rows
 in report/compare/export in tests/test_gpu_rows.py.
 """
@@ -44,7 +45,7 @@ def fake_gpu(monkeypatch):
 NO_FLUSH = dict(flush_l2=False, rotate_inputs=False)
 
 
-# -- timing: warm-up (item 7), host-bound rows (item 9), capture (item 5) -----------------------------
+# -- timing: warm-up, host-bound rows, capture --------------------------------------------------------
 
 
 def test_cuda_warm_up_runs_25_ms_of_gpu_time_not_just_the_count(fake_gpu):
@@ -105,7 +106,7 @@ class TimedFlusher:
 
 
 def test_short_kernels_behind_the_flush_are_not_host_bound(fake_gpu, monkeypatch):
-    """Issue 26, point 10: a 35 µs kernel issued in 40 µs is not host-bound when an 80 µs flush ran
+    """A 35 µs kernel issued in 40 µs is not host-bound when an 80 µs flush ran
     before its start event (the host issued it while the GPU flushed); a 300 µs issue still is."""
     monkeypatch.setattr(cudatime, "L2Flusher", lambda device: TimedFlusher(fake_gpu, 80e-6))
     config = TimingConfig(warmup=1, max_reps=20, flush_l2=True, rotate_inputs=False)
@@ -120,7 +121,7 @@ def test_short_kernels_behind_the_flush_are_not_host_bound(fake_gpu, monkeypatch
 
 
 def test_graph_samples_amortise_the_replay_launch_like_do_bench_cudagraph(fake_gpu, monkeypatch):
-    """Issue 26, point 9: a graph replay costs a launch gap (3 µs here) on top of its kernels. One call per
+    """A graph replay costs a launch gap (3 µs here) on top of its kernels. One call per
     replay put it into every sample (+7.5% for a 40 µs kernel, outside the ±3% goal); several calls per replay
     spread it, as do_bench_cudagraph does, and the result is within 0.5%."""
     real_graph = torch.cuda.CUDAGraph
@@ -169,7 +170,7 @@ def test_backward_is_never_captured():
     assert same.cuda_graph is True and none == ""
 
 
-# -- sticky CUDA errors, the worker and the circuit breaker (item 4) ---------------------------------
+# -- sticky CUDA errors, the worker and the circuit breaker ------------------------------------------
 
 
 def _run(variant, **axes):
@@ -263,7 +264,7 @@ def test_in_process_a_cuda_error_ends_the_run_cleanly(tmp_path):
     assert list(rows["status"]) == ["ok", "cuda_error"]
 
 
-# -- phases after timing (item 6) --------------------------------------------------------------------
+# -- phases after timing -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("phase", ["memory", "accuracy"])
@@ -284,7 +285,7 @@ def test_an_oom_after_timing_keeps_the_timing(monkeypatch, phase):
         assert row["peak_mem_bytes"] > 0 and row["rel_err"] != row["rel_err"]
 
 
-# -- memory budget and estimates (item 1) ------------------------------------------------------------
+# -- memory budget and estimates ---------------------------------------------------------------------
 
 
 def test_cuda_cases_are_budgeted_from_the_device_not_host_ram(monkeypatch):
@@ -321,7 +322,7 @@ def test_math_estimate_upcasts_half_precision_and_is_never_below_the_measured_pe
                         causal=causal)
             q, k, v = make_qkv(case)
 
-            def call():
+            def call(q=q, k=k, v=v, causal=causal):  # called within this iteration
                 with torch.no_grad():
                     return sdpa(q, k, v, causal=causal, backend="math")
 
@@ -340,7 +341,7 @@ def test_nightly_gpu_suite_has_no_math_case_at_16k():
     assert max(c.seq_len for c in cases if c.variant == "sdpa") == 16384  # the fused backends keep 16K
 
 
-# -- records (item 8) and the SDPA backend (items 8, 10) ---------------------------------------------
+# -- records and the SDPA backend --------------------------------------------------------------------
 
 
 def test_gpu_record_names_settings_and_other_processes(monkeypatch, capsys):
@@ -407,7 +408,7 @@ def test_gpu_validate_suite_dry_run_lists_flashattentions_grid():
 # benchmarks/gpu_check.py itself (its plan, rehearsal, crash drill, steps): tests/test_gpu_check.py
 
 
-# -- paged flex on CUDA (issue 26, point 12) ---------------------------------------------------------
+# -- paged flex on CUDA ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("page_size, refused", [(16, True), (64, True), (128, False), (256, False)])

@@ -101,7 +101,8 @@ def test_baseline_set_copies_and_replaces_and_resolves(history):
     # the copy is the run, byte for byte, plus where it came from
     assert (dest / "run.json").read_bytes() == (history / "runs" / "20260101-000000-s-aaaaaa" / "run.json").read_bytes()
     assert json.loads((dest / "baseline.json").read_text())["run_id"] == "20260101-000000-s-aaaaaa"
-    pd.testing.assert_frame_equal(store.read_samples(dest), store.read_samples(history / "runs" / "20260101-000000-s-aaaaaa"))
+    pd.testing.assert_frame_equal(store.read_samples(dest),
+                                  store.read_samples(history / "runs" / "20260101-000000-s-aaaaaa"))
     assert resolve_run("baseline", history) == dest  # the only baseline
     assert resolve_run("baseline@s", history) == dest
     # promoting another run of the suite replaces it, leaving no temporary directories
@@ -140,7 +141,8 @@ def test_load_history_joins_runs_with_their_keys(history):
     rows, runs = load_history(history, suite="s")
     assert [r.run_id[-6:] for r in runs] == ["aaaaaa", "bbbbbb", "dddddd"]
     assert len(rows) == 5
-    assert {"run_id", "run_index", "started", "commit", "dirty", "fingerprint", "case_id", "time_ms"} <= set(rows.columns)
+    assert ({"run_id", "run_index", "started", "commit", "dirty", "fingerprint", "case_id", "time_ms"}
+            <= set(rows.columns))
     assert rows.groupby("run_index")["run_id"].nunique().eq(1).all()
     rows, runs = load_history(history, fingerprint="fp2")
     assert [r.suite for r in runs] == ["g"]

@@ -116,7 +116,8 @@ def test_lengths_lists_are_one_value_and_sweeps_expand():
     assert {c.lengths for c in cases} == {"fixed", "zipf", "64,1,30"}
     assert {(c.kv_layout, c.page_size) for c in cases} == {("contiguous", None), ("paged", 16), ("paged", 32)}
     assert len(cases) == 3 * 3  # contiguous is one case, whatever page_size says
-    explicit = parse_suite(textwrap.dedent(SUITE.format(sweep="lengths = [64, 1, 30]", defaults="batch = 3\nseq_len = 64")))
+    explicit = parse_suite(textwrap.dedent(SUITE.format(sweep="lengths = [64, 1, 30]",
+                                                        defaults="batch = 3\nseq_len = 64")))
     assert [c.lengths for c in expand_cases(explicit)] == ["64,1,30"]
 
 
@@ -212,7 +213,8 @@ def test_a_variant_that_ignores_the_lengths_is_wrong(monkeypatch):
 
     case = Case(variant="padded", params={}, batch=3, heads=2, kv_heads=2, head_dim=16, seq_len=40, lengths="40,5,17")
     sloppy = dataclasses.replace(registry.get_variant("padded"),
-                                 fn=lambda q, k, v, *, causal, q_lens=None, kv_lens=None: inference.padded(q, k, v, causal=causal))
+                                 fn=lambda q, k, v, *, causal, q_lens=None, kv_lens=None:
+                                     inference.padded(q, k, v, causal=causal))
     monkeypatch.setitem(registry._REGISTRY, "padded", sloppy)
     row = _run_in_process(case)
     assert row["status"] == "incorrect" and row["rel_err"] > 1e-2

@@ -238,7 +238,8 @@ def test_static_cache_equals_a_copied_cache_and_repeats(name, params, kv_heads, 
         return cache, torch.randn(2, q_len, d, generator=gen, dtype=torch.float64)
 
     (plain, x), (static, _) = cache_and_x(0), cache_and_x(q_len)
-    assert isinstance(static, kvcache.StaticKV) and static.past == 37 - q_len and not isinstance(plain, kvcache.StaticKV)
+    assert (isinstance(static, kvcache.StaticKV) and static.past == 37 - q_len
+            and not isinstance(plain, kvcache.StaticKV))
     with torch.no_grad():
         want = module(x, causal=True, cache=plain)
         first, again = module(x, causal=True, cache=static), module(x, causal=True, cache=static)

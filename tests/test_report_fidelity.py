@@ -1,4 +1,4 @@
-"""The report and the terminal table on numbers a user can trust (issue 12): wrong answers listed at the
+"""The report and the terminal table on numbers a user can trust: wrong answers listed at the
 top and kept out of every speed view, unstable times marked and kept out of time fits and crossovers,
 emulated times kept out of speed views but not accuracy views, the measurement environment shown."""
 

@@ -1,4 +1,4 @@
-"""The report's Parameter-efficiency section (attention layers, issue 18) and the quantised variants in
+"""The report's Parameter-efficiency section (attention layers) and the quantised variants in
 the speed-vs-accuracy views: the section only with layer rows; parameters, KV bytes per token, time
 per token and the tokens that fit a memory budget computed from the rows; wrong answers marked; the
 KV-cache chart drawn; int8 rows on the Pareto front against the exact baseline of their own dtype,
@@ -98,7 +98,7 @@ def test_parameters_kv_bytes_and_heads_used_are_shown(layer_report):
     (table,) = ctx["layers"]["tables"]
     assert table["title"] == f"d_model = {D_MODEL} · bfloat16"
     assert [c["label"] for c in table["configs"]] == sorted(v for v, *_ in LAYERS)  # label: variant(params)
-    for variant, kv, params, count, bpt in LAYERS:
+    for variant, kv, _params, count, bpt in LAYERS:
         row = _config_row(section, variant)
         assert f">{param_text(count)}<" in row and f">{fmt.size_bytes(bpt)}<" in row
         assert f'<td class="num">{kv}</td>' in row

@@ -323,7 +323,8 @@ def pair(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("fuzz")
     env = environment.capture()
-    base = write_run(tmp / "results" / "runs" / "base", tmp / "s.toml", [], env, run_id="20260101-000000-crafted-ffffff")
+    base = write_run(tmp / "results" / "runs" / "base", tmp / "s.toml", [], env,
+                     run_id="20260101-000000-crafted-ffffff")
     new = write_run(tmp / "results" / "runs" / "new", tmp / "s.toml", [], env, run_id="20260102-000000-crafted-ffffff",
                     factor=1.2)
     return tmp, base, new, json.loads((new / "run.json").read_text())

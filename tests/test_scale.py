@@ -25,7 +25,8 @@ from tests import fake_ray
 from tests.test_history import TINY
 
 #: Four quick cases (naive and sdpa at L = 32, 64), one process each.
-SMALL = TINY.replace('name = "tiny-regress"', 'name = "scale-small"').replace("threads = 1", "threads = 1\nprocesses = 1")
+SMALL = (TINY.replace('name = "tiny-regress"', 'name = "scale-small"')
+         .replace("threads = 1", "threads = 1\nprocesses = 1"))
 
 # -- the partition ---------------------------------------------------------------------------------
 
@@ -190,7 +191,8 @@ def test_bad_shard_arguments_are_one_line(tmp_path, capsys):
 # -- the Ray executor, with a fake Ray --------------------------------------------------------------
 
 TWO_NODES = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerHostname": "node-a", "Resources": {"CPU": 2.0}},
-             {"NodeID": "b" * 56, "Alive": True, "NodeManagerHostname": "node-b", "Resources": {"CPU": 2.0, "GPU": 1.0}}]
+             {"NodeID": "b" * 56, "Alive": True, "NodeManagerHostname": "node-b",
+              "Resources": {"CPU": 2.0, "GPU": 1.0}}]
 
 
 @pytest.fixture
@@ -381,8 +383,11 @@ def test_compare_never_pairs_timings_of_different_machines():
 
     base = _rows([("h1", "fa"), ("h1", "fa")])
     new = _rows([("h1", "fa"), ("h2", "fb")])
-    samples = lambda rows, t: pd.DataFrame([{"case_id": c, "rep": r, "time_ms": t * (1 + 0.01 * r)}
-                                            for c in rows["case_id"] for r in range(5)])
+
+    def samples(rows, t):
+        return pd.DataFrame([{"case_id": c, "rep": r, "time_ms": t * (1 + 0.01 * r)}
+                             for c in rows["case_id"] for r in range(5)])
+
     table = compare_frames(base, samples(base, 1.0), new, samples(new, 2.0)).set_index("case_id")
     same, other = base["case_id"]
     assert table.loc[same, "verdict"] == "regressed" and math.isfinite(table.loc[same, "time_ratio"])

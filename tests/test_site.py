@@ -119,7 +119,8 @@ def test_the_history_branch_holds_every_night_as_its_own_directory(nightly):
     assert len(log) == NIGHTS + 3 + 1 and log[-1].startswith("bench-results:")  # one commit a run, on the orphan root
     assert f"tiny-report: {nightly.run_ids[0]}" in log
     # the branch shares no history with the project
-    proc = subprocess.run(["git", "-C", str(nightly.origin), "merge-base", "main", "bench-results"], capture_output=True)
+    proc = subprocess.run(["git", "-C", str(nightly.origin), "merge-base", "main", "bench-results"],
+                          capture_output=True)
     assert proc.returncode == 1
 
 
@@ -194,7 +195,7 @@ def test_every_page_exists_and_every_link_resolves(nightly):
     index = (site / "index.html").read_text()
     table = index[index.index('id="suites-table"'):]
     assert table.index("suite-tiny-report.html") < table.index("suite-a-other.html")  # regressed first
-    assert 'href="runs/%s/report.html"' % nightly.run_ids[-1] in index and "compare.html" not in index
+    assert f'href="runs/{nightly.run_ids[-1]}/report.html"' in index and "compare.html" not in index
 
 
 def test_suite_page_trends_hover_and_baseline_changes(nightly):

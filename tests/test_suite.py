@@ -179,7 +179,8 @@ def test_every_table_reports_file_line_key_and_reason(tmp_path, text, key, messa
 def test_a_timing_default_gives_way_to_the_setting_it_would_contradict(tmp_path):
     suite = load_suite(write(tmp_path, "[timing]\nmax_reps = 2\nmin_time_s = 9\n[[variant]]\nname = 'naive'\n"))
     assert (suite.timing.min_reps, suite.timing.max_time_s) == (2, 9.0)
-    suite = load_suite(write(tmp_path, "[run]\nisolation = 'none'\nmemory_budget_gib = 2\n[[variant]]\nname = 'naive'\n"))
+    suite = load_suite(write(tmp_path, "[run]\nisolation = 'none'\nmemory_budget_gib = 2\n"
+                                       "[[variant]]\nname = 'naive'\n"))
     assert (suite.run.isolation, suite.run.memory_budget_gib, suite.run.case_timeout_s) == ("none", 2.0, 900.0)
 
 

@@ -41,9 +41,11 @@ def toml_value(v) -> str:
 @st.composite
 def suite_texts(draw):
     lines = []
-    for key in draw(st.lists(st.sampled_from(["name", "seed", "plugins", "description", "nme"]), max_size=2, unique=True)):
+    for key in draw(st.lists(st.sampled_from(["name", "seed", "plugins", "description", "nme"]), max_size=2,
+                             unique=True)):
         lines.append(f"{key} = {toml_value(draw(values))}")
-    for table in draw(st.lists(st.sampled_from(["defaults", "sweep", "timing", "run", "extra"]), max_size=3, unique=True)):
+    for table in draw(st.lists(st.sampled_from(["defaults", "sweep", "timing", "run", "extra"]), max_size=3,
+                               unique=True)):
         lines.append(f"[{table}]")
         keys = AXES if table in ("defaults", "sweep") else ["warmup", "min_time_s", "max_reps", "isolation", "threads"]
         for key in draw(st.lists(st.sampled_from(keys), max_size=4, unique=True)):

@@ -149,7 +149,7 @@ def test_energy_falls_back_to_integrated_power_without_a_counter():
 
 
 def test_energy_loop_is_short_and_counts_whole_counter_steps():
-    """Issue 26, point 4: the energy loop was a fixed second of every case. It now stops once the counter's
+    """The energy loop was a fixed second of every case. It now stops once the counter's
     steps span ENERGY_MIN_TIME_S (0.2 s), and takes the energy between steps: a counter that steps every
     100 ms (A100/H100) would otherwise put up to a whole step of error at each end of a short loop."""
     nv = fake_nvml()

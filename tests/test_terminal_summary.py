@@ -47,7 +47,8 @@ def test_a_column_per_length_and_the_fastest_of_each_column_marked(rows):
         for length in (32, 64):
             cells = cols[f"L={length}"]
             marked = [label for label, cell in zip(cols["variant"], cells) if FASTEST in cell]
-            ok = labelled[(labelled["causal"] == causal) & (labelled["seq_len"] == length) & (labelled["status"] == "ok")]
+            ok = labelled[(labelled["causal"] == causal) & (labelled["seq_len"] == length)
+                          & (labelled["status"] == "ok")]
             assert marked == [ok.loc[ok["time_ms"].idxmin(), "label"]]
         skipped = cols["variant"].index("sdpa(backend=efficient)")  # not on CPU: its status, not a time
         assert cols["L=32"][skipped] == "skipped" and cols["L=64"][skipped] == "skipped"

@@ -214,7 +214,8 @@ def test_row_columns():
 # --------------------------------------------------------------------------------------------
 # CUDA (needs a GPU)
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA events, L2 flush and graphs untested")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="no CUDA device: CUDA events, L2 flush and graphs untested")
 
 
 @cuda

@@ -1,13 +1,13 @@
-"""Untrusted runs, second pass (issue 25): what a received run directory names is never run,
-connected to or written through, and every output format shows its text as text.
+"""Untrusted runs: what a received run directory names is never run, connected to or written
+through, and every output format shows its text as text.
 
-Each group of tests rebuilds, with hostile fixtures made here, one group of the probes the issue
-lists: (1) ``--confirm`` runs only commits the user vouches for; (2) ``resume`` imports only tracked,
-unmodified files of the checkout; (3) ``resume`` connects to nothing a run names; (4)-(6) no write or
-copy through a symlink (resume, trend, baseline); (7) the site publishes no received HTML; (8)
-Rich, terminal and Markdown output escaped; (9) the Atom feed stays well-formed; (10) one line
-instead of a traceback; (11) bounds on the work a run directory can ask for. Bad input is one line
-and exit status 2; nothing here asserts how fast anything is.
+Each group of tests rebuilds, with hostile fixtures made here, one group of probes: ``--confirm``
+runs only commits the user vouches for; ``resume`` imports only tracked, unmodified files of the
+checkout; ``resume`` connects to nothing a run names; no write or copy through a symlink (resume,
+trend, baseline); the site publishes no received HTML; Rich, terminal and Markdown output escaped;
+the Atom feed stays well-formed; one line instead of a traceback; bounds on the work a run
+directory can ask for. Bad input is one line and exit status 2; nothing here asserts how fast
+anything is.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ RESUME = ["--isolation", "none", "--quiet", "--no-report"]
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. --confirm runs only commits the user vouches for
+# --confirm runs only commits the user vouches for
 
 EVIL_WORKER = "from pathlib import Path\nPath({marker!r}).write_text('ran')\nraise SystemExit(0)\n"
 
@@ -123,7 +123,8 @@ def test_confirm_refuses_a_commit_only_a_results_branch_holds(scratch, tmp_path,
     repo, head, foreign, marker = scratch
     root, base, new = _pair(tmp_path, environment_here)
     for run, commit in ((base, foreign), (new, head)):
-        _edit_meta(run, lambda m, c=commit: m["environment"].update(git={"commit": c, "dirty": False, "root": str(repo)}))
+        _edit_meta(run, lambda m, c=commit: m["environment"].update(git={"commit": c, "dirty": False,
+                                                                         "root": str(repo)}))
     env = dict(os.environ, PYTHONPATH=str(repo))
     proc = subprocess.run([sys.executable, "-m", "harness", "compare", str(base), str(new), "--confirm",
                            "--confirm-rounds", "1", "--no-html", "--format", "json"],
@@ -190,11 +191,11 @@ def test_confirm_rounds_are_bounded_whatever_the_run_recorded():
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. resume imports only tracked, unmodified files of the checkout
+# resume imports only tracked, unmodified files of the checkout
 
 
 def test_resume_refuses_an_untracked_plugin_unpacked_inside_the_checkout(tmp_path, environment_here):
-    """The issue's probe: a downloaded run unpacked as ``incoming/run/`` inside the checkout, naming
+    """A downloaded run unpacked as ``incoming/run/`` inside the checkout, naming
     ``../helper.py`` that came with it."""
     repo = make_scratch_repo(tmp_path / "repo")
     marker = tmp_path / "MARKER"
@@ -244,7 +245,7 @@ def test_only_committed_files_of_the_checkout_are_the_projects(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. resume connects to nothing a run names
+# resume connects to nothing a run names
 
 
 def test_resume_takes_no_executor_or_cluster_address_from_the_run(tmp_path, environment_here, capsys, monkeypatch):
@@ -277,7 +278,7 @@ def test_resume_uses_the_command_lines_executor(tmp_path, environment_here):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4-6. no write or copy through a symlink
+# no write or copy through a symlink
 
 
 def test_resume_never_writes_through_the_runs_symlinks(tmp_path, environment_here, capsys):
@@ -378,7 +379,7 @@ def test_safefs_helpers(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. the site never republishes a received run's HTML
+# the site never republishes a received run's HTML
 
 PAYLOAD = "<script>alert('pwned')</script>"
 
@@ -402,7 +403,7 @@ def test_site_regenerates_reports_and_publishes_no_received_html(tmp_path, envir
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Rich, terminal and Markdown output escaped
+# Rich, terminal and Markdown output escaped
 
 CONTROL = "\x1b[2J\x1b]8;;http://evil.example/\x07click\x1b]8;;\x07\x1b]0;title\x07"
 
@@ -463,7 +464,7 @@ def test_escape_functions():
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. the Atom feed stays well-formed
+# the Atom feed stays well-formed
 
 
 def test_atom_feed_drops_characters_xml_forbids():
@@ -480,7 +481,7 @@ def test_atom_feed_drops_characters_xml_forbids():
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. one line, never a traceback
+# one line, never a traceback
 
 
 def test_backslashes_and_dollars_in_names_draw_as_text(tmp_path, environment_here, capsys):
@@ -562,7 +563,7 @@ def test_resume_refuses_an_unknown_recorded_allocator_unless_given(tmp_path, env
 
 
 # ----------------------------------------------------------------------------------------------
-# 11. bounds on the work a run directory can ask for
+# bounds on the work a run directory can ask for
 
 
 @pytest.mark.parametrize("field, value, flag", [

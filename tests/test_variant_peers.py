@@ -141,7 +141,8 @@ def _install_fakes(monkeypatch, calls: list) -> None:
         if query.ndim == 5:  # (B, L, G, H, D): keys and values given for every query head of their group
             assert key.shape == query.shape and key.stride(3) == 0 and value.stride(3) == 0
             flat = [x.flatten(2, 3) for x in (query, key, value)]
-            return attention_blhd(*flat, isinstance(attn_bias, LowerTriangularMask), scale).unflatten(2, query.shape[2:4])
+            return attention_blhd(*flat, isinstance(attn_bias, LowerTriangularMask), scale).unflatten(
+                2, query.shape[2:4])
         return attention_blhd(query, key, value, isinstance(attn_bias, LowerTriangularMask), scale)
 
     def single_prefill_with_kv_cache(q, k, v, causal=False, kv_layout="NHD", sm_scale=None, **kw):

@@ -165,7 +165,8 @@ REF_PARAMS = {
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("seq_len", [131, 200])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("kv_heads,dtype", [(4, "float32"), (2, "float32"), (1, "float32"), (2, "bfloat16"), (1, "bfloat16")])
+@pytest.mark.parametrize("kv_heads,dtype", [(4, "float32"), (2, "float32"), (1, "float32"), (2, "bfloat16"),
+                                            (1, "bfloat16")])
 def test_block_sparse_matches_reference(pattern, seq_len, causal, kv_heads, dtype):
     params = {"pattern": pattern, **REF_PARAMS[pattern]}
     assert_exact(make_case("block_sparse", params, seq_len=seq_len, causal=causal, kv_heads=kv_heads, dtype=dtype))

@@ -78,7 +78,8 @@ def test_non_contiguous_inputs():
     # (B, L, H, D) storage seen as (B, H, L, D)
     qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     tiled = get_variant("tiled")
-    torch.testing.assert_close(tiled(qt, kt, vt, causal=True, **case.params), tiled(q, k, v, causal=True, **case.params))
+    torch.testing.assert_close(tiled(qt, kt, vt, causal=True, **case.params),
+                               tiled(q, k, v, causal=True, **case.params))
 
 
 def test_backward_saves_only_inputs_output_and_lse():

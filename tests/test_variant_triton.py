@@ -193,7 +193,7 @@ def test_autotuner_prunes_with_the_launch_shape(monkeypatch):
 
 
 def test_tuning_key_is_the_length_rounded_up_to_a_power_of_two(monkeypatch):
-    """Issue 26, point 2: the autotuner's key holds seq_len rounded up to a power of two, so the lengths of
+    """The autotuner's key holds seq_len rounded up to a power of two, so the lengths of
     a bucket share one tuning (each tuning compiles every candidate), and pruning sees the bucket."""
     from variants import triton_fused
 

@@ -309,7 +309,8 @@ def _ulysses_check(case) -> list[str]:
     reasons = _common_check(case, 1)
     for name in ("heads", "kv_heads"):
         if getattr(case, name) % world:
-            reasons.append(f"ulysses shards heads: {name} = {getattr(case, name)} is not divisible by world_size {world}")
+            reasons.append(f"ulysses shards heads: {name} = {getattr(case, name)} is not divisible by "
+                           f"world_size {world}")
     return reasons
 
 

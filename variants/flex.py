@@ -161,7 +161,8 @@ def _columns(case) -> dict:
 # BlockMask construction (chunked: never the L×L boolean mask)
 
 
-def tile_layout(mask_mod, seq_len: int, tile: int, device, q_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_layout(mask_mod, seq_len: int, tile: int, device,
+                q_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial, full) boolean (nq, n) tile maps of ``mask_mod``, n = ceil(L / tile), nq the same of
     ``q_len`` queries (default: L), on the CPU.
 

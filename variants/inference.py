@@ -27,7 +27,8 @@ output rows of padding queries must be zero. Paged caches are :mod:`variants.pag
   the call, and the output scattered back, so its time includes that): ``path = "nested"``
   runs PyTorch's jagged nested tensors through SDPA (on the CPU non-causal only, or ``q_len =
   1`` where bottom-right causality masks nothing; nested SDPA has no grouped-query form, so the
-  G query heads of a key/value head become G times as many query rows); ``"flex"`` runs FlexAttention over the packed sequence with a
+  G query heads of a key/value head become G times as many query rows); ``"flex"`` runs
+  FlexAttention over the packed sequence with a
   document mask (the BlockMask is built once per set of lengths and cached, as an engine builds
   it once per batch for every layer: its build is in ``first_call_ms``); ``"flash_attn"`` calls
   ``flash_attn_varlen_func`` (CUDA, when installed); ``"auto"`` picks nested where it runs,
@@ -66,7 +67,8 @@ VARLEN = Supports(devices={"cpu", "cuda"}, backward=False, non_square=True, varl
 def inference_variant(name: str, **kw):
     """``register_variant`` for this family: exact, :data:`VARLEN` and :func:`attention_flops` unless
     ``kw`` says otherwise."""
-    return register_variant(name, family="inference", exact=True, **{"flops": attention_flops, "supports": VARLEN, **kw})
+    return register_variant(name, family="inference", exact=True,
+                            **{"flops": attention_flops, "supports": VARLEN, **kw})
 
 
 def visible(Lq: int, Lk: int, causal: bool, q_lens=None, kv_lens=None, start: int = 0, stop: int | None = None,

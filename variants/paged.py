@@ -229,8 +229,9 @@ def _check(case) -> list[str]:
 
     reasons = []
     if case.device == "cuda" and (case.page_size or 16) % FLEX_CUDA_PAGE_MULTIPLE:
-        reasons.append(f"paged path 'flex' on CUDA needs page_size a multiple of {FLEX_CUDA_PAGE_MULTIPLE} (the page is "
-                       f"FlexAttention's KV block, which its CUDA kernel tiles by {FLEX_CUDA_PAGE_MULTIPLE}), "
+        reasons.append(f"paged path 'flex' on CUDA needs page_size a multiple of {FLEX_CUDA_PAGE_MULTIPLE} "
+                       "(the page is FlexAttention's KV block, which its CUDA kernel tiles by "
+                       f"{FLEX_CUDA_PAGE_MULTIPLE}), "
                        f"not {case.page_size or 16}")
     if not reasons and (why := flex.unavailable(case.device)):
         reasons.append(f"paged path 'flex': {why}")

@@ -120,7 +120,8 @@ if HAS_TRITON:
                 if CAUSAL:
                     keep = keep & (offs_m[:, None] >= cols[None, :])
                 if WINDOW:
-                    keep = keep & (offs_m[:, None] - cols[None, :] <= window) & (cols[None, :] - offs_m[:, None] <= window)
+                    keep = (keep & (offs_m[:, None] - cols[None, :] <= window)
+                            & (cols[None, :] - offs_m[:, None] <= window))
                 s = tl.where(keep, s, float("-inf"))
             # without a window every row has seen at least one visible key by now (key 0 is in the
             # first block and visible to every row), so m_new is finite and no 2^(-inf - -inf) NaN can
@@ -369,7 +370,8 @@ def launch(q, k, v, *, causal: bool, config: dict | str | None = None, softcap: 
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     if q.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"the triton kernel needs CUDA tensors, not {q.device.type} (CPU only under TRITON_INTERPRET=1)")
+        raise ValueError(f"the triton kernel needs CUDA tensors, not {q.device.type} "
+                         "(CPU only under TRITON_INTERPRET=1)")
     B, H, L, D = q.shape
     if config == "fixed":
         config = dict(INTERPRETER_CONFIG) if INTERPRETED else fixed_config(

@@ -77,7 +77,7 @@ def doctor(run: Path, out: Path) -> None:
     samples = pd.read_parquet(run / "samples.parquet")
     rng = np.random.default_rng(0)
     new_ids = {}
-    for i, row in rows.iterrows():
+    for _, row in rows.iterrows():
         d = row.to_dict()
         d["device"] = "cuda"
         new_ids[row["case_id"]] = Case.from_row({k: v for k, v in d.items() if k != "case_id"}).case_id
@@ -124,7 +124,8 @@ def doctor(run: Path, out: Path) -> None:
     for idx, status, reason in ((n - 1, "cuda_error", "AcceleratorError: CUDA error: an illegal memory access was "
                                  "encountered (the worker was replaced)"),
                                 (n - 2, "oom", "OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB")):
-        for col in TIME_COLUMNS + ("tflops_per_s", "pct_of_peak", "energy_j", "tokens_per_joule", "rel_err", "max_abs_err"):
+        for col in TIME_COLUMNS + ("tflops_per_s", "pct_of_peak", "energy_j", "tokens_per_joule", "rel_err",
+                                   "max_abs_err"):
             rows.loc[idx, col] = np.nan
         rows.loc[idx, ["status", "reason", "reps"]] = [status, reason, 0]
         samples = samples[samples["case_id"] != rows.loc[idx, "case_id"]]
