@@ -91,6 +91,7 @@ def _labels(run_dir: Path) -> dict[str, str]:
 def print_profile(run_dir: Path, pattern: str | None, top: int) -> bool:
     """Print the profile of the cases of ``run_dir`` matching ``pattern`` (all when None); False
     (after saying why on stderr) when the run has no profile or no profiled case matches."""
+    from rich.console import JustifyMethod
     from rich.table import Table
 
     from harness.core import units as fmt
@@ -132,8 +133,10 @@ def print_profile(run_dir: Path, pattern: str | None, top: int) -> bool:
                                   f"({'CUDA kernels' if basis != 'self_time_ms' else 'CPU'}) · profiling took "
                                   + (f"{profile_s:.2f} s" if isinstance(profile_s, (int, float)) else "?")
                                   + (f" · trace {run_dir / str(trace)}" if isinstance(trace, str) else " · no trace")))
-        for col, justify in (("operator", "left"), ("group", "left"), ("calls", "right"), ("self", "right"),
-                             ("self %", "right"), ("total", "right"), ("FLOPs", "right")):
+        columns: tuple[tuple[str, JustifyMethod], ...] = (
+            ("operator", "left"), ("group", "left"), ("calls", "right"), ("self", "right"), ("self %", "right"),
+            ("total", "right"), ("FLOPs", "right"))
+        for col, justify in columns:
             table.add_column(col, justify=justify)
         if has_cuda:
             table.add_column("CUDA self", justify="right")

@@ -92,7 +92,8 @@ class Key:
             return self._check_table(value)
         return self._check_scalar(value, self.type, self.choices)
 
-    def _check_scalar(self, value: Any, kind: builtins.type, choices: tuple[str, ...] = ()) -> tuple[Any, str | None]:
+    def _check_scalar(self, value: Any, kind: builtins.type[Any],
+                      choices: tuple[str, ...] = ()) -> tuple[Any, str | None]:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value) if abs(value) < 2**1023 else math.inf
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):

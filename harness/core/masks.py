@@ -16,6 +16,7 @@ such functions here (:func:`case_score_mod`, :func:`case_mask`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import overload
 
 import torch
 
@@ -38,6 +39,15 @@ def sliding_window(window: int) -> MaskMod:
 
     within_window.__name__ = f"sliding_window_{window}"
     return within_window
+
+
+@overload
+def dense_mask(mask_mod: MaskMod, rows: torch.Tensor, seq_len: int, b: int = 0, h: int = 0) -> torch.Tensor: ...
+@overload
+def dense_mask(mask_mod: None, rows: torch.Tensor, seq_len: int, b: int = 0, h: int = 0) -> None: ...
+@overload
+def dense_mask(mask_mod: MaskMod | None, rows: torch.Tensor, seq_len: int, b: int = 0,
+               h: int = 0) -> torch.Tensor | None: ...
 
 
 def dense_mask(mask_mod: MaskMod | None, rows: torch.Tensor, seq_len: int, b: int = 0,

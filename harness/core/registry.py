@@ -118,7 +118,7 @@ class Param:
     help: str = ""
 
     @property
-    def kind(self) -> type:
+    def kind(self) -> type[Any]:
         return type(self.default)
 
     def problem(self, value: Any) -> str | None:

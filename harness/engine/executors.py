@@ -221,11 +221,13 @@ class WorkerPool:
             raise RuntimeError(f"the worker process failed to start: {detail}")
 
     def _send(self, message: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None  # a started worker, its stdin a pipe
         self.proc.stdin.write((json.dumps(message) + "\n").encode())
         self.proc.stdin.flush()
 
     def _receive(self, timeout_s: float) -> dict[str, Any] | None:
         """The next message, or None on timeout or end of output (worker died)."""
+        assert self.proc is not None and self.proc.stdout is not None  # a started worker, its stdout a pipe
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout_s
         while b"\n" not in self._buffer:
@@ -260,7 +262,8 @@ class WorkerPool:
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
-                stream.close()
+                if stream is not None:  # always: both are pipes
+                    stream.close()
             except (OSError, BrokenPipeError):
                 pass
         self.proc = None
@@ -272,7 +275,8 @@ class WorkerPool:
             return
         clean = False
         try:
-            self.proc.stdin.close()
+            if self.proc.stdin is not None:  # always: a pipe
+                self.proc.stdin.close()
             clean = self.proc.wait(timeout=10) == 0
         except (OSError, subprocess.TimeoutExpired, BrokenPipeError):
             pass
@@ -321,6 +325,7 @@ class WorkerPool:
         except BrokenPipeError:
             reply = None
         if reply is None:
+            assert self.proc is not None  # started above; only a timeout kills it, and that returned
             returncode = self.proc.wait()
             tail = self._stderr_tail()
             self.kill()

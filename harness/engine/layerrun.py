@@ -58,9 +58,10 @@ def layer_inputs(case: Case, module: torch.nn.Module, seed: int = 0) -> tuple[to
     x = aligned_copy(x.to(device=case.device, dtype=dtype))
     if case.q_len is None:
         return x, None
-    # preallocated for the new tokens, which each call writes in place (a serving engine's static cache)
-    cache = module.make_cache(case.batch, case.seq_len - case.q_len, generator=gen, dtype=dtype, device=case.device,
-                              room=case.q_len)
+    # preallocated for the new tokens, which each call writes in place (a serving engine's static cache);
+    # make_cache is the layer's own method, which torch's stubs can only type as a Tensor | Module attribute
+    cache = module.make_cache(  # type: ignore[operator]
+        case.batch, case.seq_len - case.q_len, generator=gen, dtype=dtype, device=case.device, room=case.q_len)
     return x, _map_cache(cache, aligned_copy)
 
 
@@ -86,7 +87,7 @@ def _nbytes(module: torch.nn.Module, x: torch.Tensor, cache) -> int:
 
 def _copy(module: torch.nn.Module, dtype: torch.dtype, dense: bool) -> torch.nn.Module:
     twin = copy.deepcopy(module).to(dtype)
-    twin.dense = dense
+    twin.dense = dense  # type: ignore[assignment]  # a plain attribute: torch's stubs allow only Tensor | Module
     return twin
 
 

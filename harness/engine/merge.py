@@ -64,6 +64,12 @@ class Part:
         return self.meta.get("shard")
 
     @property
+    def shard_index(self) -> int:
+        """The part's shard index; only for a part of shards (where one is, all are: :func:`check_compatible`)."""
+        assert self.shard is not None
+        return self.shard["index"]
+
+    @property
     def name(self) -> str:
         return f"{self.path} (shard {self.shard['index']}/{self.shard['count']})" if self.shard else str(self.path)
 
@@ -80,9 +86,10 @@ class Merged:
 
 
 def _get(meta: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = meta
     for key in path:
-        meta = meta.get(key) if isinstance(meta, dict) else None
-    return meta
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def _shown(value: Any) -> str:
@@ -166,7 +173,7 @@ def _check_column_kinds(parts: Sequence[Part]) -> None:
 
 
 def _order(parts: list[Part]) -> list[Part]:
-    return sorted(parts, key=lambda p: p.shard["index"]) if parts[0].shard else parts
+    return sorted(parts, key=lambda p: p.shard_index) if parts[0].shard else parts
 
 
 def plan(parts: Sequence[Part]) -> tuple[list[str], list[str], list[str]]:
@@ -189,7 +196,7 @@ def plan(parts: Sequence[Part]) -> tuple[list[str], list[str], list[str]]:
     missing = []
     if parts[0].shard:
         count = parts[0].shard["count"]
-        indices = [p.shard["index"] for p in parts]
+        indices = [p.shard_index for p in parts]
         twice = sorted({i for i in indices if indices.count(i) > 1})
         if twice:
             duplicates.extend(f"shard {i}/{count}" for i in twice if f"shard {i}/{count}" not in duplicates)
@@ -232,7 +239,7 @@ def _machines(parts: Sequence[Part]) -> list[dict[str, Any]]:
     found: dict[tuple, dict[str, Any]] = {}
     for part in parts:
         machine = _get(part.meta, ("environment", "machine")) or {}
-        hosts = set()
+        hosts: set[tuple[Any, Any]] = set()  # (host, fingerprint)
         if not part.rows.empty and "machine_fingerprint" in part.rows.columns:
             hosts = {(h, f) for h, f in zip(part.rows.get("host", [None] * len(part.rows)),
                                             part.rows["machine_fingerprint"]) if isinstance(f, str)}
@@ -274,7 +281,7 @@ def merge_runs(paths: Sequence[Path], out_dir: Path, allow_partial: bool = False
             env["git"].get("dirty")
     machines = _machines(parts)
     shard_total = first.shard.get("suite_cases") if first.shard else None
-    meta = {k: first.meta[k] for k in ("suite", "timing", "seed") if k in first.meta}
+    meta: dict[str, Any] = {k: first.meta[k] for k in ("suite", "timing", "seed") if k in first.meta}
     meta.update(
         run_id=run_id, cases=max(len(planned), shard_total or 0), case_ids=planned,
         started=min(str(p.meta.get("started") or "") for p in parts) or None,
@@ -304,6 +311,6 @@ def merge_runs(paths: Sequence[Path], out_dir: Path, allow_partial: bool = False
             _write_lines(writer.dir / store.ROUNDS_LOG, rounds.to_dict("records"))
     total = max(len(planned), shard_total or 0)
     status = "complete" if not missing else f"partial ({total - len(kept)} of {total} cases missing)"
-    walls = [p.meta.get("wall_s") for p in parts if isinstance(p.meta.get("wall_s"), (int, float))]
+    walls = [wall for p in parts if isinstance(wall := p.meta.get("wall_s"), (int, float))]
     rows = writer.finalize(status=status, wall_s=max(walls) if walls else None)
     return Merged(writer.dir, rows, missing, duplicates, len({m["fingerprint"] for m in machines}))

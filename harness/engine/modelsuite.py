@@ -89,13 +89,18 @@ def to_toml(top: dict[str, Any], tables: dict[str, dict[str, Any]], variants: li
     return "\n".join(lines) + "\n"
 
 
-def _fits(contexts, batch: int, kv_heads: int, width: int, element_bytes: int, budget: int) -> tuple[list, list]:
+def _fits(contexts, batch: int, kv_heads: int, width: int, element_bytes: int,
+          budget: int) -> tuple[list[int], list[tuple[int, float]]]:
     """(contexts whose case fits ``budget``, [(context, estimate)] of those that do not): the keys and
     values in the case dtype and their float64 copies for the reference check."""
-    keep, drop = [], []
+    keep: list[int] = []
+    drop: list[tuple[int, float]] = []
     for n in contexts:
         estimate = 2 * batch * kv_heads * n * width * (element_bytes + 8) * 1.25
-        (keep if estimate <= budget else drop).append(n if estimate <= budget else (n, estimate))
+        if estimate <= budget:
+            keep.append(n)
+        else:
+            drop.append((n, estimate))
     return keep, drop
 
 
@@ -116,7 +121,8 @@ def _taking(variants: list[dict[str, Any]], features: dict[str, Any], plan: Plan
     from harness.core.registry import get_variant
 
     carried = [f for f in features if f in AXES]
-    kept, left = [], {}
+    kept: list[dict[str, Any]] = []
+    left: dict[str, list[str]] = {}
     for entry in variants:
         missing = [f for f in carried if not getattr(get_variant(entry["name"]).supports, f, False)]
         if missing:

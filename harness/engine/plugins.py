@@ -48,6 +48,8 @@ def loaded() -> list[str]:
 
 def _import_file(module_name: str, path: Path):
     module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:  # a name Python cannot import (not .py)
+        raise ImportError(f"{path.name} is not a Python source file")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
     try:

@@ -223,10 +223,11 @@ def _measure_rank(rank: int, world_size: int, p: dict[str, Any]) -> dict[str, An
     comm_samples, _ = _sample(prepared.comm, config, case.device, dev)
     peak = peak_memory_bytes(prepared.run, case.device)
     out = prepared.run()
-    gathered = [None] * world_size if rank == 0 else None
+    gathered: list[Any] | None = [None] * world_size if rank == 0 else None  # filled with the ranks' tuples
     dist.gather_object((out.cpu(), prepared.rows.cpu(), peak, prepared.comm_bytes), gathered, dst=0)
     if rank != 0:
         return None
+    assert gathered is not None  # rank 0's list
     full = torch.full((case.batch, case.heads, case.query_len, case.head_dim), math.nan, dtype=out.dtype)
     for local, rows, _, _ in gathered:
         full[:, :, rows] = local

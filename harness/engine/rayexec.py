@@ -44,7 +44,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from harness.core import schema
 from harness.core.cases import Case
@@ -327,7 +327,7 @@ class RayExecutor:
             self.ray.shutdown()
             self._started = False
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.close()
         return False
 

@@ -164,7 +164,9 @@ class Rounds:
 
         row = base_row(case, threads=threads)
         row.update(status="skipped", reason=reason)
-        return self.record(case, 0, CaseResult(row, []))
+        final = self.record(case, 0, CaseResult(row, []))
+        assert final is not None  # round 0 without samples is final at once
+        return final
 
     def _final(self, row: dict[str, Any], cid: str, attempt: str) -> dict[str, Any]:
         row["discarded_rounds"] = self.discarded.get(cid, 0)
@@ -235,10 +237,10 @@ def run_sequential(executor: Any, cases: list[Case], rounds: Rounds, progress: A
                 progress.start(shown)
             why = quarantine.reason(case) if index == 0 else None
             if why is not None:
-                final = rounds.skip(case, why, threads)
+                skipped = rounds.skip(case, why, threads)
                 done += 1
                 if progress is not None:
-                    progress.finish(shown, final)
+                    progress.finish(shown, skipped)
                 continue
             report = getattr(progress, "phase", None)
             on_phase = None if report is None else (lambda name, c=shown, r=report: r(c, name))

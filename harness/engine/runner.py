@@ -151,7 +151,8 @@ def _accuracy(variant: Variant, case: Case, q, k, v, extra: dict | None = None) 
         ref = reference_attention(q, *dense_kv(case, k, v, extra or {}), mask, rows, **mods)  # a paged cache, gathered
         max_abs, rel = errors(out[:, :, rows.to(out.device)], ref)
     grad_columns: dict[str, float] = {}
-    got = want = ()
+    got: tuple[torch.Tensor, ...] = ()
+    want: tuple[torch.Tensor, ...] = ()
     if case.mode != "fwd" and case.seq_len <= MAX_GRAD_CHECK_LEN:
         leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
         grad_out = variant(*leaves, causal=case.causal, **case.params)

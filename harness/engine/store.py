@@ -156,7 +156,7 @@ def _readable(path: Path, max_bytes: int) -> None:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     from harness.engine.runmeta import MAX_TABLE_BYTES
 
-    records = []
+    records: list[dict[str, Any]] = []
     if not path.exists():
         return records
     _readable(path, MAX_TABLE_BYTES)

@@ -76,7 +76,7 @@ class _Locator:
 
     def line(self, table: str | None, key: str | None = None, index: int | None = None) -> int | None:
         current: str | None = None
-        seen: dict[str, int] = {}
+        seen: dict[str | None, int] = {}  # None: the top-level table, never counted
         header_line = None
         for number, line in enumerate(self.lines, 1):
             m = self.header.match(line)
@@ -364,13 +364,15 @@ def inference_axes_problems(axes: dict[str, list[Any]]) -> list[tuple[str, str]]
         out.append(("page_size", 'page_size applies to kv_layout = "paged" only'))
     for value in axes.get("lengths", []):
         listed = lengths.explicit(value) if value not in lengths.KINDS else None
-        for batch in axes.get("batch", [DEFAULTS["batch"]]) if listed else ():
+        if not listed:
+            continue
+        for batch in axes.get("batch", [DEFAULTS["batch"]]):
             if len(listed) > batch:
                 out.append(("lengths", f"{len(listed)} lengths listed for batch {batch}: at most one per sequence"))
-        for top in maxima if listed else ():
+        for top in maxima:
             if max(listed) > top:
                 out.append(("lengths", f"length {max(listed)} is longer than the maximum (kv_len/seq_len {top})"))
-        for q in q_lens if listed and causal else ():
+        for q in q_lens if causal else ():
             if min(listed) < q:
                 out.append(("lengths", f"length {min(listed)} is shorter than q_len {q}: with causal bottom-right "
                             "alignment its first queries would see no key"))

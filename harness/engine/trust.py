@@ -114,7 +114,9 @@ def _found_elsewhere(name: str, root: Path) -> str | None:
         return None
     if not spec.has_location and not spec.submodule_search_locations:
         return f"{spec.origin or 'nowhere'} (not a file)"  # built-in, frozen
-    places = [str(p) for p in spec.submodule_search_locations or []] + ([spec.origin] if spec.has_location else [])
+    places = [str(p) for p in spec.submodule_search_locations or []]
+    if spec.has_location and spec.origin is not None:
+        places.append(spec.origin)
     outside = [p for p in places if not within(p, root)]
     return outside[0] if outside else None
 
@@ -205,8 +207,8 @@ def allow(plugins: list[tuple[str, str | None]], *, source: str, trust: bool,
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise UntrustedPlugin(f"{source} names plugin {spec!r}, which is not this project's code: {why}{more}; {HINT}")
     if trust:
-        for spec, why in plugins:
-            log(f"--trust-plugins: importing plugin {spec}" + (f" ({why})" if why else ""))
+        for spec, note in plugins:  # note: why it is foreign, or None
+            log(f"--trust-plugins: importing plugin {spec}" + (f" ({note})" if note else ""))
 
 
 def check_recorded_suite(text: str, path: Path | None, run_dir: Path, *, trust: bool = False,

@@ -183,8 +183,8 @@ def measure_bandwidth(
 def measure_device(device: str, dtypes: Iterable[str] = DTYPES, quick: bool = False, log=None) -> dict[str, Any]:
     """One calibration entry: matmul peak per dtype and copy bandwidth of ``device``."""
     if quick:
-        mm = dict(max_n=512, min_time_s=0.05, max_time_s=0.3)
-        bw = dict(nbytes=16 * 2**20, min_time_s=0.05, max_time_s=0.3)
+        mm: dict[str, Any] = dict(max_n=512, min_time_s=0.05, max_time_s=0.3)
+        bw: dict[str, Any] = dict(nbytes=16 * 2**20, min_time_s=0.05, max_time_s=0.3)
     else:
         mm, bw = {}, {}
     entry: dict[str, Any] = {

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -38,6 +38,12 @@ DO_BENCH = "triton do_bench"
 DO_BENCH_GRAPH = "triton do_bench_cudagraph"
 #: How far the judged median ratio may be from 1, per device.
 GOALS = {"cpu": 0.05, "cuda": 0.03}
+
+
+class Budget(TypedDict, total=False):
+    """The TimingConfig keywords that bound the harness's sampling in a cross-check (none: its defaults)."""
+
+    max_time_s: float
 
 
 def _sdpa_call(q, k, v, causal: bool):
@@ -85,7 +91,7 @@ def _triton(bench, fn, min_time_s: float):
     return go
 
 
-def timing_methods(case: Case, fn, rotated: list, min_time_s: float, budget: dict[str, float]):
+def timing_methods(case: Case, fn, rotated: list, min_time_s: float, budget: Budget):
     """(methods, judged, skipped) for one case: name -> callable giving (median s, samples s);
     judged: harness method name -> the method it is judged against; skipped: (name, why)."""
     methods: dict[str, Callable[[], tuple[float, list[float]]]] = {}
@@ -135,7 +141,7 @@ def cross_check(
         fn = _sdpa_call(q, k, v, case.causal)
         sets = input_set_count(int(min_bytes(case)), case.device, TimingConfig())
         rotated = [fn] + [_sdpa_call(q.clone(), k.clone(), v.clone(), case.causal) for _ in range(sets - 1)]
-        budget = {"max_time_s": max(max_time_s, min_time_s)} if max_time_s else {}
+        budget: Budget = {"max_time_s": max(max_time_s, min_time_s)} if max_time_s else {}
         methods, judged, skipped = timing_methods(case, fn, rotated, min_time_s, budget)
         records += [{"case": case.label(), "method": name, "skipped": why} for name, why in skipped]
         results: dict[str, list[tuple[float, list[float]]]] = {m: [] for m in methods}

@@ -361,10 +361,11 @@ def gpu_record(nvml=None, handle=None, warn=_warn) -> dict[str, Any]:
     record: dict[str, Any] = {"precision": precision_flags()}
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             record["unavailable"] = ["nvidia-ml-py is not installed"]
             return record
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except Exception as exc:

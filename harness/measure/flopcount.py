@@ -77,7 +77,7 @@ REGISTERED = register_cpu_sdpa_formulas()
 class _OpRecorder(TorchDispatchMode):
     """Counts the ATen operators a call dispatches (to explain a count of zero)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
 

@@ -77,7 +77,8 @@ def make_qkv(case: Case, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
     v = torch.randn(B, Hkv, L, getattr(case, "value_dim", D), generator=g)
     share_prefix(case, k, v)
     dtype = TORCH_DTYPES[case.dtype]
-    return tuple(aligned_copy(x.to(device=case.device, dtype=dtype)) for x in (q, k, v))
+    q, k, v = (aligned_copy(x.to(device=case.device, dtype=dtype)) for x in (q, k, v))
+    return q, k, v
 
 
 def share_prefix(case: Case, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -105,8 +106,9 @@ def feature_inputs(case: Case, device, seed: int = 0) -> dict:
     if getattr(case, "sinks", False):
         g = torch.Generator().manual_seed(seed + SINK_SEED_OFFSET)
         extra["sinks"] = torch.randn(case.heads, generator=g).to(device)
-    if getattr(case, "sliding_window", None) is not None:
-        extra["window_size"] = int(case.sliding_window)
+    window = getattr(case, "sliding_window", None)
+    if window is not None:
+        extra["window_size"] = int(window)
     if getattr(case, "prefix_lm", 0):
         extra["prefix_len"] = int(case.prefix_lm)
     if getattr(case, "document", 1) > 1:
@@ -121,8 +123,9 @@ def layout_inputs(case: Case, k: torch.Tensor, v: torch.Tensor, seed: int = 0):
     ``shared_prefix`` for a shared-prefix case (passed on only to a variant that declares
     ``Supports(shared_prefix=True)``)."""
     features = feature_inputs(case, k.device, seed)
-    if getattr(case, "shared_prefix", None):
-        features["shared_prefix"] = int(case.shared_prefix)
+    prefix = getattr(case, "shared_prefix", None)
+    if prefix:
+        features["shared_prefix"] = int(prefix)
     if case.lengths == "fixed" and case.kv_layout == "contiguous":
         return k, v, features
     q_lens, kv_lens = case_lengths(case)
@@ -132,6 +135,7 @@ def layout_inputs(case: Case, k: torch.Tensor, v: torch.Tensor, seed: int = 0):
     if case.kv_layout != "paged":
         return k, v, extra
     ps, B, Hkv = case.page_size, k.shape[0], k.shape[1]
+    assert ps is not None  # a paged case has its page size (the suite requires one)
     pages = [-(-n // ps) for n in kv_lens]
     order = torch.randperm(sum(pages), generator=torch.Generator().manual_seed(seed + 1)).to(k.device)
     table = torch.zeros(B, max(pages), dtype=torch.int32, device=k.device)
@@ -160,8 +164,9 @@ def dense_kv(case: Case, k: torch.Tensor, v: torch.Tensor, extra: dict) -> tuple
     table = extra["block_table"].long()
     B, pages = table.shape
     _, Hkv, ps, _ = k.shape
-    return tuple(x[table].transpose(1, 2).reshape(B, Hkv, pages * ps, x.shape[-1])[:, :, :case.seq_len]
-                 for x in (k, v))
+    k, v = (x[table].transpose(1, 2).reshape(B, Hkv, pages * ps, x.shape[-1])[:, :, :case.seq_len]
+            for x in (k, v))
+    return k, v
 
 
 def aligned_copy(x: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:

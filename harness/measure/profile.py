@@ -27,7 +27,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,15 +118,17 @@ def request(setting: bool | list[str] | None, run_dir: str | Path | None) -> dic
     return {"run_dir": str(Path(run_dir).resolve()), "variants": None if setting is True else sorted(setting)}
 
 
-def wanted(profile: dict[str, Any] | None, case: Case) -> bool:
-    return bool(profile) and (profile.get("variants") is None or case.variant in profile["variants"])
+def wanted(profile: Mapping[str, Any] | None, case: Case) -> bool:
+    if not profile:
+        return False
+    return profile.get("variants") is None or case.variant in profile["variants"]
 
 
-def maybe_profile(profile: dict[str, Any] | None, case: Case, make_call: Callable[[], Callable[[], Any]],
+def maybe_profile(profile: Mapping[str, Any] | None, case: Case, make_call: Callable[[], Callable[[], Any]],
                   phase: Callable[[str], None]) -> None:
     """If ``profile`` (:func:`request`) selects ``case``: phase ``profile``, then :func:`profile_case`
     on a fresh call from ``make_call()``. Called once per case, after its other phases."""
-    if wanted(profile, case):
+    if profile is not None and wanted(profile, case):
         phase("profile")
         profile_case(make_call, case, Path(profile["run_dir"]))
 

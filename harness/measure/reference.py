@@ -131,7 +131,8 @@ def tolerance_for(dtype: str, override: dict[str, tuple[float, float]] | None = 
     """(max abs, rel) tolerance of an exact variant's output in ``dtype``: the variant's own
     (``register_variant(..., tolerance=...)``) where it declares one, else :data:`TOLERANCE`."""
     if override and dtype in override:
-        return tuple(override[dtype])
+        max_abs, rel = override[dtype]
+        return max_abs, rel
     return TOLERANCE.get(dtype, TOLERANCE["float32"])
 
 
@@ -238,12 +239,15 @@ def correctness_problems(out: torch.Tensor, ref: torch.Tensor, rows: torch.Tenso
     computed: list = []  # the baseline's gradients, computed once, when a gradient needs them
 
     def grad_baseline(i: int) -> Callable[[], torch.Tensor] | None:
+        if grads_baseline is None:
+            return None
+
         def get() -> torch.Tensor:
             if not computed:
                 computed.extend(grads_baseline())
             return computed[i]
 
-        return None if grads_baseline is None else get
+        return get
 
     for i, (name, axes, got, want) in enumerate(zip(("dq", "dk", "dv"), (QUERY_AXES, KEY_AXES, KEY_AXES), grads,
                                                     grads_ref or (None,) * len(grads))):

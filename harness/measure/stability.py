@@ -27,7 +27,7 @@ Pure: numbers in, numbers out (numpy and :mod:`harness.core.stats`; no torch).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +103,7 @@ def stability(times: Sequence[ProcessTime]) -> tuple[bool | None, str]:
     return False, f"{_COUNT_WORDS.get(len(groups), len(groups))} modes: {listed}"
 
 
-def combine(rows: Sequence[dict[str, Any]], samples_ms: Sequence[Sequence[float]],
+def combine(rows: Sequence[Mapping[str, Any]], samples_ms: Sequence[Sequence[float]],
             confidence: float = 0.95) -> dict[str, Any]:
     """The ``time`` and ``stability`` columns of a case timed by ``len(rows)`` processes: ``rows[i]``
     is process i's row (its ``time_ms_ci_low``/``high`` are used), ``samples_ms[i]`` its samples in ms.

@@ -279,14 +279,16 @@ class Sampler:
         if not self.active:
             yield self
             return
-        self._sync()
+        sync = self._sync
+        assert sync is not None  # an active sampler's __enter__ set it
+        sync()
         self._window = name
         self.sample_once()
         before = self._violation_ns() if name == "timing" else {}
         try:
             yield self
         finally:
-            self._sync()
+            sync()
             self.sample_once()
             self._window = None
             if name == "timing":
@@ -301,7 +303,10 @@ class Sampler:
             return {}
         counts = {}
         for name, (attr, value) in VIOLATION_POLICIES.items():
-            got = self._query(name, lambda a=attr, v=value: fn(self._handle, int(getattr(self._nvml, a, v))))
+            def status(a: str = attr, v: int = value) -> Any:  # a def: mypy cannot type a lambda's defaults
+                return fn(self._handle, int(getattr(self._nvml, a, v)))
+
+            got = self._query(name, status)
             if got is not None:
                 counts[name] = int(got.violationTime)
         return counts
@@ -354,6 +359,8 @@ class Sampler:
         """
         if not self.active:
             return None
+        sync = self._sync
+        assert sync is not None  # an active sampler's __enter__ set it
         with self.window("energy"):
             e0 = last = self._energy_mj()
             t0 = self.clock()
@@ -364,7 +371,7 @@ class Sampler:
                 for _ in range(batch):
                     fn()
                 calls += batch
-                self._sync()
+                sync()
                 now = self.clock()
                 e = self._energy_mj() if e0 is not None else None
                 if e is not None and e != last:

@@ -231,7 +231,7 @@ def synchronizer(device: str) -> Callable[[], None]:
 
 
 def time_call(
-    fn: Callable[[], Any] | Sequence[Callable[[], Any]],
+    fn: Callable[[], Any] | list[Callable[[], Any]] | tuple[Callable[[], Any], ...],
     config: TimingConfig,
     device: str = "cpu",
     clock: Callable[[], float] = time.perf_counter,

@@ -86,6 +86,7 @@ def _samples_by_case(samples: pd.DataFrame | None) -> dict[str, np.ndarray]:
 def _pair(cid: str, b: dict[str, Any] | None, n: dict[str, Any] | None) -> dict[str, Any]:
     """A comparison row with both sides' figures and nothing computed yet."""
     ident = n if n is not None else b
+    assert ident is not None  # every case compared is in one run at least
     return {
         "case_id": cid,
         "label": case_label(ident),

@@ -207,6 +207,12 @@ class Side:
             run=f"run {meta.get('run_id') or '?'}",
         )
 
+    @property
+    def known_commit(self) -> str:
+        """``commit``, of a side that is re-run (one whose commit is unknown is declined: :func:`runnable_reasons`)."""
+        assert self.commit is not None
+        return self.commit
+
     def in_tree(self, tree: Path, trust: bool = False,
                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> tuple[Path, list[str]]:
         """(base_dir, plugins) to run this side from ``tree`` (its commit extracted): plugin files
@@ -259,12 +265,13 @@ class Workers:
     def __init__(self, sides: dict[str, Side], tmp: Path, log_dir: Path | None = None, trust: bool = False,
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), branches: Sequence[str] = ()):
         self.sides, self.log_dir = sides, log_dir
-        self.trees: dict[str, Path] = {}
+        self.trees: dict[str, Path] = {}  # by commit
         for side in sides.values():
-            if side.commit not in self.trees:
-                self.trees[side.commit] = extract_commit(side.repo, side.commit, tmp / side.commit[:12], branches)
+            commit = side.known_commit
+            if commit not in self.trees:
+                self.trees[commit] = extract_commit(side.repo, commit, tmp / commit[:12], branches)
         # before any worker starts: each side's plugins, refused unless they are its commit's code
-        self.plans = {name: side.in_tree(self.trees[side.commit], trust, log) for name, side in sides.items()}
+        self.plans = {name: side.in_tree(self.trees[side.known_commit], trust, log) for name, side in sides.items()}
         self.pools: dict[str, Any] = {}
         self.rounds = 0
 
@@ -275,7 +282,7 @@ class Workers:
         self.close()
         self.rounds += 1
         for name, side in self.sides.items():
-            tree = self.trees[side.commit]
+            tree = self.trees[side.known_commit]
             base_dir, plugins = self.plans[name]
             log_dir = self.log_dir / f"round-{self.rounds}-{name}" if self.log_dir else None
             settings = RunSettings(seed=side.seed, plugins=tuple(plugins), base_dir=str(base_dir),
@@ -419,7 +426,7 @@ def confirm(
         from harness.engine.trust import vouched_commit
 
         for name, side in (("BASE", sides["A"]), ("NEW", sides["B"])):
-            vouched_commit(side.repo, side.commit, branches, what=f"{name} ({side.run})")
+            vouched_commit(side.repo, side.known_commit, branches, what=f"{name} ({side.run})")
     log(f"confirm: re-running {len(suspects)} case(s), {rounds} interleaved rounds per side")
     try:
         # the case each row measured (ValueError: its fields no longer give its case_id)
@@ -477,9 +484,9 @@ def confirm(
                 f"q={q[i]:.2g}"
         if after == "inconclusive":
             key = "inconclusive"
-            busy = f"; contended in {measured[i].contended} rounds: {'; '.join(sorted(measured[i].notes))[:200]}" \
+            load = f"; contended in {measured[i].contended} rounds: {'; '.join(sorted(measured[i].notes))[:200]}" \
                 if doubt == "contended" else ""
-            text = f"still inconclusive after the {rerun}{busy}"
+            text = f"still inconclusive after the {rerun}{load}"
         elif before == after:
             key = "agreed" if after == "unchanged" else "confirmed"
             text = f"confirmed by {rerun}" if after != "unchanged" else f"{rerun}: unchanged"

@@ -129,7 +129,7 @@ def run_info(path: str | Path) -> RunInfo:
 
 
 def _scan(directory: Path) -> list[RunInfo]:
-    found = []
+    found: list[RunInfo] = []
     if not directory.is_dir():
         return found
     for child in directory.iterdir():
@@ -313,7 +313,7 @@ def load_history(
     if last is not None:
         runs = runs[-last:] if last > 0 else []
     frames = []
-    kept = []
+    kept: list[RunInfo] = []
     for info in runs:
         try:
             rows = store.read_results(info.path)

@@ -179,6 +179,7 @@ def console():
 
 def print_table(comparison: Comparison, all_cases: bool = False) -> None:
     """The comparison as a rich table on stdout, then a one-line verdict."""
+    from rich.console import JustifyMethod
     from rich.table import Table
 
     th = comparison.thresholds
@@ -189,8 +190,10 @@ def print_table(comparison: Comparison, all_cases: bool = False) -> None:
         caption=f"ratio = NEW/BASE median time with its {1 - th.alpha:.0%} interval; q = Benjamini–Hochberg adjusted "
                 f"p-value; thresholds: time ±{th.time:.0%}, memory ±{th.memory:.0%}",
     )
-    for col, justify in (("verdict", "left"), ("case", "left"), ("BASE", "right"), ("NEW", "right"),
-                         ("time ratio [CI]", "right"), ("q", "right"), ("memory", "right"), ("note", "left")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("verdict", "left"), ("case", "left"), ("BASE", "right"), ("NEW", "right"), ("time ratio [CI]", "right"),
+        ("q", "right"), ("memory", "right"), ("note", "left"))
+    for col, justify in columns:
         table.add_column(col, justify=justify, overflow="fold")
     shown = _shown(comparison, all_cases)
     for r in shown.to_dict("records"):

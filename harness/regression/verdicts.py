@@ -193,7 +193,8 @@ def accuracy_problems(base: dict[str, Any], new: dict[str, Any], tolerance: dict
     tol = tolerance.get(str(new.get("dtype")), ACCURACY_TOLERANCE["float32"])
     problems = []
     for col in ACCURACY_COLUMNS:
-        b, x = base.get(col), new.get(col)
+        b: Any = base.get(col)  # a number, NaN or None: finite() tells
+        x: Any = new.get(col)
         if finite(b) and not finite(x) and x is not None:
             problems.append(f"{col} is now {x} (was {units.error(b)})")
         elif finite(b) and finite(x) and float(x) - float(b) > tol:
