@@ -212,7 +212,8 @@ def test_readme_is_short_keeps_its_two_commands_and_links_into_the_docs():
     tests = re.search(r"pip install -e '\.\[test[^']*\]' && python -m pytest -q", readme)
     assert tests, "the README's test command"
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install --quiet -e '.[test,docs]'" in ci and "python -m pytest -q" in ci
+    assert re.search(r"pip install --quiet -e '\.\[test,docs[^']*\]'", ci) and "python -m pytest -q" in ci
+    assert "ruff check ." in ci and "\nmypy\n" in ci  # lint and types, as pyproject.toml configures them
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
         if not target.startswith("http"):
             assert (ROOT / target).exists(), target
