@@ -56,13 +56,14 @@ PRODUCERS: dict[str, str] = {
     "processes": f"for i in 1 2; do for p in 1 2 3; do bench run suites/quick.toml --processes $p "
                  f"-o {RUNS}/processes/p$p-$i; done; done && {_RT} {RUNS}/processes/* --table processes --json",
     "isolation": "python benchmarks/isolation_overhead.py suites/quick.toml --json",
-    "decode": f"bench calibrate --threads 1 && bench run suites/decode.toml -o {RUNS}/decode && "
+    "decode": f"bench calibrate --threads 1 && bench run suites/decode.toml --only Lkv16384 -o {RUNS}/decode && "
               f"{_RT} {RUNS}/decode --table decode --table paged --table calibration --json",
-    "paged": f"bench calibrate --threads 1 && bench run suites/decode.toml -o {RUNS}/decode && "
+    "paged": f"bench calibrate --threads 1 && bench run suites/decode.toml --only Lkv16384 -o {RUNS}/decode && "
              f"{_RT} {RUNS}/decode --table decode --table paged --table calibration --json",
-    "calibration": f"bench calibrate --threads 1 && bench run suites/decode.toml -o {RUNS}/decode && "
+    "calibration": f"bench calibrate --threads 1 && bench run suites/decode.toml --only Lkv16384 -o {RUNS}/decode && "
                    f"{_RT} {RUNS}/decode --table decode --table paged --table calibration --json",
-    "varlen": f"bench run suites/varlen.toml -o {RUNS}/varlen && {_RT} {RUNS}/varlen --table varlen --json",
+    "varlen": f"bench run suites/varlen.toml --only lengths=zipf -o {RUNS}/varlen && "
+              f"{_RT} {RUNS}/varlen --table varlen --json",
     "layers": f"bench run suites/layers-4096.toml -o {RUNS}/layers-4096 && "
               f"{_RT} {RUNS}/layers-4096 --table layers --json",
     "profile": f"bench run suites/quick.toml --profile -o {RUNS}/profile && "
