@@ -64,13 +64,37 @@ def table(rows) -> tuple[list[list], dict]:
                     round(ratio, 3)])
         lengths.append(int(p))
         ratios.append(c / float(best["time_ms"]))  # cascade over plain: below 1 once cascade wins
-    return out, crossover_length(lengths, ratios) if lengths else {"kind": "none", "length": None}
+    cross = crossover_length(lengths, ratios) if lengths else {"kind": "none", "length": None}
+    cross["left_out"] = left_out(rows, lengths)
+    return out, cross
+
+
+def left_out(rows, kept: list[int]) -> list[str]:
+    """The prefixes the table has no line for, each with why (e.g. "64: cascade unstable; sdpa unstable")."""
+    out = []
+    for p, g in sorted(rows.groupby("shared_prefix"), key=lambda kv: kv[0]):
+        if int(p) in kept:
+            continue
+        why = []
+        for _, r in g.iterrows():
+            if bool(r["is_candidate"]):
+                continue
+            if r.get("status") != "ok":
+                why.append(f"{r['variant']} {r.get('status')}")
+            elif r.get("stable") is not None and not bool(r.get("stable")):
+                why.append(f"{r['variant']} unstable")
+            else:
+                why.append(f"{r['variant']} not a candidate")
+        out.append(f"{int(p)}: " + ("; ".join(why) or "no cascade or no plain row"))
+    return out
 
 
 def crossover_text(cross: dict) -> str:
     kind, length = cross.get("kind"), cross.get("length")
+    gone = cross.get("left_out") or []
     if kind == "always":
-        return "cascade is faster at every measured prefix (the crossover is at or before the first)"
+        first = "the first kept" if gone else "the first"
+        return f"cascade is faster at every prefix in the table (the crossover is at or before {first})"
     if kind == "at" and length:
         return f"cascade beats the best plain attention from a shared prefix of about {length:.0f} tokens"
     if kind == "never":
@@ -123,6 +147,8 @@ def main(argv=None) -> int:
         print(" | ".join(str(x) for x in r))
     summary = crossover_text(cross)
     print(summary)
+    if cross.get("left_out"):
+        print("left out (no stable, correct pair): " + ", ".join(cross["left_out"]))
     if args.json is not None:
         from benchmarks import docdata
 
@@ -133,6 +159,9 @@ def main(argv=None) -> int:
                  "context is the shared prefix plus the request's own tokens.",
                  "Times are medians of stable, correct rows; plain is the faster of sdpa and flash-decoding "
                  "(decode_split_k), which read the prefix once per request."]
+        if cross.get("left_out"):
+            notes.append("Prefixes without a stable, correct cascade and plain time are left out of the table "
+                         "(measured, not hidden): " + ", ".join(cross["left_out"]) + ".")
         command = "python benchmarks/cascade_crossover.py " + " ".join(argv if argv is not None else sys.argv[1:])
         path = docdata.write(json_path(args.json, "cascade-crossover"), "cascade-crossover",
                              "Cascade attention against plain attention as a shared prefix grows", command, columns,

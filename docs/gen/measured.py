@@ -50,11 +50,14 @@ _RT = "python benchmarks/run_tables.py"
 PRODUCERS: dict[str, str] = {
     "tutorial": "python benchmarks/tutorial.py --json",
     "fidelity": "python benchmarks/fidelity.py --rounds 3 --threads 1,2 --spread-suite suites/quick.toml "
-                "--spread-runs 3 --json",
+                "--spread-runs 2 --json",
     "fidelity-spread": "python benchmarks/fidelity.py --rounds 3 --threads 1,2 --spread-suite suites/quick.toml "
-                       "--spread-runs 3 --json",
-    "processes": f"for i in 1 2; do for p in 1 2 3; do bench run suites/quick.toml --processes $p "
-                 f"-o {RUNS}/processes/p$p-$i; done; done && {_RT} {RUNS}/processes/* --table processes --json",
+                       "--spread-runs 2 --json",
+    "processes": f"for p in 1 2 3; do bench run suites/quick.toml --processes $p -o {RUNS}/processes/p$p-1; done "
+                 f"&& for p in 3 2 1; do bench run suites/quick.toml --processes $p -o {RUNS}/processes/p$p-2; done "
+                 f"&& {_RT} " + " ".join(f"{RUNS}/processes/p{p}-{i}" for i, p in ((1, 1), (1, 2), (1, 3), (2, 3),
+                                                                                  (2, 2), (2, 1)))
+                 + " --table processes --json",
     "isolation": "python benchmarks/isolation_overhead.py suites/quick.toml --json",
     "decode": f"bench calibrate --threads 1 && bench run suites/decode.toml --only Lkv16384 -o {RUNS}/decode && "
               f"{_RT} {RUNS}/decode --table decode --table paged --table calibration --json",
@@ -69,7 +72,7 @@ PRODUCERS: dict[str, str] = {
     "profile": f"bench run suites/quick.toml --profile -o {RUNS}/profile && "
                f"{_RT} {RUNS}/profile --table profile --json",
     "site-build": "python benchmarks/site_build.py --json",
-    "detector": "python benchmarks/detector.py --aa 3 --slow 3 --extra 0.15 --probe naive,flash --docs-json",
+    "detector": "python benchmarks/detector.py --aa 2 --slow 2 --extra 0.15 --probe naive,flash --docs-json",
     "executors": f"pip install -e '.[ray]' && bench run suites/quick.toml -o {RUNS}/executor-process-1 && "
                  f"bench run suites/quick.toml --executor ray -o {RUNS}/executor-ray && "
                  f"bench run suites/quick.toml -o {RUNS}/executor-process-2 && {_RT} {RUNS}/executor-process-1 "
