@@ -307,7 +307,10 @@ def write_docs_table(directory: Path, figures: dict, args, probes: list[str]) ->
         s = figures[stage]
         rows.append([name, f"{s['aa_comparisons_with_a_regression']} of {s['aa_comparisons']}",
                      f"{s['aa_cases_flagged']} of {s['aa_case_comparisons']}",
+                     s.get("aa_cases_inconclusive", 0),
                      f"{s['slow_probe_cases_detected']} of {s['slow_probe_cases']}",
+                     s.get("slow_probe_cases_inconclusive", 0),
+                     s.get("slow_probe_cases_called_unchanged", 0),
                      s["slow_probe_cases_called_improved"],
                      f"{s['unchanged_cases_in_slow_runs_flagged']} of {s['unchanged_cases_in_slow_runs']}"])
     notes = [f"Suite {Path(args.suite).name} plus probes {', '.join(probes)} at L = {args.probe_lengths}; "
@@ -316,7 +319,9 @@ def write_docs_table(directory: Path, figures: dict, args, probes: list[str]) ->
              f"×{figures['probe_ratio_aa_median']:.3f} in the A/A runs."]
     write_tables(directory, [{"name": "detector", "title": "False alarms and detections of bench compare",
                               "columns": ["verdicts from", "A/A comparisons with a case called regressed",
-                                          "A/A case comparisons flagged", "slowed probe cases called regressed",
+                                          "A/A case comparisons flagged", "A/A cases inconclusive",
+                                          "slowed probe cases called regressed", "slowed probe cases inconclusive",
+                                          "slowed probe cases called unchanged (missed)",
                                           "slowed probe cases called improved",
                                           "unchanged cases in slowed runs flagged"],
                               "rows": rows, "notes": notes}])

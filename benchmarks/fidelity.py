@@ -80,8 +80,10 @@ def bench_bin() -> list[str]:
 def harness_run(suite: Path, out: Path) -> pandas.DataFrame:  # noqa: F821
     import pandas as pd
 
-    subprocess.run(bench_bin() + ["run", str(suite), "-o", str(out), "-q", "--no-report"], cwd=ROOT,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(bench_bin() + ["run", str(suite), "-o", str(out), "-q", "--no-report"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"bench run {suite} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return pd.read_parquet(out / "results.parquet")
 
 
@@ -102,14 +104,14 @@ def against_timer(rounds: int, min_run_time: float, tmp: Path, threads: int | No
     print(f"{'case':36s} {'harness ms':>11s} {'Timer ms':>10s} {'ratio':>7s} {'h spread':>9s} {'T spread':>9s}  stable")
     table = []
     for index, (label, variant, params, L, H, causal) in enumerate(CASES):
-        suite = tmp / f"case{index}.toml"
+        suite = tmp / f"case{index}-t{threads or 0}.toml"
         suite.write_text(suite_text(variant, params, L, H, causal, threads))
         ours, ref, stable, used = [], [], [], set()
         for r in range(rounds):
             order = ("h", "t") if r % 2 == 0 else ("t", "h")
             for who in order:
                 if who == "h":
-                    row = harness_run(suite, tmp / f"run-case{index}-{r}").iloc[0]
+                    row = harness_run(suite, tmp / f"run-case{index}-t{threads or 0}-{r}").iloc[0]
                     ours.append(float(row["time_ms"]))
                     stable.append(row.get("stable", None))
                     used.add(("bench", int(row["threads"])))

@@ -281,7 +281,8 @@ def test_the_detector_writes_its_docs_table(tmp_path):
     stage = {"aa_comparisons_with_a_regression": 1, "aa_comparisons": 3, "aa_cases_flagged": 4,
              "aa_case_comparisons": 96, "slow_probe_cases_detected": 30, "slow_probe_cases": 36,
              "slow_probe_cases_called_improved": 0, "unchanged_cases_in_slow_runs_flagged": 2,
-             "unchanged_cases_in_slow_runs": 60}
+             "unchanged_cases_in_slow_runs": 60, "aa_cases_inconclusive": 5, "slow_probe_cases_inconclusive": 6,
+             "slow_probe_cases_called_unchanged": 0}
     figures = {"screen": stage, "confirm": dict(stage, aa_comparisons_with_a_regression=0),
                "probe_ratio_slow_median": 1.14, "probe_ratio_aa_median": 0.99}
     args = argparse.Namespace(rounds=8, suite=ROOT / "suites" / "nightly-cpu.toml", probe_lengths="512,1024",
@@ -289,4 +290,7 @@ def test_the_detector_writes_its_docs_table(tmp_path):
     detector.write_docs_table(tmp_path, figures, args, ["naive", "flash"])
     doc = json.loads((tmp_path / "detector.json").read_text())
     assert doc["name"] == "detector" and len(doc["rows"]) == 2 and doc["rows"][1][1] == "0 of 3"
+    row = dict(zip(doc["columns"], doc["rows"][0]))
+    assert row["slowed probe cases inconclusive"] == 6 and row["slowed probe cases called unchanged (missed)"] == 0
+    assert row["A/A cases inconclusive"] == 5 and row["slowed probe cases called regressed"] == "30 of 36"
     assert doc["command"].startswith("python ")

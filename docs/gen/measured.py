@@ -72,7 +72,7 @@ PRODUCERS: dict[str, str] = {
     "profile": f"bench run suites/quick.toml --profile -o {RUNS}/profile && "
                f"{_RT} {RUNS}/profile --table profile --json",
     "site-build": "python benchmarks/site_build.py --json",
-    "detector": "python benchmarks/detector.py --aa 2 --slow 2 --extra 0.15 --probe naive,flash --docs-json",
+    "detector": "python benchmarks/detector.py --aa 1 --slow 1 --extra 0.15 --probe naive,flash --docs-json",
     "executors": f"pip install -e '.[ray]' && bench run suites/quick.toml -o {RUNS}/executor-process-1 && "
                  f"bench run suites/quick.toml --executor ray -o {RUNS}/executor-ray && "
                  f"bench run suites/quick.toml -o {RUNS}/executor-process-2 && {_RT} {RUNS}/executor-process-1 "
