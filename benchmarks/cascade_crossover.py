@@ -102,15 +102,6 @@ def crossover_text(cross: dict) -> str:
     return "no prefix length has both a stable cascade time and a stable plain one"
 
 
-def json_path(value: str, name: str) -> Path:
-    """Where ``--json [FILE|DIR]`` writes table ``name``: FILE (a .json path), DIR/<name>.json, or
-    docs/data/<name>.json when no value was given."""
-    if not value:
-        return ROOT / "docs" / "data" / f"{name}.json"
-    path = Path(value)
-    return path if path.suffix == ".json" else path / f"{name}.json"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -163,7 +154,7 @@ def main(argv=None) -> int:
             notes.append("Prefixes without a stable, correct cascade and plain time are left out of the table "
                          "(measured, not hidden): " + ", ".join(cross["left_out"]) + ".")
         command = "python benchmarks/cascade_crossover.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = docdata.write(json_path(args.json, "cascade-crossover"), "cascade-crossover",
+        path = docdata.write(docdata.json_path(args.json, "cascade-crossover"), "cascade-crossover",
                              "Cascade attention against plain attention as a shared prefix grows", command, columns,
                              body, notes, source=str(run))
         print(f"wrote {path}")

@@ -69,6 +69,15 @@ def table(name: str, title: str, command: str, columns: Sequence[str], rows: Seq
     return doc
 
 
+def json_path(value: str, name: str) -> Path:
+    """Where ``--json [FILE|DIR]`` writes table ``name``: FILE (a .json path), DIR/<name>.json, or
+    docs/data/<name>.json when no value was given."""
+    if not value:
+        return ROOT / "docs" / "data" / f"{name}.json"
+    path = Path(value)
+    return path if path.suffix == ".json" else path / f"{name}.json"
+
+
 def write(path: str | Path | None, name: str, title: str, command: str, columns: Sequence[str],
           rows: Sequence[Sequence[Any]], notes: Sequence[str] = (), source: str | None = None) -> Path:
     """Write one measured table to ``path`` (default ``docs/data/<name>.json``); returns the path."""

@@ -46,15 +46,6 @@ def rows_of(run: Path) -> tuple[list[list], list[str]]:
     return body, notes
 
 
-def json_path(value: str, name: str) -> Path:
-    """Where ``--json [FILE|DIR]`` writes table ``name``: FILE (a .json path), DIR/<name>.json, or
-    docs/data/<name>.json when no value was given."""
-    if not value:
-        return ROOT / "docs" / "data" / f"{name}.json"
-    path = Path(value)
-    return path if path.suffix == ".json" else path / f"{name}.json"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="run directory")
@@ -79,7 +70,7 @@ def main(argv=None) -> int:
                  "time is stable (its worker processes agreed); speed-up is the baseline's median over the "
                  "winner's.", *notes]
         command = "python benchmarks/winners_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = docdata.write(json_path(args.json, args.name), args.name, f"Best per workload: {suite}", command,
+        path = docdata.write(docdata.json_path(args.json, args.name), args.name, f"Best per workload: {suite}", command,
                              COLUMNS, body, notes, source=str(run))
         print(f"wrote {path}")
     return 0
