@@ -17,7 +17,6 @@ Torch is imported only to record its version, and only when it is already import
 from __future__ import annotations
 
 import json
-import math
 import platform
 import sys
 from collections.abc import Sequence
@@ -28,6 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from harness.core.cases import json_value  # noqa: E402
 
 #: Where the docs build looks for measured tables.
 DATA_DIR = ROOT / "docs" / "data"
@@ -46,15 +47,6 @@ def machine_info() -> dict[str, Any]:
             "torch": getattr(torch, "__version__", None), "python": platform.python_version()}
 
 
-def _plain(x: Any) -> Any:
-    """A JSON-safe cell: numpy numbers as Python ones, NaN/inf as None."""
-    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def table(name: str, title: str, command: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
           notes: Sequence[str] = (), source: str | None = None, machine: dict[str, Any] | None = None) -> dict:
     """The document of one measured table (see the module docstring)."""
@@ -63,7 +55,7 @@ def table(name: str, title: str, command: str, columns: Sequence[str], rows: Seq
         raise ValueError(f"{name}: rows {bad[:5]} do not have {len(columns)} cells")
     doc = {"name": name, "title": title, "command": command, "machine": machine or machine_info(),
            "date": date.today().isoformat(), "columns": list(columns),
-           "rows": [[_plain(c) for c in r] for r in rows], "notes": list(notes)}
+           "rows": [[json_value(c) for c in r] for r in rows], "notes": list(notes)}
     if source:
         doc["source"] = source
     return doc

@@ -38,7 +38,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.core.cases import DEFAULTS, axis_names, decode_params, is_missing
+from harness.core.cases import DEFAULTS, axis_names, decode_params, is_missing, json_value
 from harness.core.cases import label as case_label
 from harness.core.registry import PATTERN_FAMILIES
 from reports.analysis import baseline_label
@@ -56,13 +56,6 @@ LAYER_KERNEL, BASELINE_KERNEL = "kernel", "sdpa"
 
 def workload_keys() -> list[str]:
     return [*axis_names(), *EXTRA_KEYS]
-
-
-def _plain(x: Any) -> Any:
-    """A JSON-safe value: numpy scalars as Python ones, NaN and pandas' NA as None."""
-    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
-        x = x.item()
-    return None if is_missing(x) or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
 def _prepared(rows: pd.DataFrame) -> pd.DataFrame:
@@ -157,12 +150,12 @@ def winners(rows: pd.DataFrame) -> list[dict[str, Any]]:
     keys = workload_keys()
     out = []
     for key, group in rows.groupby(keys, sort=False, dropna=False):
-        values = {k: _plain(v) for k, v in zip(keys, key)}
+        values = {k: json_value(v) for k, v in zip(keys, key)}
         base, base_why = _baseline(group)
         record: dict[str, Any] = {"workload": values, "workload_label": _label(values),
                                   "rows": int(len(group)), "candidates": int(group["is_candidate"].sum()),
                                   "baseline": base["label"] if base else None,
-                                  "baseline_time_ms": _plain(base["time_ms"]) if base else None,
+                                  "baseline_time_ms": json_value(base["time_ms"]) if base else None,
                                   "baseline_stable": not bool(base["is_unstable"]) if base else None,
                                   "baseline_why": base_why}
         cands = group[group["is_candidate"]].sort_values(["time_ms", "label"], kind="stable")
@@ -177,12 +170,12 @@ def winners(rows: pd.DataFrame) -> list[dict[str, Any]]:
         ties = [r["label"] for r in cands.iloc[1:].to_dict("records") if _interval(r)[0] <= hi]
         record.update(
             label=best["label"], variant=best["variant"], params=decode_params(best["params"]),
-            time_ms=_plain(best["time_ms"]), ci_low=lo, ci_high=hi, stable=True,
-            rel_err=_plain(best.get("rel_err")), exact=_exact(best.get("exact")), ties=ties,
+            time_ms=json_value(best["time_ms"]), ci_low=lo, ci_high=hi, stable=True,
+            rel_err=json_value(best.get("rel_err")), exact=_exact(best.get("exact")), ties=ties,
             runner_up=cands.iloc[1]["label"] if len(cands) > 1 else None,
-            runner_up_time_ms=_plain(cands.iloc[1]["time_ms"]) if len(cands) > 1 else None,
+            runner_up_time_ms=json_value(cands.iloc[1]["time_ms"]) if len(cands) > 1 else None,
             speedup=(float(base["time_ms"]) / float(best["time_ms"])) if base else None, why="",
-            faster_unstable=[f"{r['label']} {_plain(r['time_ms']):.4g} ms" for r in
+            faster_unstable=[f"{r['label']} {json_value(r['time_ms']):.4g} ms" for r in
                              shaky.sort_values("time_ms").to_dict("records")])
         out.append(record)
     return sorted(out, key=lambda r: _sort_key(r["workload"]))

@@ -56,6 +56,14 @@ def is_missing(value: Any) -> bool:
         type(value).__name__ in ("NAType", "NaTType")
 
 
+def json_value(value: Any) -> Any:
+    """A table cell as JSON holds it: numpy scalars as Python ones; empty (:func:`is_missing`) and
+    non-finite numbers as None."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    return None if is_missing(value) or (isinstance(value, float) and not math.isfinite(value)) else value
+
+
 def decode_params(value: Any) -> dict[str, Any]:
     """A row's ``params`` (JSON text, a dict, or empty) as a dict; ``{}`` when it is not a JSON object."""
     if isinstance(value, dict):
