@@ -132,9 +132,11 @@ def compare(repo: Path, base: Path, new: Path, confirm_rounds: int | None = None
     if confirm_rounds:
         # the checkout may be at A while a run was made at B (its descendant): vouch for B's history
         args += ["--confirm", "--confirm-rounds", str(confirm_rounds), "--confirm-branch", "slow"]
-    proc = subprocess.run(args, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True)
+    # the confirmation's progress (its rounds) goes to this script's stderr as it happens
+    proc = subprocess.run(args, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), stdout=subprocess.PIPE,
+                          stderr=None if confirm_rounds else subprocess.PIPE, text=True)
     if proc.returncode not in (0, 1):
-        sys.exit(f"bench compare failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        sys.exit(f"bench compare failed ({proc.returncode})" + (f":\n{proc.stderr[-2000:]}" if proc.stderr else ""))
     data = json.loads(proc.stdout)
     return pd.DataFrame(data["cases"]), data.get("confirm") or {}
 
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    screen flagged {len(screen['flagged'])}; confirm ({time.monotonic() - t0:.0f} s): "
               f"{result.get('message', 'nothing to confirm')}", file=sys.stderr)
         results.append({"run": name, "kind": kind, "screen": screen, "confirm": confirmed,
-                        "confirm_result": result})
+                        "confirm_result": result, "confirm_s": time.monotonic() - t0})
         figures = {
             "suite": str(args.suite), "extra_work": args.extra, "rounds": args.rounds,
             "screen": summarise(results, "screen"), "confirm": summarise(results, "confirm"),
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                 [x for r in results if r["kind"] == "slow" for x in r["screen"]["probe_ratios"]] or [float("nan")]),
             "probe_ratio_aa_median": statistics.median(
                 [x for r in results if r["kind"] == "aa" for x in r["screen"]["probe_ratios"]] or [float("nan")]),
+            "confirm_seconds": [r["confirm_s"] for r in results],
+            "confirm_suspects": [(r["confirm_result"] or {}).get("suspects", 0) for r in results],
             "details": results,
         }
         if args.json:
@@ -301,9 +305,11 @@ def main(argv: list[str] | None = None) -> int:
 def write_docs_table(directory: Path, figures: dict, args, probes: list[str]) -> None:
     """The ``detector`` table for the docs (benchmarks/docdata.py): one row per way of reaching verdicts."""
     from benchmarks.run_tables import write_tables
+    from harness.regression.confirm import MAX_ROUNDS
 
     rows = []
-    for stage, name in (("screen", "the stored samples alone"), ("confirm", f"--confirm, {args.rounds} rounds")):
+    for stage, name in (("screen", "the stored samples alone"),
+                        ("confirm", f"--confirm, {args.rounds} rounds a side (up to {MAX_ROUNDS} for the undecided)")):
         s = figures[stage]
         rows.append([name, f"{s['aa_comparisons_with_a_regression']} of {s['aa_comparisons']}",
                      f"{s['aa_cases_flagged']} of {s['aa_case_comparisons']}",
@@ -317,6 +323,11 @@ def write_docs_table(directory: Path, figures: dict, args, probes: list[str]) ->
              f"{args.extra:.0%} extra work at B.",
              f"Probe slowdown measured (median stored ratio): ×{figures['probe_ratio_slow_median']:.3f} slowed, "
              f"×{figures['probe_ratio_aa_median']:.3f} in the A/A runs."]
+    if figures.get("confirm_seconds"):
+        seconds, suspects = figures["confirm_seconds"], figures.get("confirm_suspects") or []
+        notes.append(f"What --confirm cost: {min(seconds):.0f}–{max(seconds):.0f} s a comparison, re-running "
+                     f"{min(suspects, default=0)}–{max(suspects, default=0)} suspect cases of "
+                     f"{figures['screen']['aa_case_comparisons'] // max(figures['screen']['aa_comparisons'], 1)}.")
     write_tables(directory, [{"name": "detector", "title": "False alarms and detections of bench compare",
                               "columns": ["verdicts from", "A/A comparisons with a case called regressed",
                                           "A/A case comparisons flagged", "A/A cases inconclusive",

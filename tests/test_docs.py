@@ -284,7 +284,8 @@ def test_the_detector_writes_its_docs_table(tmp_path):
              "unchanged_cases_in_slow_runs": 60, "aa_cases_inconclusive": 5, "slow_probe_cases_inconclusive": 6,
              "slow_probe_cases_called_unchanged": 0}
     figures = {"screen": stage, "confirm": dict(stage, aa_comparisons_with_a_regression=0),
-               "probe_ratio_slow_median": 1.14, "probe_ratio_aa_median": 0.99}
+               "probe_ratio_slow_median": 1.14, "probe_ratio_aa_median": 0.99,
+               "confirm_seconds": [400.0, 650.4], "confirm_suspects": [28, 25]}
     args = argparse.Namespace(rounds=8, suite=ROOT / "suites" / "nightly-cpu.toml", probe_lengths="512,1024",
                               extra=0.15)
     detector.write_docs_table(tmp_path, figures, args, ["naive", "flash"])
@@ -294,3 +295,5 @@ def test_the_detector_writes_its_docs_table(tmp_path):
     assert row["slowed probe cases inconclusive"] == 6 and row["slowed probe cases called unchanged (missed)"] == 0
     assert row["A/A cases inconclusive"] == 5 and row["slowed probe cases called regressed"] == "30 of 36"
     assert doc["command"].startswith("python ")
+    assert "What --confirm cost: 400–650 s a comparison, re-running 25–28 suspect cases of 32." in doc["notes"]
+    assert doc["rows"][1][0] == "--confirm, 8 rounds a side (up to 24 for the undecided)"

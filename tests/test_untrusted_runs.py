@@ -190,6 +190,26 @@ def test_confirm_rounds_are_bounded_whatever_the_run_recorded():
     assert round_timing(small) == small  # what the suites use stays as recorded
 
 
+def test_confirm_rounds_stop_at_their_minimum_not_at_a_precision_target():
+    """A round's median is one replicate: sampling on to a 1% target (up to the 5 s budget on a noisy
+    machine) would buy precision the test over rounds does not use."""
+    from harness.core.config import TimingConfig
+    from harness.measure.timing import stop_reason
+    from harness.regression.confirm import ROUND_MIN_REPS, ROUND_MIN_TIME_S, round_timing
+
+    recorded = {"warmup": 3, "min_time_s": 0.3, "min_reps": 15, "max_reps": 200, "max_time_s": 5.0,
+                "target_precision": 0.01}
+    t = round_timing(recorded)
+    assert t["target_precision"] == 0.0 and recorded["target_precision"] == 0.01  # the run's rule is not changed
+    config = TimingConfig(**t)
+    noisy = [1e-3 * (1 + 0.5 * (i % 2)) for i in range(ROUND_MIN_REPS)]  # far from 1%, past the round's minimum
+    assert sum(noisy) < ROUND_MIN_TIME_S and stop_reason(noisy, 0.05, config) is None
+    enough = noisy * int(ROUND_MIN_TIME_S / sum(noisy) + 1)
+    assert stop_reason(enough, 0.2, config) == "min_time"
+    assert stop_reason(enough, 0.2, TimingConfig(**recorded)) is None  # the recorded rule would go on
+    assert "target_precision" not in round_timing({"min_time_s": 0.3})  # an older commit's rule gains no key
+
+
 # ----------------------------------------------------------------------------------------------
 # resume imports only tracked, unmodified files of the checkout
 
