@@ -163,6 +163,9 @@ def tally(table, slowed: bool) -> dict:
         "unchanged_inconclusive": int(((table["verdict"] == "inconclusive") & unchanged).sum()),
         "probe_ratios": probes["time_ratio"].dropna().tolist(),
         "flagged": table.loc[flagged, ["label", "verdict", "time_ratio"]].to_dict("records"),
+        # each probe's verdict and, after --confirm, what the re-run measured (to explain a miss)
+        "probes": probes.reindex(columns=["label", "time_verdict", "time_ratio", "confirm_ratio", "confirm_ci_low",
+                                          "confirm_ci_high", "confirm_rounds"]).to_dict("records"),
     }
 
 
@@ -295,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
             if r["kind"] == "aa" or not f["label"].startswith(tuple(PROBE_VARIANTS)):
                 print(f"  left flagged after --confirm in {r['run']}: {f['verdict']} {f['label']} "
                       f"×{f['time_ratio']:.3f}")
+        for probe in r["confirm"]["probes"] if r["kind"] == "slow" else []:
+            if probe["time_verdict"] == "unchanged":
+                print(f"  slowed probe called unchanged after --confirm in {r['run']}: {probe['label']}, re-run "
+                      f"×{probe['confirm_ratio']:.3f} (×{probe['confirm_ci_low']:.3f}–×{probe['confirm_ci_high']:.3f}, "
+                      f"{probe['confirm_rounds']:.0f} rounds a side)")
     if args.docs_json:
         write_docs_table(args.docs_json, figures, args, probes)
     if tmp is not None:
