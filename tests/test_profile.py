@@ -99,7 +99,9 @@ def in_process_run(tmp_path_factory):
         calls.append((state["phase"], torch.autograd._profiler_enabled()))
         return original(*args, **kwargs)
 
-    suite = parse_suite(TINY + '[run]\nisolation = "none"\nprofile = ["naive"]\n')
+    # contention = "flag": a round another process contended (a busy CI runner, steal) is not re-run, so
+    # the count of profiled calls below is the profiler's doing, not the machine's
+    suite = parse_suite(TINY + '[run]\nisolation = "none"\nprofile = ["naive"]\ncontention = "flag"\n')
     cases = expand_cases(suite)
     tmp = tmp_path_factory.mktemp("profile-in-process")
     writer = lifecycle.start_run(suite, tmp / "run", cases)
