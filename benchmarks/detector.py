@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             "probe_ratio_aa_median": statistics.median(
                 [x for r in results if r["kind"] == "aa" for x in r["screen"]["probe_ratios"]] or [float("nan")]),
             "confirm_seconds": [r["confirm_s"] for r in results],
-            "confirm_suspects": [(r["confirm_result"] or {}).get("suspects", 0) for r in results],
+            "confirm_suspects": [r["confirm_result"].get("suspects", 0) for r in results],
             "details": results,
         }
         if args.json:

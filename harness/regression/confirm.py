@@ -225,8 +225,7 @@ class Side:
 
 #: A round's timing rule: the side's own, with at most this much timing and this many samples,
 #: and no precision target (a round's median needs less precision than a stored run's: the rounds
-#: are the replicates). On a 2-core VM whose cases rarely met a 1% target, sampling on to the
-#: 5-second budget made a round of 28 suspects take about 70 s.
+#: are the replicates; :func:`round_timing`).
 ROUND_MIN_TIME_S = 0.1
 ROUND_MIN_REPS = 10
 #: ... and at most this many warm-up calls, samples and seconds of sampling (``max_time_s``, the
@@ -374,17 +373,16 @@ def interleaved_rounds(cases: dict[Any, Any], workers, rounds: int,
 # confirmation
 
 
-def suspects_of(table, threshold: float) -> list:
+def suspects_of(table) -> list:
     """Cases to re-run: every time verdict of regressed, improved or inconclusive, and every
     ``unchanged`` one with a stored ratio: between runs a case moves by more than its stored samples
-    can see, so a stored ratio near 1 does not rule a real change out (``threshold`` is kept for
-    callers; no stored ratio is close enough to skip the re-run)."""
+    can see, so a stored ratio near 1 does not rule a real change out."""
     if table.empty:
         return []
     changed = table["time_verdict"].isin(["regressed", "improved", "inconclusive"])
     ratio = pd.to_numeric(table["time_ratio"], errors="coerce")
     compared = (table["time_verdict"] == "unchanged") & np.isfinite(ratio)
-    return table.index[changed | compared.fillna(False)].tolist()
+    return table.index[changed | compared].tolist()
 
 
 def confirm(
@@ -409,7 +407,7 @@ def confirm(
     """
     table = comparison.cases
     th = comparison.thresholds
-    suspects = suspects_of(table, th.time)
+    suspects = suspects_of(table)
     if not suspects:
         comparison.confirm = {"status": "nothing to confirm", "message": "no case changed in time; nothing to re-run"}
         return comparison.confirm
